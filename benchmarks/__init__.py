@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.run` writes benchmarks/RESULTS.md and PNG plots."""

@@ -1,0 +1,55 @@
+"""Side-by-side timing: variants are interleaved in every round, so machine noise hits all alike."""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+
+def compare(variants: dict, *, rounds: int = 7, min_time: float = 0.02) -> dict:
+    """Median seconds per call of each variant (a dict name -> zero-argument callable).
+
+    Each round times every variant once, in turn; a variant's batch size is calibrated first so
+    one batch lasts at least `min_time` seconds.
+    """
+    batch = {}
+    for name, fn in variants.items():
+        fn()  # warm up
+        n, t = 1, 0.0
+        while True:
+            t = _time(fn, n)
+            if t >= min_time or n >= 1 << 20:
+                break
+            n *= 4 if t < min_time / 8 else 2
+        batch[name] = n
+    samples = {name: [] for name in variants}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                samples[name].append(_time(fn, batch[name]) / batch[name])
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _time(fn, n):
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return time.perf_counter() - start
+
+
+def markdown_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt_time(seconds: float) -> str:
+    for unit, scale in (("s", 1), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"

@@ -1,0 +1,112 @@
+"""Overhead of the core bridge: forward+backward of one elementwise op, at sizes 2 to 1e6.
+
+Three variants do the same numpy work (y = 2x, grad = 2g):
+- bridge: `bridges.foreign_function` (forward returns outputs + pullback);
+- bare: a hand-written torch.autograd.Function doing the same numpy calls;
+- native: plain torch (`2 * x`), the floor.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bridges import as_numpy, foreign_function
+
+from ._timing import compare, fmt_time, markdown_table
+
+TITLE = "Core bridge overhead (forward + backward)"
+SIZES = [2, 100, 10_000, 1_000_000]
+
+
+def _bridged():
+    def forward(x):
+        a = as_numpy(x)
+        return a * 2.0, lambda g: as_numpy(g) * 2.0
+    return foreign_function(forward, name="scale2")
+
+
+class Bare(torch.autograd.Function):
+    """Classic form: forward(ctx, ...)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.from_numpy(x.detach().numpy() * 2.0)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.from_numpy(g.numpy() * 2.0)
+
+
+class BareModern(torch.autograd.Function):
+    """Modern form (forward without ctx + setup_context), the form the bridge uses so that
+    torch.func works."""
+
+    @staticmethod
+    def forward(x):
+        return torch.from_numpy(x.detach().numpy() * 2.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.from_numpy(g.numpy() * 2.0)
+
+
+def run(quick=False, plot_dir=None):
+    op = _bridged()
+    rows, ratios = [], []
+    for n in SIZES[:3] if quick else SIZES:
+        x = torch.randn(n, dtype=torch.float64, requires_grad=True)
+        g = torch.ones(n, dtype=torch.float64)
+
+        def round_trip(f):
+            return lambda: torch.autograd.backward(f(x), g)
+        t = compare({"bridge": round_trip(op.apply), "bare": round_trip(Bare.apply),
+                     "modern": round_trip(BareModern.apply),
+                     "native": round_trip(lambda v: 2.0 * v)}, rounds=5 if quick else 9)
+        ratios.append((n, t["bridge"] / t["bare"], t["bridge"] / t["modern"],
+                       t["bridge"] / t["native"]))
+        rows.append([f"{n:.0e}" if n >= 1e4 else n, fmt_time(t["bridge"]), fmt_time(t["bare"]),
+                     fmt_time(t["modern"]), fmt_time(t["native"]),
+                     f"{t['bridge'] / t['bare']:.2f}", f"{t['bridge'] / t['modern']:.2f}",
+                     f"{t['bridge'] / t['native']:.2f}"])
+    table = markdown_table(["size", "bridge", "bare Function (classic)", "bare Function (modern)",
+                            "native torch", "bridge / classic", "bridge / modern",
+                            "bridge / native"], rows)
+    classic, modern = ratios[0][1], ratios[0][2]
+    notes = (f"Target: within 1.5x of a bare autograd.Function round trip at small sizes. At size "
+             f"2 the bridge costs **{classic:.2f}x** a classic-form Function "
+             f"({'met' if classic <= 1.5 else 'not met'}) and **{modern:.2f}x** a modern-form one "
+             f"({'met' if modern <= 1.5 else 'not met'}). The modern form (forward without ctx + "
+             f"setup_context) is required for torch.func; torch's own Function.apply then binds "
+             f"arguments with inspect.signature on every call, which the bridge skips outside "
+             f"transforms. The rest of the gap to the classic form is the bridge's checks (output "
+             f"conversion, gradient shape/dtype validation, saved inputs for in-place detection). "
+             f"At large sizes the numpy work dominates and every ratio tends to 1.")
+    plots = []
+    if plot_dir is not None:
+        plots.append(_plot(ratios, plot_dir / "overhead.png"))
+    return {"title": TITLE, "table": table, "notes": notes, "plots": [p for p in plots if p]}
+
+
+def _plot(ratios, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    n, vs_bare, vs_modern, vs_native = map(np.array, zip(*ratios))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.semilogx(n, vs_bare, "o-", label="bridge / bare Function (classic form)")
+    ax.semilogx(n, vs_modern, "^-", label="bridge / bare Function (modern form)")
+    ax.semilogx(n, vs_native, "s-", label="bridge / native torch")
+    ax.axhline(1.5, color="grey", ls=":", label="1.5x target")
+    ax.set(xlabel="elements", ylabel="time ratio", title=TITLE)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

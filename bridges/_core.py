@@ -1,0 +1,268 @@
+"""The class factory: a foreign forward-with-pullback becomes a `torch.autograd.Function`.
+
+A foreign forward computes outputs together with a pullback (a vector-Jacobian-product closure).
+`foreign_function` manufactures a Function subclass whose forward calls the foreign code and keeps
+the pullback for backward. The pullback lives in a closure over the generated class, because
+Functions are static-method classes that are never instantiated.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+
+from ._errors import ForeignError
+from ._transfer import as_tensor
+
+# forward -> setup_context hand-over. Under torch.func transforms setup_context runs once per
+# transform level after a single forward, so the record stays until the next forward or backward.
+_pending = threading.local()
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_keep_graph = torch._C._autograd._get_current_graph_task_keep_graph  # retain_graph of a backward
+
+
+def _in_functorch_transform() -> bool:
+    """True inside a torch.func transform, including its lowered call of a Function's forward."""
+    return (torch._C._functorch.maybe_current_level() is not None
+            or torch._C._functorch.get_single_level_autograd_function_allowed())
+
+
+def _run_foreign(name, rule, fn, *args, **kwargs):
+    """fn(*args, **kwargs); any failure is raised as a ForeignError naming the op and rule."""
+    try:
+        return fn(*args, **kwargs)
+    except ForeignError as exc:
+        exc.add_note(f"raised in the {rule} of '{name}'")
+        raise
+    except Exception as exc:
+        raise ForeignError.wrap(f"the {rule} of '{name}'", exc) from exc
+
+
+def _spec(t):
+    return t.shape, t.dtype, t.device
+
+
+def _conform(tensor, spec, what):
+    """`tensor` checked against (shape, dtype, device) and cast to that dtype and device."""
+    shape, dtype, device = spec
+    if tensor.shape != shape:
+        raise ValueError(f"{what()} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+    if tensor.dtype != dtype or tensor.device != device:
+        tensor = tensor.to(device=device, dtype=dtype)
+    return tensor
+
+
+class _Call:
+    """What one forward call's derivative rules need, kept on ctx (the pullback is kept apart,
+    on ctx.pullback, so it can be freed after backward)."""
+
+    __slots__ = ("name", "pushforward", "input_specs", "output_specs", "single", "pass_mask")
+
+    def __init__(self, name, pushforward, inputs, outputs, single, pass_mask, needs_grad):
+        self.name, self.pushforward, self.single, self.pass_mask = name, pushforward, single, pass_mask
+        self.input_specs = tuple(_spec(a) if isinstance(a, torch.Tensor) else None
+                                 for a in inputs) if needs_grad else None
+        self.output_specs = None if pushforward is None else tuple(
+            _spec(o) for o in ((outputs,) if single else outputs))
+
+    def call_pullback(self, pullback, needs_input_grad, *grad_outputs):
+        if self.pass_mask:
+            grads = _run_foreign(self.name, "pullback", pullback, *grad_outputs,
+                                 needs_input_grad=tuple(needs_input_grad))
+        else:
+            grads = _run_foreign(self.name, "pullback", pullback, *grad_outputs)
+        n = len(self.input_specs)
+        if not isinstance(grads, (tuple, list)):
+            grads = (grads,)
+        if len(grads) != n:
+            raise ValueError(f"{self.name}: the pullback returned {len(grads)} gradient(s) but "
+                             f"forward takes {n} argument(s); return one per argument, with None "
+                             f"where there is none")
+        return tuple(self._check_grad(i, g, needs_input_grad[i]) for i, g in enumerate(grads))
+
+    def _check_grad(self, i, grad, needed):
+        spec = self.input_specs[i]
+        if spec is None and grad is not None:
+            raise ValueError(f"{self.name}: the pullback returned a gradient for argument {i}, "
+                             f"which is not a tensor; return None in that position")
+        if grad is None or not needed:
+            return None
+        what = lambda: f"{self.name}: the pullback's gradient for argument {i}"  # noqa: E731
+        return _conform(as_tensor(grad, who=what()) if not isinstance(grad, torch.Tensor)
+                        else grad, spec, what)
+
+    def call_pushforward(self, *tangents):
+        out = _run_foreign(self.name, "pushforward", self.pushforward, *tangents)
+        out = (out,) if not isinstance(out, (tuple, list)) else tuple(out)
+        if len(out) != len(self.output_specs):
+            raise ValueError(f"{self.name}: the pushforward returned {len(out)} tangent(s) for "
+                             f"{len(self.output_specs)} output(s)")
+        return tuple(_conform(as_tensor(t), spec, lambda: f"{self.name}: the pushforward's "
+                              f"tangent for output {k}")
+                     for k, (t, spec) in enumerate(zip(out, self.output_specs)))
+
+
+def _reference(args):
+    """dtype and device outputs should take: those of the first floating-point tensor input."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex()):
+            return a.dtype, a.device
+    return None, None
+
+
+def _to_output(array, ref_dtype, ref_device, name, k):
+    t = array if isinstance(array, torch.Tensor) else \
+        as_tensor(array, who=f"{name}: forward's output {k}")
+    if ref_dtype is not None and t.dtype != ref_dtype and t.is_floating_point():
+        t = t.to(ref_dtype)
+    if ref_device is not None and t.device != ref_device:
+        t = t.to(ref_device)
+    return t
+
+
+class _RuleCall(torch.autograd.Function):
+    """Runs a pullback or pushforward as an op of its own, so vmap can batch it (torch.func.jacrev,
+    jacfwd) and a second derivative fails naming the op. Used only under create_graph or
+    torch.func transforms; plain backward calls the rule directly."""
+
+    @staticmethod
+    def forward(name, rule, n_args, *tensors):
+        # tensors = the rule's arguments + the op's inputs (anchors, so the results require grad
+        # exactly when a true second derivative would exist)
+        return rule(*tensors[:n_args])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op_name = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            f"double backward through '{ctx.op_name}' is not supported: its foreign derivative "
+            f"rule has no derivative of its own. Differentiate only once (no create_graph=True, "
+            f"no nested torch.func.grad/hessian through this op)")
+
+    jvp = backward  # forward mode over a derivative rule (e.g. torch.func.hessian) is the same
+
+    @staticmethod
+    def vmap(info, in_dims, name, rule, n_args, *tensors):
+        per_sample = [_RuleCall.apply(name, rule, n_args, *_select(tensors, in_dims[3:], b))
+                      for b in range(info.batch_size)]
+        out = tuple(None if per_sample[0][i] is None else torch.stack([s[i] for s in per_sample])
+                    for i in range(len(per_sample[0])))
+        return out, tuple(None if o is None else 0 for o in out)
+
+
+def _select(args, in_dims, b):
+    return [a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]
+
+
+def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False):
+    """Turn a foreign forward-with-pullback into a `torch.autograd.Function` subclass.
+
+    Args:
+        forward: ``forward(*args) -> (outputs, pullback)`` or ``(outputs, pullback, pushforward)``.
+            It receives detached tensors and any non-tensor arguments unchanged. ``outputs`` is
+            one array or a tuple of arrays: tensors, or objects exposing DLPack or the array
+            interface (viewed without copying). ``pullback(*grad_outputs)`` returns one gradient
+            per argument of forward, None where there is none. The optional
+            ``pushforward(*input_tangents)`` returns the output tangents (forward-mode AD);
+            input tangents are None for arguments without one.
+        name: names the generated class (its grad_fn shows as ``<name>Backward``) and every
+            error message.
+        pass_needs_input_grad: call the pullback with the keyword ``needs_input_grad``, a tuple of
+            bools, one per argument, so it can skip gradients nobody needs.
+
+    Returns:
+        The Function subclass; call it with ``Op.apply(*args)``. Floating-point outputs come back
+        in the dtype, and all outputs on the device, of the first floating-point tensor input.
+        Under ``torch.func.vmap`` the op runs once per sample.
+    """
+    if not callable(forward):
+        raise TypeError(f"foreign_function: forward must be callable, got "
+                        f"{type(forward).__name__}")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"foreign_function: name must be a non-empty string, got {name!r}")
+
+    def op_forward(*args):
+        detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        result = _run_foreign(name, "forward", forward, *detached)
+        if type(result) is not tuple or len(result) not in (2, 3) or not callable(result[1]):
+            raise TypeError(f"{name}: forward must return (outputs, pullback) or (outputs, "
+                            f"pullback, pushforward) with a callable pullback, got "
+                            f"{type(result).__name__}")
+        outputs = result[0]
+        single = not isinstance(outputs, (tuple, list))
+        ref_dtype, ref_device = _reference(args)
+        if single:
+            outs = _to_output(outputs, ref_dtype, ref_device, name, 0)
+        else:
+            outs = tuple(_to_output(o, ref_dtype, ref_device, name, k)
+                         for k, o in enumerate(outputs))
+        _pending.call = result, single
+        return outs
+
+    def setup_context(ctx, inputs, output):
+        result, single = _pending.call
+        if not _in_functorch_transform():
+            _pending.call = None  # plain autograd: this is the only setup_context
+        needs_grad = any(ctx.needs_input_grad)
+        ctx.call = _Call(name, result[2] if len(result) == 3 else None, inputs, output, single,
+                         pass_needs_input_grad, needs_grad)
+        if needs_grad:
+            ctx.pullback = result[1]
+            # saved so that an in-place change of an input, which the foreign side may still
+            # view, is caught at backward, and so a second derivative can be refused by name
+            ctx.save_for_backward(*(a for a in inputs if isinstance(a, torch.Tensor)))
+
+    def backward(ctx, *grad_outputs):
+        _pending.call = None
+        pullback = ctx.pullback
+        if pullback is None:
+            raise RuntimeError(f"{name}: backward was called a second time, but the pullback was "
+                               f"released after the first; pass retain_graph=True to the first "
+                               f"backward")
+        anchors = ctx.saved_tensors
+        if not _keep_graph():
+            ctx.pullback = None  # free foreign memory now, as autograd frees saved tensors
+        if not torch.is_grad_enabled() and not _in_functorch_transform():
+            return ctx.call.call_pullback(pullback, ctx.needs_input_grad, *grad_outputs)
+        rule = functools.partial(ctx.call.call_pullback, pullback, ctx.needs_input_grad)
+        return _RuleCall.apply(name, rule, len(grad_outputs), *grad_outputs, *anchors)
+
+    def jvp(ctx, *tangents):
+        call = ctx.call
+        if call.pushforward is None:
+            raise RuntimeError(f"{name} has no forward-mode (jvp) rule: its adapter gives only a "
+                               f"pullback. Use reverse mode instead (backward, torch.func.vjp, "
+                               f"torch.func.jacrev)")
+        if _in_functorch_transform():
+            out = _RuleCall.apply(name, call.call_pushforward, len(tangents), *tangents)
+        else:
+            out = call.call_pushforward(*tangents)
+        return out[0] if call.single else out
+
+    def vmap(info, in_dims, *args):
+        per_sample = [op.apply(*_select(args, in_dims, b)) for b in range(info.batch_size)]
+        if isinstance(per_sample[0], torch.Tensor):
+            return torch.stack(per_sample), 0
+        n = len(per_sample[0])
+        return tuple(torch.stack([s[k] for s in per_sample]) for k in range(n)), (0,) * n
+
+    def apply(cls, *args, **kwargs):
+        # Function.apply binds default arguments with inspect.signature on every call, which
+        # doubles a small op's cost; forward takes *args with no defaults, so skip that outside
+        # torch.func transforms (the rest is what Function.apply does there).
+        if kwargs or torch._C._are_functorch_transforms_active():
+            return torch.autograd.Function.apply.__func__(cls, *args, **kwargs)
+        args = tuple(_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args)
+        return super(torch.autograd.Function, cls).apply(*args)
+
+    namespace = {key: staticmethod(fn) for key, fn in [
+        ("forward", op_forward), ("setup_context", setup_context), ("backward", backward),
+        ("jvp", jvp), ("vmap", vmap)]}
+    namespace["apply"] = classmethod(apply)
+    namespace["__doc__"] = f"Bridged op '{name}' (made by bridges.foreign_function)."
+    op = type(name, (torch.autograd.Function,), namespace)
+    return op

@@ -1,0 +1,26 @@
+"""The one exception type for failures inside foreign code."""
+from __future__ import annotations
+
+import traceback
+
+
+class ForeignError(RuntimeError):
+    """Foreign code (Julia, PETSc, a black-box function or program) failed.
+
+    Attributes:
+        original: the exception the foreign side raised, or None.
+        foreign_traceback: the foreign side's own traceback or backtrace text ('' if unknown).
+    """
+
+    def __init__(self, message: str, *, original: BaseException | None = None,
+                 foreign_traceback: str | None = None):
+        super().__init__(message)
+        self.original = original
+        if foreign_traceback is None and original is not None:
+            foreign_traceback = "".join(traceback.format_exception(original))
+        self.foreign_traceback = foreign_traceback or ""
+
+    @classmethod
+    def wrap(cls, where: str, exc: BaseException) -> "ForeignError":
+        """A ForeignError saying `where` failed, keeping `exc` and its traceback."""
+        return cls(f"{where} raised {type(exc).__name__}: {exc}", original=exc)

@@ -1,0 +1,175 @@
+"""The finite-difference fallback: schemes, colouring, laziness, parallelism and errors."""
+import concurrent.futures
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+from torch.autograd import gradcheck
+
+from bridges import ForeignError, fd2pytorch
+from bridges._fd import color_columns
+
+
+def coupled(x):
+    """R^n -> R^n with a dense-ish Jacobian; propagates complex numbers."""
+    return np.sin(x) * np.roll(x, 1) + x ** 3 / 3 + np.exp(0.1 * x).sum()
+
+
+def coupled_jacobian(x):
+    n = x.size
+    jac = np.diag(np.cos(x) * np.roll(x, 1) + x ** 2)
+    jac[np.arange(n), np.arange(n) - 1] += np.sin(x)
+    return jac + 0.1 * np.exp(0.1 * x)[None, :]
+
+
+def tridiagonal(x):
+    return -2 * x + np.r_[0, x[:-1]] + np.r_[x[1:], 0] + x ** 3
+
+
+def tridiagonal_jacobian(x):
+    n = x.size
+    return np.diag(-2 + 3 * x ** 2) + np.eye(n, k=1) + np.eye(n, k=-1)
+
+
+@pytest.mark.parametrize("scheme", ["central", "complex"])
+def test_gradcheck_n50(scheme):
+    f = fd2pytorch(coupled, scheme=scheme)
+    x = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
+                    requires_grad=True)
+    assert gradcheck(f, (x,), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme,tol", [("forward", 1e-6), ("central", 1e-9), ("complex", 1e-13)])
+def test_jacobian_accuracy_against_analytic(scheme, tol):
+    x = np.linspace(-1.5, 2.0, 20)
+    jac = fd2pytorch(coupled, scheme=scheme).jacobian_at(x)
+    expected = coupled_jacobian(x)
+    assert np.abs(jac - expected).max() / np.abs(expected).max() < tol
+
+
+def test_banded_sparsity_n1000_in_at_most_five_evaluations():
+    n = 1000
+    pattern = scipy.sparse.diags([1, 1, 1], [-1, 0, 1], shape=(n, n), dtype=bool)
+    f = fd2pytorch(tridiagonal, scheme="forward", sparsity=pattern)
+    x = torch.linspace(-1, 1, n, dtype=torch.float64, requires_grad=True)
+    y = f(x)
+    y.backward(torch.ones(n, dtype=torch.float64))
+    assert f.evaluations <= 5 and len(f.groups) == 3
+    jac = f.jacobian_at(x.detach().numpy()).toarray()
+    expected = tridiagonal_jacobian(x.detach().numpy())
+    assert np.abs(jac - expected).max() / np.abs(expected).max() <= 1e-6
+    torch.testing.assert_close(x.grad, torch.from_numpy(expected.sum(0)), rtol=1e-6, atol=1e-6)
+
+
+def test_central_cost_is_two_evaluations_per_group():
+    n = 40
+    pattern = scipy.sparse.diags([1, 1, 1], [-1, 0, 1], shape=(n, n), dtype=bool)
+    f = fd2pytorch(tridiagonal, scheme="central", sparsity=pattern)
+    f(torch.zeros(n, dtype=torch.float64, requires_grad=True)).sum().backward()
+    assert f.evaluations == 1 + 2 * 3
+
+
+def test_coloring_groups_share_no_row():
+    rng = np.random.default_rng(0)
+    pattern = rng.random((30, 25)) < 0.1
+    groups = color_columns(pattern)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(25))
+    for cols in groups:
+        assert (pattern[:, cols].sum(axis=1) <= 1).all()
+
+
+def test_jacobian_is_lazy_and_reused_for_every_vjp():
+    f = fd2pytorch(coupled, scheme="forward")
+    x = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    y = f(x)
+    assert f.evaluations == 1  # forward only: no Jacobian yet
+    y.sum().backward(retain_graph=True)
+    assert f.evaluations == 1 + 6
+    (y ** 2).sum().backward()
+    assert f.evaluations == 1 + 6
+    expected = coupled_jacobian(x.detach().numpy()).T @ (1 + 2 * y.detach().numpy())
+    np.testing.assert_allclose(x.grad.numpy(), expected, atol=1e-6 * np.abs(expected).max())
+
+
+def test_jacrev_builds_one_jacobian():
+    f = fd2pytorch(coupled, scheme="central")
+    x = torch.linspace(-1, 1, 8, dtype=torch.float64)
+    jac = torch.func.jacrev(f)(x)
+    np.testing.assert_allclose(jac.numpy(), coupled_jacobian(x.numpy()), rtol=1e-8, atol=1e-8)
+    assert f.evaluations == 1 + 2 * 8
+
+
+@pytest.mark.parametrize("scheme,extra", [("forward", 1), ("central", 2), ("complex", 1)])
+def test_jvp_costs_one_or_two_evaluations(scheme, extra):
+    f = fd2pytorch(coupled, scheme=scheme)
+    x = torch.linspace(-1, 1, 10, dtype=torch.float64)
+    v = torch.linspace(0.5, -0.3, 10, dtype=torch.float64)
+    _, tangent = torch.func.jvp(f, (x,), (v,))
+    assert f.evaluations == 1 + extra
+    expected = coupled_jacobian(x.numpy()) @ v.numpy()
+    np.testing.assert_allclose(tangent.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("workers", [2, "executor"])
+def test_parallel_evaluation_gives_the_same_jacobian(workers):
+    x = np.linspace(-1, 1, 12)
+    serial = fd2pytorch(coupled).jacobian_at(x)
+    if workers == "executor":
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            parallel = fd2pytorch(coupled, workers=pool).jacobian_at(x)
+    else:
+        parallel = fd2pytorch(coupled, workers=workers).jacobian_at(x)
+    np.testing.assert_array_equal(parallel, serial)
+
+
+def test_input_of_any_shape_and_float32():
+    f = fd2pytorch(lambda x: np.array([x.sum(), (x ** 2).sum()]))
+    x = torch.ones(2, 3, dtype=torch.float32, requires_grad=True)
+    y = f(x)
+    assert y.dtype == torch.float32 and y.shape == (2,)
+    y[1].backward()
+    assert x.grad.shape == (2, 3)
+    torch.testing.assert_close(x.grad, torch.full((2, 3), 2.0), rtol=1e-5, atol=1e-5)
+
+
+def test_nan_from_a_perturbation_names_it():
+    def log_sum(x):
+        return np.array([np.log(x[0] - 1.0) if x[0] >= 1.0 else np.nan, x[1]])
+    f = fd2pytorch(log_sum, scheme="central", name="log_sum")
+    x = torch.tensor([1.0, 3.0], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ForeignError, match=r"log_sum: the black box returned nan \(output index 0.*"
+                                           r"at x - h for columns \[0\] \(central scheme\)"):
+        f(x + torch.tensor([1e-9, 0.0], dtype=torch.float64)).sum().backward()
+
+
+def test_nan_at_the_unperturbed_input():
+    f = fd2pytorch(lambda x: x * np.nan, name="nan_box")
+    with pytest.raises(ForeignError, match="nan_box.*at the unperturbed input"):
+        f(torch.ones(2, dtype=torch.float64))
+
+
+def test_complex_scheme_needs_complex_propagation():
+    f = fd2pytorch(lambda x: np.abs(x) ** 2, scheme="complex", name="absbox")
+    with pytest.raises(ForeignError, match="absbox.*use scheme='central'"):
+        f(torch.ones(2, dtype=torch.float64, requires_grad=True)).sum().backward()
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="unknown scheme 'spline'; valid schemes: forward, "
+                                         "central, complex"):
+        fd2pytorch(coupled, scheme="spline")
+    with pytest.raises(TypeError, match="workers must be None, a positive int or an executor"):
+        fd2pytorch(coupled, workers=0)
+    with pytest.raises(TypeError, match="func must be callable"):
+        fd2pytorch(3)
+    with pytest.raises(ValueError, match="rel_step must be positive"):
+        fd2pytorch(coupled, rel_step=-1)
+    f = fd2pytorch(coupled, sparsity=np.eye(3, dtype=bool), name="sized")
+    with pytest.raises(ValueError, match=r"sized: sparsity has 3 columns but the input has 4"):
+        f(torch.ones(4, dtype=torch.float64))
+    f = fd2pytorch(lambda x: x[:2], sparsity=np.eye(3, dtype=bool), name="rows")
+    with pytest.raises(ForeignError, match=r"rows: sparsity has shape \(3, 3\).*R\^3 to R\^2"):
+        f(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="expected a tensor input"):
+        f(np.ones(3))
