@@ -1,5 +1,12 @@
-"""The PETSc adapter: Vec transfers through DLPack (and, later, TS/SNES solves)."""
+"""The PETSc adapter: zero-copy Vec transfers, torch Jacobians as PETSc matrices, and ODE solves
+with TS whose gradients come from TSAdjoint.
+
+PETSc options on the command line (``-ts_type``, ``-ksp_type``, ...) reach PETSc as usual.
+"""
+from ._jacobian import ColouredJacobian, TorchJacobian
+from ._ode import METHODS, odeint_adjoint
 from ._runtime import PETSc, scalar_dtype
 from ._vec import as_vec, vec_as_tensor
 
-__all__ = ["PETSc", "scalar_dtype", "as_vec", "vec_as_tensor"]
+__all__ = ["PETSc", "scalar_dtype", "as_vec", "vec_as_tensor", "TorchJacobian",
+           "ColouredJacobian", "odeint_adjoint", "METHODS"]

@@ -24,3 +24,13 @@ from petsc4py import PETSc  # noqa: E402
 def scalar_dtype() -> torch.dtype:
     """The torch dtype of PETSc's scalar type (float64 for a default build)."""
     return torch.from_numpy(np.zeros(0, dtype=PETSc.ScalarType)).dtype
+
+
+def reason_name(reasons, value: int) -> str:
+    """The name of a PETSc converged/diverged reason code, e.g. PETSc.TS.ConvergedReason."""
+    for name in dir(reasons):
+        if not name.startswith("_") and getattr(reasons, name) == value:
+            if name.startswith(("CONVERGED_", "DIVERGED_")):
+                return name
+    extra = {-3: "DIVERGED_LINEAR_SOLVE (forward sensitivity)", -4: "DIVERGED_LINEAR_SOLVE (adjoint)"}
+    return extra.get(value, f"reason code {value}")

@@ -22,9 +22,13 @@ def as_vec(tensor: torch.Tensor, *, comm=None, who: str = "as_vec"):
     return vec
 
 
-def vec_as_tensor(vec) -> torch.Tensor:
-    """A 1-D torch tensor viewing the local part of `vec` (no copy)."""
-    return torch.from_dlpack(vec)
+def vec_as_tensor(vec, mode: str = "rw") -> torch.Tensor:
+    """A 1-D torch tensor viewing the local part of `vec` (no copy).
+
+    mode: "r" for a Vec PETSc has locked for reading (a callback's input), "w" or "rw" when the
+    tensor will be written, so PETSc knows the Vec changed.
+    """
+    return torch.from_dlpack(vec.toDLPack(mode))
 
 
 def check_tensor(tensor: torch.Tensor, who: str) -> None:
