@@ -24,6 +24,7 @@ METHODS = {
     "cn": ("cn", None, "implicit"),
     "theta": ("theta", None, "implicit"),   # theta set with options={"ts_theta_theta": ...}
     "arkimex": ("arkimex", None, "implicit"),  # fully implicit ESDIRK: ts_arkimex_type 4 default
+    "bdf": ("bdf", None, "implicit"),          # forward only: PETSc has no adjoint for BDF
     "rk4": ("rk", "4", "explicit"),
     "bosh3": ("rk", "3bs", "explicit"),
     "dopri5": ("rk", "5dp", "explicit"),
@@ -167,10 +168,13 @@ class _ODESolve:
                 ksp.setType("gmres")
                 ksp.getPC().setType("pbjacobi" if self.blocks is not None else "none")
         ts.setSaveTrajectory()
-        # the trajectory stays in memory unless the user chose otherwise (default writes files)
-        defaults = {"ts_trajectory_type": "memory",
-                    "ts_adapt_type": "none" if p.fixed else "basic"}
-        with scoped_options(p.prefix, p.options, defaults, who="odeint_adjoint"):
+        # PETSc reads trajectory options without the solver's prefix; the trajectory stays in
+        # memory unless chosen otherwise (PETSc's default writes files)
+        options = p.options or {}
+        trajectory = {k: v for k, v in options.items() if k.lstrip("-").startswith("ts_trajectory")}
+        others = {k: v for k, v in options.items() if k not in trajectory}
+        with scoped_options(None, trajectory, {"ts_trajectory_type": "memory"}), \
+                scoped_options(p.prefix, others, {"ts_adapt_type": "none" if p.fixed else "basic"}):
             ts.setFromOptions()
         return ts
 
@@ -205,7 +209,14 @@ class _ODESolve:
             raise ForeignError(f"odeint_adjoint: PETSc TS reached {len(recorded)} of "
                                f"{len(times)} output times; check the times and step options")
         self.steps = recorded
-        return torch.stack([vec_as_tensor(s).view(self.shape).clone() for s in solutions])
+        ys = torch.stack([vec_as_tensor(s, "r").view(self.shape).clone() for s in solutions])
+        finite = torch.isfinite(ys.reshape(len(times), -1)).all(dim=1)
+        if not bool(finite.all()):
+            k = int(torch.nonzero(~finite)[0])
+            raise ForeignError(f"odeint_adjoint: the solution became non-finite (nan/inf) by "
+                               f"t = {times[k]:.6g} (PETSc TS '{ts.getType()}'); the problem may "
+                               f"blow up there, or the method may be unstable at this step size")
+        return ys
 
     def pullback(self, grad_ys, *, needs_input_grad):
         ts = self.ts
@@ -335,6 +346,10 @@ def odeint_adjoint(func, y0, t, *, method="cn", step_size=None, steps_per_interv
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{who}: adjoint_params[{i}] is a {type(p).__name__}, not a tensor")
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"{who}: options must be a dict of PETSc option names (without the "
+                        f"leading dash) to values, e.g. {{'ts_dt': 1e-3}}, got "
+                        f"{type(options).__name__}")
     if jacobian not in JACOBIANS:
         raise ValueError(f"{who}: unknown jacobian {jacobian!r}; valid: {', '.join(JACOBIANS)}")
     if jacobian == "auto" and (y0.shape[-1] if y0.ndim else 1) > BLOCK_LIMIT:

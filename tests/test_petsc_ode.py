@@ -1,0 +1,312 @@
+"""odeint_adjoint: PETSc TS solves and TSAdjoint gradients, checked against independent
+references (scipy at tight tolerances, central finite differences, torchdiffeq)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+from torch.autograd import gradcheck
+
+from bridges import ForeignError
+from bridges.petsc import PETSc, odeint_adjoint
+
+F64 = torch.float64
+K_TRUE = (0.04, 3e7, 1e4)
+
+
+class Robertson(torch.nn.Module):
+    def __init__(self, k=K_TRUE):
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.tensor(k, dtype=F64))
+
+    def forward(self, t, y):
+        k1, k2, k3 = self.k
+        y1, y2, y3 = y.unbind(-1)
+        return torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 ** 2,
+                            k2 * y2 ** 2], -1)
+
+
+class Oscillator(torch.nn.Module):
+    """Damped, driven oscillator: x'' = -k x - c x' + a sin(t)."""
+
+    def __init__(self, k=2.0, c=0.3, a=0.5):
+        super().__init__()
+        self.k, self.c, self.a = (torch.nn.Parameter(torch.tensor(v, dtype=F64)) for v in (k, c, a))
+
+    def forward(self, t, y):
+        x, v = y.unbind(-1)
+        return torch.stack([v, -self.k * x - self.c * v + self.a * torch.sin(t)], -1)
+
+
+def robertson_reference(t):
+    k1, k2, k3 = K_TRUE
+
+    def rhs(_, y):
+        return [-k1 * y[0] + k3 * y[1] * y[2], k1 * y[0] - k3 * y[1] * y[2] - k2 * y[1] ** 2,
+                k2 * y[1] ** 2]
+
+    def jac(_, y):
+        return [[-k1, k3 * y[2], k3 * y[1]], [k1, -k3 * y[2] - 2 * k2 * y[1], -k3 * y[1]],
+                [0, 2 * k2 * y[1], 0]]
+    sol = solve_ivp(rhs, (0, t[-1]), [1.0, 0.0, 0.0], method="Radau", t_eval=t, rtol=1e-10,
+                    atol=1e-20, jac=jac)
+    return sol.y.T
+
+
+def test_robertson_matches_scipy_radau_at_40_log_spaced_times():
+    t = np.concatenate([[0.0], np.logspace(-5, 5, 40)])
+    reference = robertson_reference(t)
+    ys = odeint_adjoint(Robertson(), torch.tensor([1.0, 0.0, 0.0], dtype=F64), torch.from_numpy(t),
+                        method="bdf", rtol=1e-9, atol=1e-20, options={"ts_bdf_order": 5})
+    got = ys.detach().numpy()
+    mask = np.abs(reference) > 1e-12
+    relative = np.abs(got - reference)[mask] / np.abs(reference)[mask]
+    assert relative.max() < 1e-6, f"worst relative error {relative.max():.2e}"
+
+
+def _fd_gradient(loss, x, rel=1e-6):
+    """Central differences of loss() w.r.t. the entries of tensor x (modified in place)."""
+    grad = torch.zeros_like(x)
+    flat, gflat = x.data.view(-1), grad.view(-1)
+    for i in range(flat.numel()):
+        h = rel * max(abs(flat[i].item()), 1e-3)
+        old = flat[i].item()
+        flat[i] = old + h
+        up = loss()
+        flat[i] = old - h
+        down = loss()
+        flat[i] = old
+        gflat[i] = (up - down) / (2 * h)
+    return grad
+
+
+def _assert_close_relative(got, expected, tol):
+    error = (got - expected).norm() / expected.norm()
+    assert error < tol, f"relative error {error:.2e}: got {got}, expected {expected}"
+
+
+ROBERTSON_T = torch.cat([torch.zeros(1, dtype=F64), torch.logspace(-5, 2, 12, dtype=F64)])
+ROBERTSON_W = torch.randn(13, 3, dtype=F64, generator=torch.Generator().manual_seed(3)) \
+    * torch.tensor([1.0, 1e4, 1.0], dtype=F64)  # y2 is ~1e-5: weigh it up
+
+
+@pytest.mark.parametrize("method", ["beuler", "cn"])
+def test_robertson_gradients_match_central_differences(method):
+    func = Robertson()
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64, requires_grad=True)
+
+    def loss():
+        return (ROBERTSON_W * odeint_adjoint(func, y0, ROBERTSON_T, method=method,
+                                             steps_per_interval=4)).sum()
+    loss().backward()
+    with torch.no_grad():
+        fd_k = _fd_gradient(lambda: loss().item(), func.k)
+        fd_y0 = _fd_gradient(lambda: loss().item(), y0)
+    _assert_close_relative(func.k.grad, fd_k, 1e-4)
+    _assert_close_relative(y0.grad, fd_y0, 1e-4)
+
+
+@pytest.mark.parametrize("method,kwargs", [("rk4", {"step_size": 2e-6}),
+                                           ("dopri5", {"rtol": 1e-10, "atol": 1e-14})])
+def test_explicit_gradients_match_central_differences_on_non_stiff_interval(method, kwargs):
+    func = Robertson()
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64, requires_grad=True)
+    t = torch.linspace(0, 1e-4, 5, dtype=F64)
+    w = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(4)) \
+        * torch.tensor([1.0, 1e5, 1e7], dtype=F64)
+
+    def loss():
+        return (w * odeint_adjoint(func, y0, t, method=method, **kwargs)).sum()
+    loss().backward()
+    with torch.no_grad():
+        fd_k = _fd_gradient(lambda: loss().item(), func.k)
+        fd_y0 = _fd_gradient(lambda: loss().item(), y0)
+    _assert_close_relative(func.k.grad, fd_k, 1e-4)
+    _assert_close_relative(y0.grad, fd_y0, 1e-4)
+
+
+@pytest.mark.parametrize("method,kwargs", [("dopri5", {"rtol": 1e-12, "atol": 1e-14}),
+                                           ("rk4", {"step_size": 5e-3})])
+def test_oscillator_gradients_match_torchdiffeq(method, kwargs):
+    torchdiffeq = pytest.importorskip("torchdiffeq", reason="torchdiffeq (extra 'test') is "
+                                                            "not installed")
+    t = torch.linspace(0, 5, 11, dtype=F64)
+    w = torch.randn(11, 2, dtype=F64, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for solve in (lambda f, y0: odeint_adjoint(f, y0, t, method=method, **kwargs),
+                  lambda f, y0: torchdiffeq.odeint(f, y0, t, method="dopri5", rtol=1e-13,
+                                                   atol=1e-14)):
+        func = Oscillator()
+        y0 = torch.tensor([1.0, -0.5], dtype=F64, requires_grad=True)
+        (w * solve(func, y0)).sum().backward()
+        grads.append(torch.cat([y0.grad, func.k.grad.view(1), func.c.grad.view(1),
+                                func.a.grad.view(1)]))
+    _assert_close_relative(grads[0], grads[1], 1e-5)
+
+
+@pytest.mark.parametrize("method,kwargs", [("cn", {"step_size": 0.05}),
+                                           ("rk4", {"step_size": 0.05}),
+                                           ("beuler", {"step_size": 0.05}),
+                                           ("arkimex", {"step_size": 0.1})])
+def test_gradcheck(method, kwargs):
+    k = torch.tensor(1.5, dtype=F64, requires_grad=True)
+
+    def func(t, y):
+        return torch.stack([y[..., 1], -k * torch.sin(y[..., 0])], -1)
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=F64)
+    y0 = torch.tensor([0.4, 0.1], dtype=F64, requires_grad=True)
+    assert gradcheck(lambda y0, k: odeint_adjoint(func, y0, t, method=method,
+                                                  adjoint_params=(k,), **kwargs), (y0, k))
+
+
+def test_batch_of_initial_states_matches_separate_solves():
+    func = Oscillator()
+    y0 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-0.5, 0.3]], dtype=F64, requires_grad=True)
+    t = torch.linspace(0, 2, 5, dtype=F64)
+    ys = odeint_adjoint(func, y0, t, method="cn", step_size=0.01)
+    assert ys.shape == (5, 3, 2)
+    ys.square().sum().backward()
+    batch_grad_y0, batch_grad_k = y0.grad.clone(), func.k.grad.clone()
+    func.k.grad = None
+    total_k = torch.zeros((), dtype=F64)
+    for b in range(3):
+        single = y0.detach()[b].clone().requires_grad_()
+        ys_b = odeint_adjoint(func, single, t, method="cn", step_size=0.01)
+        torch.testing.assert_close(ys_b, ys[:, b].detach())
+        ys_b.square().sum().backward()
+        torch.testing.assert_close(single.grad, batch_grad_y0[b])
+        total_k += func.k.grad
+        func.k.grad = None
+    torch.testing.assert_close(total_k, batch_grad_k)
+
+
+def test_samples_coupled_by_func_fall_back_to_matrix_free():
+    class Coupled(torch.nn.Module):  # each sample feels the batch mean: blocks are not exact
+        def __init__(self):
+            super().__init__()
+            self.k = torch.nn.Parameter(torch.tensor(0.7, dtype=F64))
+
+        def forward(self, t, y):
+            return -self.k * y + 0.5 * y.mean(dim=0, keepdim=True) ** 2
+    t = torch.linspace(0, 1, 4, dtype=F64)
+    y0 = torch.tensor([[1.0, 0.2], [0.3, -0.4]], dtype=F64)
+    results = []
+    for jacobian in ("auto", "matrix-free"):
+        func = Coupled()
+        ys = odeint_adjoint(func, y0, t, method="beuler", step_size=0.05, jacobian=jacobian)
+        ys.sum().backward()
+        results.append((ys.detach(), func.k.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    func = Coupled()
+
+    def loss():
+        return odeint_adjoint(func, y0, t, method="beuler", step_size=0.05).sum().item()
+    with torch.no_grad():
+        fd = _fd_gradient(loss, func.k)
+    _assert_close_relative(results[0][1].view(1), fd.view(1), 1e-6)
+
+
+def test_matrix_free_and_block_jacobians_agree():
+    t = ROBERTSON_T[:6]
+    grads = []
+    for jacobian in ("blocks", "matrix-free"):
+        func = Robertson()
+        (ROBERTSON_W[:6] * odeint_adjoint(func, torch.tensor([1.0, 0, 0], dtype=F64), t,
+                                          method="cn", steps_per_interval=4,
+                                          jacobian=jacobian)).sum().backward()
+        grads.append(func.k.grad)
+    _assert_close_relative(grads[1], grads[0], 1e-6)
+
+
+def test_options_override_method_and_prefix_scopes_command_line_style_options():
+    func, y0 = Oscillator(), torch.tensor([1.0, 0.0], dtype=F64)
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    beuler = odeint_adjoint(func, y0, t, method="beuler", step_size=0.1)
+    via_dict = odeint_adjoint(func, y0, t, method="cn", step_size=0.1,
+                              options={"ts_type": "beuler"})
+    torch.testing.assert_close(via_dict, beuler)
+    db = PETSc.Options()
+    db["osc_ts_type"] = "beuler"
+    try:
+        via_prefix = odeint_adjoint(func, y0, t, method="cn", step_size=0.1, prefix="osc_")
+        unprefixed = odeint_adjoint(func, y0, t, method="cn", step_size=0.1)
+    finally:
+        del db["osc_ts_type"]
+    torch.testing.assert_close(via_prefix, beuler)
+    assert not torch.allclose(unprefixed, beuler)
+    assert not db.hasName("ts_type")  # the dict's options do not leak into the database
+
+
+def test_trajectory_in_memory_by_default_and_checkpointing_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t = torch.linspace(0, 2, 5, dtype=F64)
+    grads = []
+    for options, prefix in ((None, None), (None, "traj_"),
+                            ({"ts_trajectory_solution_only": True}, "traj_")):
+        func = Oscillator()
+        odeint_adjoint(func, torch.tensor([1.0, 0.0], dtype=F64), t, method="cn", step_size=0.05,
+                       options=options, prefix=prefix).sum().backward()
+        grads.append(func.k.grad)
+    assert os.listdir(tmp_path) == []  # PETSc's default 'basic' trajectory writes TS-data-*
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=0)
+    torch.testing.assert_close(grads[0], grads[2], rtol=1e-9, atol=0)
+
+
+def test_second_backward_resolves():
+    func = Oscillator()
+    ys = odeint_adjoint(func, torch.tensor([1.0, 0.0], dtype=F64), torch.linspace(0, 1, 3,
+                        dtype=F64), method="rk4", step_size=0.05)
+    ys.sum().backward(retain_graph=True)
+    first = func.k.grad.clone()
+    ys.sum().backward()
+    torch.testing.assert_close(func.k.grad, 2 * first)
+
+
+def test_clear_errors():
+    func, y0 = Oscillator(), torch.tensor([1.0, 0.0], dtype=F64)
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    with pytest.raises(TypeError, match="y0: tensor has dtype torch.float32, but PETSc's scalar "
+                                        "type is torch.float64"):
+        odeint_adjoint(func, y0.float(), t)
+    with pytest.raises(ValueError, match="y0: tensor is on device 'meta'.*CPU-only"):
+        odeint_adjoint(func, torch.empty(2, dtype=F64, device="meta"), t)
+    with pytest.raises(ValueError, match=r"times must strictly increase, but t\[2\] = 0.5 "
+                                         r"follows t\[1\] = 1"):
+        odeint_adjoint(func, y0, torch.tensor([0.0, 1.0, 0.5], dtype=F64))
+    with pytest.raises(ValueError, match="unknown method 'euler'; valid methods: beuler, cn"):
+        odeint_adjoint(func, y0, t, method="euler")
+    with pytest.raises(ValueError, match="rk4 has no error estimate"):
+        odeint_adjoint(func, y0, t, method="rk4")
+    with pytest.raises(TypeError, match="options must be a dict"):
+        odeint_adjoint(func, y0, t, options=["ts_type", "cn"])
+
+
+def test_divergence_reports_reason_and_time():
+    def blow_up(t, y):  # y' = y^2, y(0) = 1: y = 1 / (1 - t) blows up at t = 1
+        return y ** 2
+    y0 = torch.ones(1, dtype=F64)
+    with pytest.raises(ForeignError, match=r"forward solve with PETSc TS 'beuler' failed: "
+                                           r"DIVERGED_NONLINEAR_SOLVE at t = 0\.\d+"):
+        odeint_adjoint(blow_up, y0, torch.tensor([0.0, 2.0], dtype=F64), method="beuler",
+                       step_size=0.05)
+    with pytest.raises(ForeignError, match="non-finite .* by t = 2"):
+        odeint_adjoint(blow_up, y0, torch.tensor([0.0, 0.5, 2.0], dtype=F64), method="rk4",
+                       step_size=0.05)
+
+
+def test_exception_in_func_is_wrapped():
+    def broken(t, y):
+        raise ArithmeticError("rate law undefined")
+    with pytest.raises(ForeignError, match="rate law undefined") as info:
+        odeint_adjoint(broken, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                       method="rk4", step_size=0.1)
+    assert isinstance(info.value.original, ArithmeticError)
+
+
+def test_forward_only_method_refuses_gradients_clearly():
+    y0 = torch.tensor([1.0, 0.0], dtype=F64, requires_grad=True)
+    ys = odeint_adjoint(Oscillator(), y0, torch.linspace(0, 1, 3, dtype=F64), method="bdf")
+    with pytest.raises(ForeignError, match="TS 'bdf' .* has no discrete adjoint"):
+        ys.sum().backward()
