@@ -1,17 +1,18 @@
 """Jacobians of torch functions as PETSc matrices.
 
-- `TorchJacobian`: a matrix-free PETSc Mat (type python) for A = shift*I + scale*dF/du at a point:
+- `TorchJacobian`: a matrix-free PETSc Mat (type python) for A = diag_shift*I + factor*dF/du at a
+  point:
   `mult` is a Jacobian-vector product and `multTranspose` a vector-Jacobian product, both from
   torch autograd on zero-copy views of PETSc's vectors. SNES, KSP and TS can all use it.
 - `ColouredJacobian`: the exact sparse Jacobian assembled as a PETSc AIJ matrix from one JVP per
   colour of a known sparsity pattern, so that real preconditioners (ILU, GAMG, LU) apply.
+- `BlockJacobian`: the block-diagonal Jacobian of a function acting on independent samples.
 """
 from __future__ import annotations
 
 import numpy as np
 import scipy.sparse
 import torch
-import torch.autograd.forward_ad as fwAD
 
 from .._fd import color_columns
 from ._runtime import PETSc
@@ -106,39 +107,30 @@ class ColouredJacobian:
     """
 
     def __init__(self, pattern, *, block_size=1, comm=None):
-        pattern = scipy.sparse.csc_matrix(pattern, dtype=bool)
+        pattern = scipy.sparse.csr_matrix(pattern, dtype=bool)
         if pattern.shape[0] != pattern.shape[1]:
             raise ValueError(f"ColouredJacobian: the sparsity pattern must be square, got shape "
                              f"{pattern.shape}")
-        pattern = (pattern + scipy.sparse.identity(pattern.shape[0], dtype=bool, format="csc"))
-        self.pattern = pattern.tocsc()
+        n = pattern.shape[0]
+        self.pattern = (pattern + scipy.sparse.identity(n, dtype=bool, format="csr")).tocsr()
         self.pattern.sort_indices()
         self.groups = color_columns(self.pattern)
-        csr = self.pattern.tocsr()
-        csr.sort_indices()
-        self._csr_pattern = csr
-        # where each CSC entry lands in CSR order, so values are scattered without scipy per call
-        order = scipy.sparse.csc_matrix((np.arange(self.pattern.nnz), self.pattern.indices,
-                                         self.pattern.indptr), shape=self.pattern.shape).tocsr()
-        order.sort_indices()
-        self._csc_to_csr = np.empty(self.pattern.nnz, dtype=np.int64)
-        self._csc_to_csr[order.data.astype(np.int64)] = np.arange(self.pattern.nnz)
-        n = self.pattern.shape[0]
-        self.mat = PETSc.Mat().createAIJ([n, n], nnz=np.diff(csr.indptr).astype(PETSc.IntType),
+        colour = np.empty(n, dtype=np.int64)
+        for c, cols in enumerate(self.groups):
+            colour[cols] = c
+        self._seeds = np.zeros((len(self.groups), n))
+        self._seeds[colour, np.arange(n)] = 1.0
+        # entry (i, j) of the Jacobian is entry i of the product for column j's colour
+        rows = np.repeat(np.arange(n), np.diff(self.pattern.indptr))
+        self._take = (torch.from_numpy(colour[self.pattern.indices]), torch.from_numpy(rows))
+        self._diagonal = np.flatnonzero(rows == self.pattern.indices)
+        self._indptr = self.pattern.indptr.astype(PETSc.IntType)
+        self._indices = self.pattern.indices.astype(PETSc.IntType)
+        self.mat = PETSc.Mat().createAIJ([n, n], nnz=np.diff(self._indptr),
                                          comm=comm or PETSc.COMM_SELF)
         if block_size > 1:
             self.mat.setBlockSize(block_size)
         self.mat.setOption(PETSc.Mat.Option.NEW_NONZERO_ALLOCATION_ERR, True)
-        self._indptr = csr.indptr.astype(PETSc.IntType)
-        self._indices = csr.indices.astype(PETSc.IntType)
-        self._columns = np.repeat(np.arange(n), np.diff(self.pattern.indptr))
-        self._diagonal = self._csc_to_csr[np.flatnonzero(self.pattern.indices == self._columns)]
-        colour = np.empty(n, dtype=np.int64)
-        for c, cols in enumerate(self.groups):
-            colour[cols] = c
-        self._colour_of_entry = torch.from_numpy(colour[self._columns])
-        self._seeds = np.zeros((len(self.groups), n))
-        self._seeds[colour, np.arange(n)] = 1.0
         self.evaluations = 0
 
     def assemble(self, fn, u, diag_shift=0.0, factor=1.0):
@@ -146,10 +138,7 @@ class ColouredJacobian:
         seeds = torch.from_numpy(self._seeds).to(u.dtype).view(len(self.groups), *u.shape)
         products = _Linearisation(fn, u).jvp(seeds, batched=True).reshape(len(self.groups), -1)
         self.evaluations += len(self.groups)
-        # entry (row i, column j) of the Jacobian sits in the product of column j's colour
-        values_csc = products[self._colour_of_entry, self.pattern.indices].numpy()
-        values = np.empty_like(values_csc)
-        values[self._csc_to_csr] = values_csc * factor
+        values = products[self._take].numpy() * factor
         values[self._diagonal] += diag_shift
         self.mat.zeroEntries()
         self.mat.setValuesCSR(self._indptr, self._indices, values)
