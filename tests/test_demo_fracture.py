@@ -1,0 +1,41 @@
+"""The fracture training demo's command line, with tiny settings."""
+import pytest
+
+from bridges.demos import fracture
+
+
+def test_cli_writes_figure_and_reports(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    fracture.main(["--grid", "12", "--iterations", "3", "--samples", "1", "--backend", "torch",
+                   "--lightning", "off", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert (tmp_path / "fracture.png").stat().st_size > 0
+    assert "mean pixel-wise relative pressure error" in out
+    assert "correlation of learned W" in out
+
+
+def test_training_reduces_the_error():
+    result = fracture.train("petsc", grid=16, iterations=25, samples=1, show_progress=False)
+    assert result["history"][-1] < result["history"][0]
+    assert result["W"].shape == (16, 16) and (result["W"] > 0).all()
+
+
+def test_cli_help_and_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as exc:
+        fracture.main(["--help"])
+    assert exc.value.code == 0
+    assert "--backend" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        fracture.main(["--grid", "2"])
+    assert exc.value.code == 2
+
+
+def test_julia_backend_says_why_it_is_unavailable(capsys):
+    from bridges.julia import julia_unavailable_reason
+    reason = julia_unavailable_reason()
+    if reason is None:
+        pytest.skip("Julia is available here; this checks the message where it is not")
+    with pytest.raises(SystemExit) as exc:
+        fracture.main(["--backend", "julia", "--grid", "8", "--iterations", "1"])
+    assert exc.value.code == 2
+    assert "--backend julia is unavailable" in capsys.readouterr().err

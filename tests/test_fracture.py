@@ -1,0 +1,194 @@
+"""bridges.fracture: the PETSc and torch-native TPFA solves against each other, finite differences,
+gradcheck and analytic solutions; the Julia solver where Julia runs."""
+import numpy as np
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from bridges import ForeignError
+from bridges.fracture import (boundary_flux, cubic_law, linear_profile, pressure, pressure_petsc,
+                              pressure_torch, residual, synthetic_fracture)
+from bridges.julia import julia_unavailable_reason
+
+F64 = torch.float64
+SOLVERS = {"torch": pressure_torch, "petsc": pressure_petsc}
+TIGHT = {"ksp_rtol": 1e-14}  # PETSc at (near) machine precision for cross-checks
+
+
+def _solve(name, k, **kw):
+    return pressure_petsc(k, options=TIGHT, **kw) if name == "petsc" else pressure_torch(k, **kw)
+
+
+def _relerr(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_petsc_and_torch_agree_on_64x64_in_pressure_and_gradient():
+    f = synthetic_fracture(64, seed=3)
+    aperture = f.aperture
+    theta = (0.3 * torch.randn(64, 64, dtype=F64, generator=torch.Generator().manual_seed(1))
+             ).requires_grad_()
+    target = pressure_torch(f.k_true).detach()
+    results = {}
+    for name in SOLVERS:
+        p = _solve(name, cubic_law(aperture) * theta.exp())
+        loss = ((p - target) ** 2).sum()
+        (g,) = torch.autograd.grad(loss, theta)
+        results[name] = (p.detach(), g)
+    (pt, gt), (pp, gp) = results["torch"], results["petsc"]
+    assert _relerr(pp, pt) < 1e-10
+    assert _relerr(gp, gt) < 1e-8
+    assert gt.abs().max() > 0
+
+
+def test_default_petsc_settings_are_tight():
+    f = synthetic_fracture(64, seed=4)
+    stats = []
+    p = pressure_petsc(f.k_true, stats=stats)
+    assert _relerr(p, pressure_torch(f.k_true)) < 1e-9
+    assert len(stats) == 1 and stats[0] > 0
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_gradient_matches_central_differences_16x16(name):
+    f = synthetic_fracture(16, seed=5)
+    base = cubic_law(f.aperture)
+    weights = torch.linspace(-1, 1, 256, dtype=F64).reshape(16, 16)
+
+    def loss(theta):
+        return (weights * _solve(name, base * theta.exp()) ** 2).sum()
+
+    theta = torch.zeros(16, 16, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(loss(theta), theta)
+    h = 1e-4  # truncation error O(h^2) ~ 1e-9 here; rounding grows below
+    fd = torch.zeros(16, 16, dtype=F64)
+    with torch.no_grad():
+        for idx in np.ndindex(16, 16):
+            e = torch.zeros(16, 16, dtype=F64)
+            e[idx] = h
+            fd[idx] = (loss(e) - loss(-e)) / (2 * h)
+    assert (g - fd).abs().max() < 1e-7 * fd.abs().max()
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_gradcheck(name):
+    k = torch.exp(0.5 * torch.randn(4, 5, dtype=F64, generator=torch.Generator().manual_seed(6)))
+    assert gradcheck(lambda k: _solve(name, k), (k.requires_grad_(),), eps=1e-6, atol=1e-8,
+                     rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_uniform_aperture_gives_linear_profile(name):
+    k = cubic_law(torch.full((12, 20), 0.7, dtype=F64))
+    p = _solve(name, k, p_left=2.0, p_right=1.0)
+    assert torch.allclose(p, linear_profile(12, 20), rtol=0, atol=1e-12)
+    assert residual(p, k).abs().max() < 1e-12
+
+
+def _discrete_series_flux(k1, k2, n1, n2, ny, dp):
+    """TPFA flux for layers in series: resistances of half cells, faces and the interface face."""
+    r = 1 / (2 * k1) + (n1 - 1) / k1 + 1 / np.sqrt(k1 * k2) + (n2 - 1) / k2 + 1 / (2 * k2)
+    return ny * dp / r
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_two_layers_in_series_harmonic_mean(name):
+    ny, nx, k1, k2 = 6, 40, 3.0, 0.2
+    k = torch.full((ny, nx), k1, dtype=F64)
+    k[:, nx // 2:] = k2
+    p = _solve(name, k)
+    q = boundary_flux(p, k).item()
+    assert q == pytest.approx(_discrete_series_flux(k1, k2, nx // 2, nx // 2, ny, 1.0), rel=1e-11)
+    # continuum: k_eff = harmonic mean over length 1 (plane height ny/nx); TPFA is O(1/nx) off
+    harmonic = 2 / (1 / k1 + 1 / k2)
+    assert q == pytest.approx(harmonic * ny / nx, rel=2 / nx)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_two_layers_in_parallel_arithmetic_mean(name):
+    ny, nx, k1, k2 = 8, 30, 3.0, 0.2
+    k = torch.full((ny, nx), k1, dtype=F64)
+    k[ny // 2:, :] = k2
+    p = _solve(name, k)
+    arithmetic = (k1 + k2) / 2
+    assert boundary_flux(p, k).item() == pytest.approx(arithmetic * ny / nx, rel=1e-11)
+
+
+def test_pressure_is_invariant_to_a_global_scale_of_k():
+    k = synthetic_fracture(20, seed=7).k_true
+    assert _relerr(pressure_torch(3.7 * k), pressure_torch(k)) < 1e-12
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_bad_permeability_is_refused_by_name(name):
+    bad = torch.ones(4, 4, dtype=F64)
+    bad[1, 2] = -1.0
+    with pytest.raises(ValueError, match=f"pressure_{name}: k must be finite and > 0"):
+        SOLVERS[name](bad)
+    with pytest.raises(ValueError, match=r"shape \(ny, nx\)"):
+        SOLVERS[name](torch.ones(4, dtype=F64))
+
+
+def test_unknown_backend_and_bad_options():
+    k = torch.ones(3, 3, dtype=F64)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pressure(k, backend="fortran")
+    with pytest.raises(TypeError, match="options must be a dict"):
+        pressure_petsc(k, options="pc_type lu")
+
+
+def test_petsc_options_pass_through_and_failures_are_reported():
+    k = synthetic_fracture(16, seed=8).k_true
+    stats = []
+    p = pressure_petsc(k, options={"ksp_type": "preonly", "pc_type": "lu"}, stats=stats)
+    assert stats == [1]
+    assert _relerr(p, pressure_torch(k)) < 1e-12
+    with pytest.raises(ForeignError, match="did not converge"):
+        pressure_petsc(k, options={"ksp_max_it": 1, "pc_type": "none"}, prefix="frac_")
+
+
+def test_petsc_adjoint_is_one_transposed_solve():
+    k = synthetic_fracture(32, seed=9).k_true.clone().requires_grad_()
+    stats = []
+    pressure_petsc(k, stats=stats).sum().backward()
+    assert len(stats) == 2 and k.grad.abs().max() > 0
+
+
+# -- Julia (julia/src/Fracture.jl) ----------------------------------------------------------------
+_julia_missing = julia_unavailable_reason()
+needs_julia = pytest.mark.skipif(_julia_missing is not None,
+                                 reason=f"Julia is not available: {_julia_missing}")
+
+
+@needs_julia
+@pytest.mark.filterwarnings("ignore:.*torch was imported before juliacall")
+def test_julia_agrees_with_torch_in_pressure_and_gradient():
+    from bridges.fracture import pressure_julia
+    f = synthetic_fracture(24, ny=20, seed=10)
+    k1 = f.k_true.clone().requires_grad_()
+    k2 = f.k_true.clone().requires_grad_()
+    w = torch.randn(20, 24, dtype=F64, generator=torch.Generator().manual_seed(2))
+    pj, pt = pressure_julia(k1), pressure_torch(k2)
+    (pj * w).sum().backward()
+    (pt * w).sum().backward()
+    assert _relerr(pj.detach(), pt.detach()) < 1e-10
+    assert _relerr(k1.grad, k2.grad) < 1e-8
+
+
+@needs_julia
+@pytest.mark.filterwarnings("ignore:.*torch was imported before juliacall")
+def test_julia_gradcheck_and_linear_profile():
+    from bridges.fracture import pressure_julia
+    k = torch.exp(0.5 * torch.randn(4, 5, dtype=F64, generator=torch.Generator().manual_seed(6)))
+    assert gradcheck(pressure_julia, (k.requires_grad_(),), eps=1e-6, atol=1e-8, rtol=1e-6)
+    p = pressure_julia(torch.full((6, 10), 0.3, dtype=F64))
+    assert torch.allclose(p, linear_profile(6, 10), atol=1e-12)
+
+
+def test_julia_unavailable_error_says_how_to_fix():
+    if _julia_missing is None:
+        pytest.skip("Julia is available here; this checks the message where it is not")
+    from bridges.fracture import pressure_julia
+    from bridges.julia import JuliaUnavailableError
+    with pytest.raises(JuliaUnavailableError, match="(?s)pressure_julia: .*Install Julia"):
+        pressure_julia(torch.ones(3, 3, dtype=F64))
