@@ -6,7 +6,8 @@ PETSc options on the command line (``-ts_type``, ``-ksp_type``, ...) reach PETSc
 from ._jacobian import ColouredJacobian, TorchJacobian
 from ._ode import METHODS, odeint_adjoint
 from ._runtime import PETSc, scalar_dtype
+from ._solve import solve, stencil_sparsity
 from ._vec import as_vec, vec_as_tensor
 
 __all__ = ["PETSc", "scalar_dtype", "as_vec", "vec_as_tensor", "TorchJacobian",
-           "ColouredJacobian", "odeint_adjoint", "METHODS"]
+           "ColouredJacobian", "odeint_adjoint", "METHODS", "solve", "stencil_sparsity"]

@@ -103,10 +103,12 @@ class ColouredJacobian:
 
     Args:
         pattern: N x N sparsity pattern (scipy sparse or boolean array) of dfn/du, N = u.numel().
+        groups: column groups that share no row (default: greedy colouring of the pattern; a
+            stencil's closed-form colouring is much faster to get on large grids).
         block_size: set on the matrix, e.g. for point-block Jacobi.
     """
 
-    def __init__(self, pattern, *, block_size=1, comm=None):
+    def __init__(self, pattern, *, groups=None, block_size=1, comm=None):
         pattern = scipy.sparse.csr_matrix(pattern, dtype=bool)
         if pattern.shape[0] != pattern.shape[1]:
             raise ValueError(f"ColouredJacobian: the sparsity pattern must be square, got shape "
@@ -114,7 +116,7 @@ class ColouredJacobian:
         n = pattern.shape[0]
         self.pattern = (pattern + scipy.sparse.identity(n, dtype=bool, format="csr")).tocsr()
         self.pattern.sort_indices()
-        self.groups = color_columns(self.pattern)
+        self.groups = color_columns(self.pattern) if groups is None else list(groups)
         colour = np.empty(n, dtype=np.int64)
         for c, cols in enumerate(self.groups):
             colour[cols] = c

@@ -1,0 +1,324 @@
+"""Steady diffusion -div(kappa grad T) = s on the unit square, solved by PETSc through
+``bridges.petsc.solve``, next to seed 002's approach (the same residual minimised by LBFGS), plus a
+small inverse problem: recover a spatially varying kappa (log-kappa on a coarse grid, bicubic) from
+noisy temperatures of two heating experiments by Adam through the differentiable solve.
+
+The residual is the seed's conv-stencil finite-difference operator, written in torch: flux form
+with face-averaged kappa (so the Jacobian is symmetric), Dirichlet values on the boundary ring of
+an n x n node grid (h = 1/(n-1)), unknowns the (n-2)^2 interior nodes. It is scaled by h^2 (and
+signed so that the Jacobian is positive definite): F = h^2 (-div(kappa grad T) - s); "residual"
+below means the 2-norm of this F. The Jacobian is linear in T, assembled once from coloured JVPs of
+the 5-point pattern, and solved by CG preconditioned by geometric multigrid (or GAMG).
+
+    python -m bridges.demos.steady_diffusion [--grids 128 256 512 1024] [--lbfgs-grids 128]
+        [--lbfgs-time 60] [--pc mg|gamg] [--inverse-iterations 200] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+
+from bridges.demos._util import figure_path, progress, pyplot
+from bridges.petsc import solve, stencil_sparsity
+
+# F is linear in T: one Newton step (ksponly) with CG solved until |F| <= 1e-11 (or relative
+# 1e-12), preconditioned by geometric multigrid (SOR smoothing, Galerkin coarse operators) on the
+# grid hierarchy stencil_sparsity knows; PRECONDITIONERS["gamg"] uses algebraic multigrid instead
+SOLVER = {"snes_type": "ksponly", "ksp_type": "cg", "ksp_rtol": 1e-12, "ksp_atol": 1e-11,
+          "ksp_norm_type": "unpreconditioned"}
+PRECONDITIONERS = {
+    "mg": {"pc_type": "mg", "mg_levels_ksp_type": "richardson", "mg_levels_pc_type": "sor"},
+    "gamg": {"pc_type": "gamg"},
+}
+
+
+# -- the physics -----------------------------------------------------------------------------------
+def residual(T, kappa, source, boundary=None):
+    """F(T) = h^2 (-div(kappa grad T) - s) at the interior nodes of an n x n grid.
+
+    T: (n-2, n-2) interior values; kappa: (n, n) nodal conductivity (face values are averages of
+    the two nodes); source: (n-2, n-2); boundary: (n, n) whose outer ring holds the Dirichlet
+    values (interior entries ignored), or None for T = 0 on the boundary.
+    """
+    n = T.shape[-1] + 2
+    h2 = 1.0 / (n - 1) ** 2
+    full = torch.nn.functional.pad(T, (1, 1, 1, 1))
+    if boundary is not None:
+        ring = torch.ones_like(boundary)
+        ring[1:-1, 1:-1] = 0
+        full = full + boundary * ring
+    kx = 0.5 * (kappa[:, 1:] + kappa[:, :-1])   # faces between columns
+    ky = 0.5 * (kappa[1:, :] + kappa[:-1, :])   # faces between rows
+    flux_x = kx * (full[:, 1:] - full[:, :-1])
+    flux_y = ky * (full[1:, :] - full[:-1, :])
+    div = (flux_x[1:-1, 1:] - flux_x[1:-1, :-1]) + (flux_y[1:, 1:-1] - flux_y[:-1, 1:-1])
+    return -div - h2 * source
+
+
+def seed_problem(n, dtype=torch.float64):
+    """The seed's test case on an n x n node grid: kappa = 1, s = 1, T = 0 on the boundary."""
+    return torch.ones(n, n, dtype=dtype), torch.ones(n - 2, n - 2, dtype=dtype)
+
+
+def varied_problem(n, dtype=torch.float64):
+    """A harder case for the figures: smooth kappa varying 20x, a hot blob, warm left wall."""
+    x = torch.linspace(0, 1, n, dtype=dtype)
+    X, Y = torch.meshgrid(x, x, indexing="xy")
+    kappa = true_kappa(X, Y)
+    source = 40.0 * torch.exp(-((X - 0.65) ** 2 + (Y - 0.35) ** 2) / 0.01)[1:-1, 1:-1]
+    boundary = torch.zeros(n, n, dtype=dtype)
+    boundary[:, 0] = torch.sin(math.pi * x)
+    return kappa, source, boundary
+
+
+def true_kappa(X, Y):
+    return 0.2 + 3.8 * torch.sigmoid(12 * (Y - 0.5 - 0.15 * torch.sin(2 * math.pi * X)))
+
+
+def residual_norm(T, kappa, source, boundary=None):
+    with torch.no_grad():
+        return float(torch.linalg.norm(residual(T.double(), kappa.double(), source.double(),
+                                                None if boundary is None else boundary.double())))
+
+
+# -- the two approaches ----------------------------------------------------------------------------
+def solve_petsc(kappa, source, boundary=None, options=None, sparsity=None, pc="mg"):
+    """T with residual 2-norm <= 1e-10 by PETSc: CG + multigrid (pc "mg" geometric or "gamg"
+    algebraic) on the Jacobian assembled from coloured JVPs. Returns (T, solve statistics)."""
+    n = kappa.shape[0]
+    sparsity = sparsity if sparsity is not None else stencil_sparsity((n - 2, n - 2))
+    stats = {}
+    args = (kappa, source) if boundary is None else (kappa, source, boundary)
+    T = solve(residual, torch.zeros(n - 2, n - 2, dtype=kappa.dtype), *args,
+              sparsity=sparsity, linear=True, symmetric=True, stats=stats,
+              options={**SOLVER, **PRECONDITIONERS[pc], **(options or {})})
+    return T, stats
+
+
+def solve_lbfgs(kappa, source, *, max_steps=500, time_limit=60.0, dtype=torch.float32,
+                show_progress=False):
+    """Seed 002's method: minimise the mean squared residual (unscaled, as the seed's loss) over
+    T with torch.optim.LBFGS (its defaults: lr 1, 20 inner iterations), in float32 like the seed.
+    Stops at the seed's loss target 1e-10, after max_steps, or after time_limit seconds."""
+    n = kappa.shape[0]
+    h2 = 1.0 / (n - 1) ** 2
+    kappa, source = kappa.to(dtype), source.to(dtype)
+    T = torch.zeros(n - 2, n - 2, dtype=dtype, requires_grad=True)
+    optimiser = torch.optim.LBFGS([T])
+
+    def closure():
+        optimiser.zero_grad()
+        loss = torch.mean((residual(T, kappa, source) / h2) ** 2)
+        loss.backward()
+        return loss
+
+    start, losses = time.perf_counter(), []
+    for _ in progress(range(max_steps), desc=f"LBFGS {n}x{n}", disable=not show_progress,
+                      leave=False):
+        losses.append(float(optimiser.step(closure).detach()))
+        if losses[-1] < 1e-10 or time.perf_counter() - start > time_limit:
+            break
+    return T.detach(), {"seconds": time.perf_counter() - start, "steps": len(losses),
+                        "loss": losses[-1]}
+
+
+def compare(grids, lbfgs_grids, lbfgs_time=60.0, show_progress=True, pc="mg"):
+    """Time both approaches on the seed's problem; one row per grid."""
+    rows = []
+    for n in progress(grids, desc="grids", disable=not show_progress):
+        kappa, source = seed_problem(n)
+        start = time.perf_counter()
+        sparsity = stencil_sparsity((n - 2, n - 2))
+        pattern_s = time.perf_counter() - start
+        T, stats = solve_petsc(kappa, source, sparsity=sparsity, pc=pc)
+        total = time.perf_counter() - start
+        row = {"n": n, "petsc_s": total, "pattern_s": pattern_s,
+               "petsc_residual": residual_norm(T, kappa, source),
+               "ksp_iterations": stats["ksp_iterations"], "T": T}
+        if n in lbfgs_grids:
+            T_l, info = solve_lbfgs(kappa, source, time_limit=lbfgs_time,
+                                    show_progress=show_progress)
+            row.update(lbfgs_s=info["seconds"], lbfgs_steps=info["steps"],
+                       lbfgs_residual=residual_norm(T_l, kappa, source),
+                       lbfgs_error=float((T_l.double() - T).abs().max()))
+        rows.append(row)
+    return rows
+
+
+# -- inverse problem -------------------------------------------------------------------------------
+def coarse_to_fine(coeffs, n):
+    """kappa on the n x n grid from log-kappa on a coarse grid, bicubically interpolated."""
+    fine = torch.nn.functional.interpolate(coeffs[None, None], size=(n, n), mode="bicubic",
+                                           align_corners=True)[0, 0]
+    return torch.exp(fine)
+
+
+def _experiments(n):
+    """Two heating experiments (warm left wall, warm bottom wall, each with a heat source): two
+    views of the same kappa make it far better determined than one."""
+    x = torch.linspace(0, 1, n, dtype=torch.float64)
+    X, Y = torch.meshgrid(x, x, indexing="xy")
+    runs = []
+    for wall, (cx, cy) in ((0, (0.65, 0.35)), (1, (0.35, 0.7))):
+        boundary = torch.zeros(n, n, dtype=torch.float64)
+        if wall == 0:
+            boundary[:, 0] = torch.sin(math.pi * x)
+        else:
+            boundary[0, :] = torch.sin(math.pi * x)
+        source = 5.0 + 40.0 * torch.exp(-((X - cx) ** 2 + (Y - cy) ** 2) / 0.01)[1:-1, 1:-1]
+        runs.append((source, boundary))
+    return runs
+
+
+def recover_kappa(n=48, coarse=6, iterations=200, lr=0.05, noise=0.01, seed=0,
+                  show_progress=True):
+    """Fit log-kappa on a coarse x coarse grid to noisy temperatures of two experiments by Adam
+    through the differentiable solve (one adjoint solve per experiment and step)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.linspace(0, 1, n, dtype=torch.float64)
+    X, Y = torch.meshgrid(x, x, indexing="xy")
+    kappa_true = true_kappa(X, Y)
+    sparsity = stencil_sparsity((n - 2, n - 2))
+    runs = _experiments(n)
+    clean = [solve_petsc(kappa_true, s, b, sparsity=sparsity)[0] for s, b in runs]
+    scale = max(float(T.abs().max()) for T in clean)
+    data = [T + noise * scale * torch.randn(T.shape, dtype=T.dtype, generator=gen) for T in clean]
+    coeffs = torch.zeros(coarse, coarse, dtype=torch.float64, requires_grad=True)  # kappa = 1
+    optimiser = torch.optim.Adam([coeffs], lr=lr)
+    history = []
+    bar = progress(range(iterations), desc="recovering kappa", disable=not show_progress)
+    for _ in bar:
+        optimiser.zero_grad()
+        kappa = coarse_to_fine(coeffs, n)
+        loss = sum(torch.mean((solve_petsc(kappa, s, b, sparsity=sparsity)[0] - d) ** 2)
+                   for (s, b), d in zip(runs, data)) / (len(runs) * scale ** 2)
+        loss.backward()
+        optimiser.step()
+        history.append(float(loss.detach()))
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(misfit=f"{history[-1]:.3g}")
+    kappa_fit = coarse_to_fine(coeffs.detach(), n)
+    return {"kappa_true": kappa_true, "kappa_fit": kappa_fit, "history": np.array(history),
+            "noise_floor": noise ** 2,
+            "kappa_error": float(((kappa_fit - kappa_true).norm() / kappa_true.norm()))}
+
+
+# -- figures and CLI -------------------------------------------------------------------------------
+def plot_solution(n, path):
+    plt = pyplot()
+    if plt is None:
+        return None
+    kappa, source, boundary = varied_problem(n)
+    T, _ = solve_petsc(kappa, source, boundary)
+    full = boundary.clone()
+    full[1:-1, 1:-1] = T
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, field, title in ((axes[0], kappa, "conductivity κ"),
+                             (axes[1], full, f"temperature T ({n}x{n}, PETSc CG + MG)")):
+        im = ax.imshow(field.numpy(), origin="lower", extent=(0, 1, 0, 1), cmap="inferno")
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_timing(rows, path):
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.loglog([r["n"] ** 2 for r in rows], [r["petsc_s"] for r in rows], "o-",
+              label="bridges.petsc.solve (CG + multigrid), residual ≤ 1e-10")
+    lb = [r for r in rows if "lbfgs_s" in r]
+    if lb:
+        ax.loglog([r["n"] ** 2 for r in lb], [r["lbfgs_s"] for r in lb], "s--",
+                  label="seed 002: LBFGS on the residual (bounded)")
+        for r in lb:
+            ax.annotate(f"residual {r['lbfgs_residual']:.1e}", (r["n"] ** 2, r["lbfgs_s"]),
+                        fontsize=8)
+    ax.set_xlabel("grid nodes")
+    ax.set_ylabel("seconds")
+    ax.set_title("steady diffusion: time to solve")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_inverse(result, path):
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    vmin, vmax = float(result["kappa_true"].min()), float(result["kappa_true"].max())
+    for ax, key, title in ((axes[0], "kappa_true", "true κ"),
+                           (axes[1], "kappa_fit", f"recovered κ (rel. error "
+                                                  f"{result['kappa_error']:.2f})")):
+        im = ax.imshow(result[key].numpy(), origin="lower", extent=(0, 1, 0, 1), vmin=vmin,
+                       vmax=vmax, cmap="viridis")
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax)
+    axes[2].semilogy(result["history"], label="misfit")
+    axes[2].axhline(result["noise_floor"], color="gray", ls=":", label="noise level")
+    axes[2].set_xlabel("Adam iteration")
+    axes[2].set_title("relative mean squared misfit")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grids", type=int, nargs="+", default=[128, 256, 512, 1024],
+                        help="grid sizes n (n x n nodes) solved by PETSc")
+    parser.add_argument("--lbfgs-grids", type=int, nargs="*", default=[128],
+                        help="grid sizes also run with the seed's LBFGS approach")
+    parser.add_argument("--lbfgs-time", type=float, default=60.0,
+                        help="time limit of each LBFGS run [s]")
+    parser.add_argument("--pc", default="mg", choices=sorted(PRECONDITIONERS),
+                        help="multigrid preconditioner of CG: geometric (mg) or algebraic (gamg)")
+    parser.add_argument("--solution-grid", type=int, default=256,
+                        help="grid of the solution-field figure")
+    parser.add_argument("--inverse-grid", type=int, default=48)
+    parser.add_argument("--inverse-coarse", type=int, default=6,
+                        help="kappa is parametrised on a coarse x coarse grid")
+    parser.add_argument("--inverse-iterations", type=int, default=200)
+    parser.add_argument("--noise", type=float, default=0.01,
+                        help="observation noise, relative to max |T|")
+    parser.add_argument("--out", default=None, help="directory for the PNGs (default bridges-out)")
+    args = parser.parse_args(argv)
+
+    rows = compare(args.grids, set(args.lbfgs_grids), args.lbfgs_time, pc=args.pc)
+    print(f"{'grid':>10} {'PETSc [s]':>10} {'residual':>10} {'CG its':>7} "
+          f"{'LBFGS [s]':>10} {'LBFGS residual':>15} {'speed-up':>9}")
+    for r in rows:
+        extra = (f"{r['lbfgs_s']:10.2f} {r['lbfgs_residual']:15.2e} "
+                 f"{r['lbfgs_s'] / r['petsc_s']:8.0f}x") if "lbfgs_s" in r else ""
+        print(f"{r['n']:>5}x{r['n']:<4} {r['petsc_s']:10.2f} {r['petsc_residual']:10.2e} "
+              f"{r['ksp_iterations']:7d} {extra}")
+    paths = [plot_solution(args.solution_grid, figure_path(args.out, "steady_diffusion_T.png")),
+             plot_timing(rows, figure_path(args.out, "steady_diffusion_timing.png"))]
+    result = recover_kappa(args.inverse_grid, args.inverse_coarse, args.inverse_iterations,
+                           noise=args.noise)
+    print(f"inverse problem: misfit {result['history'][0]:.3g} -> {result['history'][-1]:.3g} "
+          f"(noise level {result['noise_floor']:.3g}); relative kappa error "
+          f"{result['kappa_error']:.3f}")
+    paths.append(plot_inverse(result, figure_path(args.out, "steady_diffusion_inverse.png")))
+    for p in paths:
+        if p is not None:
+            print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

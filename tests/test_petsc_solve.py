@@ -1,0 +1,270 @@
+"""bridges.petsc.solve: accuracy, implicit gradients, solver modes, options and errors."""
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+
+from bridges import ForeignError
+from bridges.demos.steady_diffusion import residual
+from bridges.petsc import PETSc, solve, stencil_sparsity
+
+LU = {"ksp_type": "preonly", "pc_type": "lu"}
+
+
+def grid(n):
+    x = torch.linspace(0, 1, n, dtype=torch.float64)
+    return torch.meshgrid(x, x, indexing="xy")  # X varies along columns
+
+
+def random_problem(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    kappa = 1.0 + torch.rand(n, n, dtype=torch.float64, generator=gen)
+    source = torch.randn(n - 2, n - 2, dtype=torch.float64, generator=gen)
+    return kappa, source
+
+
+def zeros(n):
+    return torch.zeros(n - 2, n - 2, dtype=torch.float64)
+
+
+def test_second_order_convergence_to_manufactured_solution():
+    # T = sin(pi x) sin(pi y), kappa = 1 + x^2 y: s = -div(kappa grad T) exactly
+    errors = []
+    for n in (17, 33, 65):
+        X, Y = grid(n)
+        kappa = 1 + X ** 2 * Y
+        T = torch.sin(math.pi * X) * torch.sin(math.pi * Y)
+        dTdx = math.pi * torch.cos(math.pi * X) * torch.sin(math.pi * Y)
+        dTdy = math.pi * torch.sin(math.pi * X) * torch.cos(math.pi * Y)
+        s = kappa * 2 * math.pi ** 2 * T - (2 * X * Y * dTdx + X ** 2 * dTdy)
+        solution = solve(residual, zeros(n), kappa, s[1:-1, 1:-1],
+                         sparsity=stencil_sparsity((n - 2, n - 2)), linear=True)
+        errors.append(float((solution - T[1:-1, 1:-1]).abs().max()))
+    orders = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
+    assert errors[-1] < 1e-3
+    assert np.all(np.abs(orders - 2) < 0.15), (errors, orders)
+
+
+def _loss_fn(n, seed=1, options=LU):
+    weights = torch.randn(n - 2, n - 2, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(seed))
+    sparsity = stencil_sparsity((n - 2, n - 2))
+
+    def loss(kappa, source):
+        T = solve(residual, zeros(n), kappa, source, sparsity=sparsity, options=options)
+        return torch.sum(weights * T) + 0.5 * torch.sum(T ** 2) * 1e2
+    return loss
+
+
+def test_gradient_matches_central_differences_on_16x16():
+    n = 18  # 16 x 16 unknowns
+    kappa, source = random_problem(n)
+    loss = _loss_fn(n)
+    k, s = kappa.clone().requires_grad_(), source.clone().requires_grad_()
+    gk, gs = torch.autograd.grad(loss(k, s), (k, s))
+    eps = 1e-6
+    rng = np.random.default_rng(0)
+    for grad, base, which in ((gk, kappa, 0), (gs, source, 1)):
+        for flat in rng.choice(base.numel(), 6, replace=False):
+            idx = np.unravel_index(flat, base.shape)
+            plus, minus = base.clone(), base.clone()
+            plus[idx] += eps
+            minus[idx] -= eps
+            args_p = (plus, source) if which == 0 else (kappa, plus)
+            args_m = (minus, source) if which == 0 else (kappa, minus)
+            fd = (float(loss(*args_p)) - float(loss(*args_m))) / (2 * eps)
+            assert abs(fd - float(grad[idx])) <= 1e-5 * max(abs(fd), 1e-3), (which, idx, fd)
+        # and along a random direction, which involves every entry
+        d = torch.randn(base.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        args_p = (kappa + eps * d, source) if which == 0 else (kappa, source + eps * d)
+        args_m = (kappa - eps * d, source) if which == 0 else (kappa, source - eps * d)
+        fd = (float(loss(*args_p)) - float(loss(*args_m))) / (2 * eps)
+        assert abs(fd - float(torch.sum(grad * d))) <= 1e-6 * abs(fd)
+
+
+def test_gradient_matches_backprop_through_converged_jacobi_iteration():
+    n = 8
+    kappa, source = random_problem(n, seed=3)
+    weights = torch.randn(n - 2, n - 2, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(4))
+
+    def unrolled(kappa, source):
+        kx = 0.5 * (kappa[:, 1:] + kappa[:, :-1])
+        ky = 0.5 * (kappa[1:, :] + kappa[:-1, :])
+        diagonal = kx[1:-1, 1:] + kx[1:-1, :-1] + ky[1:, 1:-1] + ky[:-1, 1:-1]
+        T = zeros(n)
+        for _ in range(3000):  # Jacobi: T <- T - D^-1 F(T), converged to round-off
+            T = T - residual(T, kappa, source) / diagonal
+        assert float(residual(T, kappa, source).detach().abs().max()) < 1e-15
+        return T
+
+    grads = []
+    for fn in (unrolled, lambda k, s: solve(residual, zeros(n), k, s, options=LU,
+                                            sparsity=stencil_sparsity((n - 2, n - 2)))):
+        k, s = kappa.clone().requires_grad_(), source.clone().requires_grad_()
+        grads.append(torch.autograd.grad(torch.sum(weights * fn(k, s)), (k, s)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
+
+
+def test_gradcheck_tiny_grid():
+    n = 5
+    kappa, source = random_problem(n, seed=5)
+    sparsity = stencil_sparsity((n - 2, n - 2))
+    boundary = torch.rand(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+
+    def fn(k, s, b):
+        return solve(residual, zeros(n), k, s, b, sparsity=sparsity, options=LU)
+    assert torch.autograd.gradcheck(fn, (kappa.requires_grad_(), source.requires_grad_(),
+                                         boundary.requires_grad_()))
+
+
+def nonlinear(T, kappa, source):
+    """Nonlinear diffusion with a cubic reaction term: a Newton solve needs several steps."""
+    n = T.shape[-1] + 2
+    return residual(T, kappa, source) + T ** 3 / (n - 1) ** 2
+
+
+@pytest.mark.parametrize("options", [None, {"ksp_type": "cg", "pc_type": "mg"}, LU])
+def test_matrix_free_and_assembled_agree(options):
+    symmetric = options is not None and options["pc_type"] == "mg"  # exercises both paths
+    n = 34
+    kappa, source = random_problem(n, seed=7)
+    source = 30 * source
+    results = []
+    for mode in ("matrix-free", "assembled"):
+        k, s = kappa.clone().requires_grad_(), source.clone().requires_grad_()
+        stats = {}
+        T = solve(nonlinear, zeros(n), k, s, jacobian=mode, stats=stats,
+                  sparsity=stencil_sparsity((n - 2, n - 2)) if mode == "assembled" else None,
+                  options=options if mode == "assembled" else None, symmetric=symmetric)
+        assert stats["snes_iterations"] >= 2 and stats["residual_norm"] < 1e-12
+        results.append((T.detach(), *torch.autograd.grad(T.sin().sum(), (k, s))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_general_sparsity_pattern_and_1d_problem():
+    # -u'' + u^3 = 1 on 50 points, pattern given as a scipy matrix (coloured greedily)
+    m = 50
+    pattern = scipy.sparse.diags([1, 1, 1], [-1, 0, 1], shape=(m, m), dtype=bool)
+
+    def f(u, c):
+        padded = torch.nn.functional.pad(u, (1, 1))
+        return 2 * u - padded[2:] - padded[:-2] + (u ** 3 - c) / (m + 1) ** 2
+    c = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    u = solve(f, torch.zeros(m, dtype=torch.float64), c, sparsity=pattern)
+    assert float(f(u.detach(), c.detach()).norm()) < 1e-12
+    (g,) = torch.autograd.grad(u.sum(), c)
+    eps = 1e-6
+    u0 = torch.zeros(m, dtype=torch.float64)
+    fd = (solve(f, u0, torch.tensor(5 + eps, dtype=torch.float64)).sum()
+          - solve(f, u0, torch.tensor(5 - eps, dtype=torch.float64)).sum()) / (2 * eps)
+    assert abs(float(g) - float(fd)) < 1e-6 * abs(float(fd))
+
+
+def test_gradients_need_no_x0_and_allow_non_tensor_params():
+    x0 = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    a = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+
+    def f(x, a, power):
+        return x ** power - a
+    x = solve(f, x0, a, 3)
+    torch.testing.assert_close(x, a.detach() ** (1 / 3))
+    gx0, ga = torch.autograd.grad(x.sum(), (x0, a), allow_unused=True)
+    assert gx0 is None
+    torch.testing.assert_close(ga, a.detach() ** (-2 / 3) / 3)
+
+
+def test_solves_sharing_a_sparsity_keep_their_own_gradients():
+    n = 10
+    sparsity = stencil_sparsity((n - 2, n - 2))
+    (k1, s), (k2, _) = random_problem(n, 8), random_problem(n, 9)
+    k1.requires_grad_(), k2.requires_grad_()
+    T1 = solve(residual, zeros(n), k1, s, sparsity=sparsity, linear=True)
+    T2 = solve(residual, zeros(n), k2, s, sparsity=sparsity, linear=True)  # refills the matrix
+    (g1,) = torch.autograd.grad(T1.sum(), k1)
+    T1_alone = solve(residual, zeros(n), k1, s, sparsity=stencil_sparsity((n - 2, n - 2)))
+    (g1_alone,) = torch.autograd.grad(T1_alone.sum(), k1)
+    torch.testing.assert_close(g1, g1_alone)
+    assert T2.requires_grad
+
+
+def test_options_dict_prefix_and_command_line_pass_through():
+    n = 12
+    kappa, source = random_problem(n)
+    sparsity = stencil_sparsity((n - 2, n - 2))
+    stats = {}
+    solve(residual, zeros(n), kappa, source, sparsity=sparsity, stats=stats,
+          options={"ksp_type": "cg", "pc_type": "jacobi", "snes_type": "ksponly"})
+    assert (stats["snes_type"], stats["ksp_type"], stats["pc_type"]) == ("ksponly", "cg", "jacobi")
+    db = PETSc.Options()
+    db["heat_ksp_type"] = "bcgs"  # as -heat_ksp_type bcgs on the command line
+    db["heat_pc_type"] = "ilu"
+    try:
+        solve(residual, zeros(n), kappa, source, sparsity=sparsity, stats=stats, prefix="heat_")
+        assert (stats["ksp_type"], stats["pc_type"]) == ("bcgs", "ilu")
+        # the options dict overrides the command line, and is gone after the solve
+        solve(residual, zeros(n), kappa, source, sparsity=sparsity, stats=stats, prefix="heat_",
+              options={"pc_type": "sor"})
+        assert (stats["ksp_type"], stats["pc_type"]) == ("bcgs", "sor")
+        assert db.getString("heat_pc_type") == "ilu"
+    finally:
+        db.delValue("heat_ksp_type")
+        db.delValue("heat_pc_type")
+    T = solve(residual, zeros(n), kappa, source, sparsity=sparsity, stats=stats)
+    assert (stats["ksp_type"], stats["pc_type"]) == ("gmres", "ilu")  # the defaults
+    initial = float(residual(zeros(n), kappa, source).norm())
+    assert float(residual(T, kappa, source).norm()) < 1e-10 * initial  # snes_rtol 1e-10
+
+
+def test_nonsymmetric_backward_with_pc_lacking_a_transpose():
+    # advection makes J nonsymmetric; PCMG with SOR smoothing has no transpose, so backward
+    # solves with the transposed matrix instead; the gradient must match the LU one
+    n = 34
+    kappa, source = random_problem(n)
+
+    def advection_diffusion(T, kappa, source):
+        padded = torch.nn.functional.pad(T, (1, 1, 0, 0))
+        return residual(T, kappa, source) + 0.02 * (padded[:, 2:] - padded[:, :-2])
+    grads = []
+    for options, symmetric in (({"ksp_type": "gmres", "pc_type": "mg"}, False), (LU, False)):
+        k = kappa.clone().requires_grad_()
+        T = solve(advection_diffusion, zeros(n), k, source, options=options,
+                  sparsity=stencil_sparsity((n - 2, n - 2)), symmetric=symmetric)
+        grads.append(torch.autograd.grad(T.sin().sum(), k)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-7, atol=1e-11)
+
+
+def test_divergence_names_the_reason_and_residual_norm():
+    def no_root(x):
+        return x ** 2 + 1
+    with pytest.raises(ForeignError, match=r"DIVERGED_\w+ after \d+ Newton iterations, "
+                                           r"residual norm \d\.\d+e[+-]\d+"):
+        solve(no_root, torch.ones(4, dtype=torch.float64))
+
+
+def test_bad_inputs_raise_clear_errors():
+    x0 = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="residual must be callable"):
+        solve("F", x0)
+    with pytest.raises(TypeError, match=r"dtype torch.float32.*tensor.to\(torch.float64\)"):
+        solve(lambda x: x, x0.float())
+    with pytest.raises(TypeError, match="x0 must be a torch.Tensor"):
+        solve(lambda x: x, [0.0] * 4)
+    with pytest.raises(ValueError, match=r"sparsity has shape \(3, 3\).*4 x 4"):
+        solve(lambda x: x, x0, sparsity=scipy.sparse.eye(3))
+    with pytest.raises(TypeError, match="sparsity must be"):
+        solve(lambda x: x, x0, sparsity=[[1]])
+    with pytest.raises(ValueError, match="jacobian='assembled' needs sparsity"):
+        solve(lambda x: x, x0, jacobian="assembled")
+    with pytest.raises(ValueError, match="unknown jacobian"):
+        solve(lambda x: x, x0, jacobian="dense")
+    with pytest.raises(TypeError, match="options must be a dict"):
+        solve(lambda x: x, x0, options=["ksp_type", "cg"])
+    with pytest.raises(ForeignError, match="one entry per unknown"):
+        solve(lambda x: x[:2], x0)
+    with pytest.raises(ForeignError, match="ZeroDivisionError"):
+        solve(lambda x: x / 0 if (1 / 0) else x, x0)
