@@ -39,3 +39,10 @@ def test_julia_backend_says_why_it_is_unavailable(capsys):
         fracture.main(["--backend", "julia", "--grid", "8", "--iterations", "1"])
     assert exc.value.code == 2
     assert "--backend julia is unavailable" in capsys.readouterr().err
+
+
+def test_lightning_variant_trains():
+    pytest.importorskip("lightning", reason="PyTorch Lightning (extra 'demo') is not installed")
+    result = fracture.train_lightning("torch", grid=16, iterations=30, samples=1, lr=0.05, seed=0)
+    assert result["W"].shape == (16, 16) and (result["W"] > 0).all()
+    assert result["mean_error"] < result["cubic_law_error"]  # held-out fracture, same data
