@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from bridges import as_numpy, as_tensor
+from bridges.demos._util import pyplot
 
 from ._timing import compare, fmt_time, markdown_table
 
@@ -53,11 +54,8 @@ def run(quick=False, plot_dir=None):
 
 
 def _plot(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for k, (direction, series) in enumerate(results.items()):

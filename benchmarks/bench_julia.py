@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from bridges.julia import JuliaUnavailableError, julia2pytorch
+from bridges.demos._util import pyplot
 
 from ._timing import compare, fmt_time, markdown_table
 
@@ -88,11 +89,8 @@ def run(quick=False, plot_dir=None):
 
 
 def _plot(ratios, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     n, vs_native, vs_juliacall = map(np.array, zip(*ratios))
     fig, ax = plt.subplots(figsize=(6, 3.6))

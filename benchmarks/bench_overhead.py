@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from bridges import as_numpy, foreign_function
+from bridges.demos._util import pyplot
 
 from ._timing import compare, fmt_time, markdown_table
 
@@ -92,11 +93,8 @@ def run(quick=False, plot_dir=None):
 
 
 def _plot(ratios, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     n, vs_bare, vs_modern, vs_native = map(np.array, zip(*ratios))
     fig, ax = plt.subplots(figsize=(6, 3.6))
