@@ -3,7 +3,8 @@
 A foreign forward computes outputs together with a pullback (a vector-Jacobian-product closure).
 `foreign_function` manufactures a Function subclass whose forward calls the foreign code and keeps
 the pullback for backward. The pullback lives in a closure over the generated class, because
-Functions are static-method classes that are never instantiated.
+Functions are static-method classes that are never instantiated. The factory hands back a
+`BridgedOp`: the callable users see, which also keeps torch.compile from tracing foreign code.
 """
 from __future__ import annotations
 
@@ -12,14 +13,22 @@ import threading
 
 import torch
 
-from ._errors import ForeignError
+from ._errors import ForeignError, MissingDerivativeError
 from ._transfer import as_tensor
 
 # forward -> setup_context hand-over. Under torch.func transforms setup_context runs once per
 # transform level after a single forward, so the record stays until the next forward or backward.
 _pending = threading.local()
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_transforms_active = torch._C._are_functorch_transforms_active
 _keep_graph = torch._C._autograd._get_current_graph_task_keep_graph  # retain_graph of a backward
+_forward_calls = [0]
+
+
+def bridged_calls() -> int:
+    """How many bridged-op forwards have run so far (a function that leaves this unchanged
+    called none)."""
+    return _forward_calls[0]
 
 
 def _in_functorch_transform() -> bool:
@@ -28,11 +37,20 @@ def _in_functorch_transform() -> bool:
             or torch._C._functorch.get_single_level_autograd_function_allowed())
 
 
+def eager_under_compile(what: str):
+    """Decorator: torch.compile runs the function eagerly, breaking the graph at its call and
+    only there (foreign code cannot be traced). With fullgraph=True compiling fails, naming
+    `what`."""
+    reason = (f"{what} runs foreign code, which torch.compile cannot trace: it runs eagerly, "
+              f"with a graph break at this call. Drop fullgraph=True to compile the rest")
+    return functools.partial(torch.compiler.disable, reason=reason)
+
+
 def _run_foreign(name, rule, fn, *args, **kwargs):
     """fn(*args, **kwargs); any failure is raised as a ForeignError naming the op and rule."""
     try:
         return fn(*args, **kwargs)
-    except ForeignError as exc:
+    except (ForeignError, MissingDerivativeError) as exc:
         exc.add_note(f"raised in the {rule} of '{name}'")
         raise
     except Exception as exc:
@@ -57,10 +75,12 @@ class _Call:
     """What one forward call's derivative rules need, kept on ctx (the pullback is kept apart,
     on ctx.pullback, so it can be freed after backward)."""
 
-    __slots__ = ("name", "pushforward", "input_specs", "output_specs", "single", "pass_mask")
+    __slots__ = ("name", "pushforward", "input_specs", "output_specs", "single", "pass_mask",
+                 "n_inputs")
 
     def __init__(self, name, pushforward, inputs, outputs, single, pass_mask, needs_grad):
         self.name, self.pushforward, self.single, self.pass_mask = name, pushforward, single, pass_mask
+        self.n_inputs = sum(isinstance(a, torch.Tensor) for a in inputs)
         self.input_specs = tuple(_spec(a) if isinstance(a, torch.Tensor) else None
                                  for a in inputs) if needs_grad else None
         self.output_specs = None if pushforward is None else tuple(
@@ -104,11 +124,16 @@ class _Call:
 
 
 def _reference(args):
-    """dtype and device outputs should take: those of the first floating-point tensor input."""
+    """dtype and device of the outputs: the promoted dtype of the floating-point (and complex)
+    tensor inputs, as torch.result_type would give, and the device of the first tensor."""
+    dtype = device = None
     for a in args:
-        if isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex()):
-            return a.dtype, a.device
-    return None, None
+        if isinstance(a, torch.Tensor):
+            if device is None:
+                device = a.device
+            if a.is_floating_point() or a.is_complex():
+                dtype = a.dtype if dtype is None else torch.promote_types(dtype, a.dtype)
+    return dtype, device
 
 
 def _to_output(array, ref_dtype, ref_device, name, k):
@@ -138,7 +163,7 @@ class _RuleCall(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *_):
-        raise RuntimeError(
+        raise MissingDerivativeError(
             f"double backward through '{ctx.op_name}' is not supported: its foreign derivative "
             f"rule has no derivative of its own. Differentiate only once (no create_graph=True, "
             f"no nested torch.func.grad/hessian through this op)")
@@ -158,8 +183,29 @@ def _select(args, in_dims, b):
     return [a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]
 
 
-def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False):
-    """Turn a foreign forward-with-pullback into a `torch.autograd.Function` subclass.
+class BridgedOp:
+    """A bridged op, as `foreign_function` returns it: call it like a function, ``op(*args)``
+    (or ``op.apply(*args)``). ``op.function`` is the generated torch.autograd.Function subclass.
+
+    Under torch.compile the op runs eagerly and the graph breaks at its call, and only there;
+    with ``fullgraph=True`` compiling fails with an error that names the op.
+    """
+
+    __slots__ = ("name", "function", "apply", "__weakref__")
+
+    def __init__(self, name, function, apply):
+        self.name, self.function, self.apply = name, function, apply
+
+    def __call__(self, *args):
+        return self.apply(*args)
+
+    def __repr__(self):
+        return f"<bridged op {self.name!r}>"
+
+
+def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
+                     protect_outputs: bool = True) -> BridgedOp:
+    """Turn a foreign forward-with-pullback into a differentiable torch op.
 
     Args:
         forward: ``forward(*args) -> (outputs, pullback)`` or ``(outputs, pullback, pushforward)``.
@@ -171,13 +217,20 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False)
             input tangents are None for arguments without one.
         name: names the generated class (its grad_fn shows as ``<name>Backward``) and every
             error message.
-        pass_needs_input_grad: call the pullback with the keyword ``needs_input_grad``, a tuple of
-            bools, one per argument, so it can skip gradients nobody needs.
+        pass_needs_input_grad: call forward and the pullback with the keyword
+            ``needs_input_grad``, a tuple of bools, one per argument, so they can skip work
+            nobody needs. When no entry is True, forward may return None as its pullback.
+        protect_outputs: save the outputs for torch's in-place check, as native ops that read
+            their result in backward do (tanh, exp): changing an output in place, then calling
+            backward, raises "modified by an inplace operation" instead of silently giving a
+            wrong gradient. Pass False only when the pullback never reads the output arrays
+            (e.g. forward returns fresh copies).
 
     Returns:
-        The Function subclass; call it with ``Op.apply(*args)``. Floating-point outputs come back
-        in the dtype, and all outputs on the device, of the first floating-point tensor input.
-        Under ``torch.func.vmap`` the op runs once per sample.
+        A `BridgedOp`, called as ``op(*args)`` or ``op.apply(*args)``. Floating-point outputs
+        come back in the promoted dtype of the floating-point tensor inputs
+        (`torch.result_type` semantics), and all outputs on the device of the first tensor
+        input. Under ``torch.func.vmap`` the op runs once per sample.
     """
     if not callable(forward):
         raise TypeError(f"foreign_function: forward must be callable, got "
@@ -186,9 +239,17 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False)
         raise TypeError(f"foreign_function: name must be a non-empty string, got {name!r}")
 
     def op_forward(*args):
+        _forward_calls[0] += 1
+        needs, _pending.needs = getattr(_pending, "needs", None), None
+        if needs is None:  # called past the entry point (e.g. vmap's per-sample rule)
+            needs = tuple(isinstance(a, torch.Tensor) for a in args)
         detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-        result = _run_foreign(name, "forward", forward, *detached)
-        if type(result) is not tuple or len(result) not in (2, 3) or not callable(result[1]):
+        if pass_needs_input_grad:
+            result = _run_foreign(name, "forward", forward, *detached, needs_input_grad=needs)
+        else:
+            result = _run_foreign(name, "forward", forward, *detached)
+        if type(result) is not tuple or len(result) not in (2, 3) or not (
+                callable(result[1]) or result[1] is None):
             raise TypeError(f"{name}: forward must return (outputs, pullback) or (outputs, "
                             f"pullback, pushforward) with a callable pullback, got "
                             f"{type(result).__name__}")
@@ -200,21 +261,31 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False)
         else:
             outs = tuple(_to_output(o, ref_dtype, ref_device, name, k)
                          for k, o in enumerate(outputs))
-        _pending.call = result, single
+        _pending.call = result, single, needs
         return outs
 
     def setup_context(ctx, inputs, output):
-        result, single = _pending.call
+        result, single, needs = _pending.call
         if not _in_functorch_transform():
             _pending.call = None  # plain autograd: this is the only setup_context
-        needs_grad = any(ctx.needs_input_grad)
+        # (under no_grad ctx.needs_input_grad still reflects requires_grad; `needs` does not)
+        needs_grad = any(ctx.needs_input_grad) and any(needs)
         ctx.call = _Call(name, result[2] if len(result) == 3 else None, inputs, output, single,
                          pass_needs_input_grad, needs_grad)
         if needs_grad:
+            if result[1] is None:
+                raise TypeError(f"{name}: forward returned no pullback, but inputs "
+                                f"{[i for i, n in enumerate(ctx.needs_input_grad) if n]} need "
+                                f"gradients; return None only when needs_input_grad is all "
+                                f"False")
             ctx.pullback = result[1]
-            # saved so that an in-place change of an input, which the foreign side may still
-            # view, is caught at backward, and so a second derivative can be refused by name
-            ctx.save_for_backward(*(a for a in inputs if isinstance(a, torch.Tensor)))
+            # inputs: an in-place change of one, which the foreign side may still view, is
+            # caught at backward, and they anchor second derivatives (refused by name);
+            # outputs: the pullback may read them (see protect_outputs)
+            saved = [a for a in inputs if isinstance(a, torch.Tensor)]
+            if protect_outputs:
+                saved += [output] if single else list(output)
+            ctx.save_for_backward(*saved)
 
     def backward(ctx, *grad_outputs):
         _pending.call = None
@@ -223,7 +294,7 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False)
             raise RuntimeError(f"{name}: backward was called a second time, but the pullback was "
                                f"released after the first; pass retain_graph=True to the first "
                                f"backward")
-        anchors = ctx.saved_tensors
+        anchors = ctx.saved_tensors[:ctx.call.n_inputs]  # unpacking runs the in-place check
         if not _keep_graph():
             ctx.pullback = None  # free foreign memory now, as autograd frees saved tensors
         if not torch.is_grad_enabled() and not _in_functorch_transform():
@@ -234,9 +305,9 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False)
     def jvp(ctx, *tangents):
         call = ctx.call
         if call.pushforward is None:
-            raise RuntimeError(f"{name} has no forward-mode (jvp) rule: its adapter gives only a "
-                               f"pullback. Use reverse mode instead (backward, torch.func.vjp, "
-                               f"torch.func.jacrev)")
+            raise MissingDerivativeError(
+                f"{name} has no forward-mode (jvp) rule: its adapter gives only a pullback. Use "
+                f"reverse mode instead (backward, torch.func.vjp, torch.func.jacrev)")
         if _in_functorch_transform():
             out = _RuleCall.apply(name, call.call_pushforward, len(tangents), *tangents)
         else:
@@ -244,25 +315,31 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False)
         return out[0] if call.single else out
 
     def vmap(info, in_dims, *args):
-        per_sample = [op.apply(*_select(args, in_dims, b)) for b in range(info.batch_size)]
+        per_sample = [function.apply(*_select(args, in_dims, b)) for b in range(info.batch_size)]
         if isinstance(per_sample[0], torch.Tensor):
             return torch.stack(per_sample), 0
         n = len(per_sample[0])
         return tuple(torch.stack([s[k] for s in per_sample]) for k in range(n)), (0,) * n
 
-    def apply(cls, *args, **kwargs):
-        # Function.apply binds default arguments with inspect.signature on every call, which
-        # doubles a small op's cost; forward takes *args with no defaults, so skip that outside
-        # torch.func transforms (the rest is what Function.apply does there).
-        if kwargs or torch._C._are_functorch_transforms_active():
-            return torch.autograd.Function.apply.__func__(cls, *args, **kwargs)
-        args = tuple(_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args)
-        return super(torch.autograd.Function, cls).apply(*args)
-
     namespace = {key: staticmethod(fn) for key, fn in [
         ("forward", op_forward), ("setup_context", setup_context), ("backward", backward),
         ("jvp", jvp), ("vmap", vmap)]}
-    namespace["apply"] = classmethod(apply)
     namespace["__doc__"] = f"Bridged op '{name}' (made by bridges.foreign_function)."
-    op = type(name, (torch.autograd.Function,), namespace)
-    return op
+    function = type(name, (torch.autograd.Function,), namespace)
+    # Function.apply binds default arguments with inspect.signature on every call, which doubles
+    # a small op's cost; forward takes *args with no defaults, so outside torch.func transforms
+    # call what Function.apply ends in directly
+    base_apply = super(torch.autograd.Function, function).apply
+
+    @eager_under_compile(f"bridged op '{name}'")
+    def apply(*args):
+        if _transforms_active():
+            _pending.needs = tuple(isinstance(a, torch.Tensor) for a in args)
+            return function.apply(*args)
+        args = tuple(_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args)
+        grad = torch.is_grad_enabled()
+        _pending.needs = tuple(grad and isinstance(a, torch.Tensor) and a.requires_grad
+                               for a in args)
+        return base_apply(*args)
+
+    return BridgedOp(name, function, apply)

@@ -1,4 +1,4 @@
-"""The one exception type for failures inside foreign code."""
+"""The exception types of the toolkit."""
 from __future__ import annotations
 
 import traceback
@@ -24,3 +24,9 @@ class ForeignError(RuntimeError):
     def wrap(cls, where: str, exc: BaseException) -> "ForeignError":
         """A ForeignError saying `where` failed, keeping `exc` and its traceback."""
         return cls(f"{where} raised {type(exc).__name__}: {exc}", original=exc)
+
+
+class MissingDerivativeError(RuntimeError):
+    """A bridged op was asked for a derivative its adapter does not provide: forward mode (no
+    pushforward) or a second derivative. Jacobian builders catch it to fall back to another
+    mode; elsewhere it reaches the user with the op's name."""

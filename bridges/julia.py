@@ -307,7 +307,7 @@ def _to_julia(name: str, i: int, arg):
 def _bridge(runtime, f, name: str):
     """The foreign_function op that runs `f` through BridgesJL.pullback."""
 
-    def forward(*args):
+    def forward(*args, needs_input_grad):
         julia_args = tuple(_to_julia(name, i, a) for i, a in enumerate(args))
 
         def run():

@@ -57,7 +57,8 @@ def test_gradcheck_forward_mode():
 def test_generated_class_is_named_and_outputs_are_tensors():
     a, b, c = _inputs()
     y1, y2 = NumpyOp.apply(a, b, 1.0, c)
-    assert NumpyOp.__name__ == "numpy_op" and issubclass(NumpyOp, torch.autograd.Function)
+    assert NumpyOp.name == "numpy_op" and issubclass(NumpyOp.function, torch.autograd.Function)
+    assert NumpyOp.function.__name__ == "numpy_op" and repr(NumpyOp) == "<bridged op 'numpy_op'>"
     assert type(y1.grad_fn).__name__ == "numpy_opBackward"
     assert y1.shape == (5,) and y2.shape == (5,)
 
@@ -87,17 +88,35 @@ def test_torch_func_grad_and_vjp():
 def test_pullback_learns_which_inputs_need_grad():
     seen = []
 
-    def forward(x, y):
+    def forward(x, y, needs_input_grad):
+        seen.append(("forward", needs_input_grad))
+        if not any(needs_input_grad):
+            return 2 * x + 3 * y, None  # nothing to differentiate: no pullback needed
+
         def pullback(g, needs_input_grad):
-            seen.append(needs_input_grad)
+            seen.append(("pullback", needs_input_grad))
             return (g * 2 if needs_input_grad[0] else None, g * 3 if needs_input_grad[1] else None)
         return 2 * x + 3 * y, pullback
     op = foreign_function(forward, name="masked", pass_needs_input_grad=True)
     x = torch.ones(3, requires_grad=True)
     y = torch.ones(3)
-    op.apply(x, y).sum().backward()
-    assert seen == [(True, False)]
+    op(x, y).sum().backward()
+    assert seen == [("forward", (True, False)), ("pullback", (True, False))]
     torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
+    seen.clear()
+    with torch.no_grad():
+        op(x, y)
+    op(x.detach(), y)
+    assert seen == [("forward", (False, False))] * 2
+
+
+def test_missing_pullback_when_gradients_are_needed_is_an_error():
+    op = foreign_function(lambda x, needs_input_grad: (x * 2, None), name="lazy",
+                          pass_needs_input_grad=True)
+    assert op(torch.ones(2)).shape == (2,)
+    # the op's own forward was told a gradient is needed, so None is a bug in it
+    with pytest.raises(TypeError, match="lazy: forward returned no pullback, but inputs \\[0\\]"):
+        op.function.apply(torch.ones(2, requires_grad=True))
 
 
 def test_outputs_and_grads_come_back_in_input_dtype():

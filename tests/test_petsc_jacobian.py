@@ -5,7 +5,7 @@ import scipy.sparse
 import torch
 
 from bridges.petsc import PETSc, as_vec, vec_as_tensor
-from bridges.petsc._jacobian import BlockJacobian, ColouredJacobian, TorchJacobian
+from bridges.petsc._jacobian import ColouredJacobian, TorchJacobian, block_jacobian
 
 A = torch.tensor([[4.0, 1.0, 0.5], [0.2, 3.0, -1.0], [0.0, 0.7, 5.0]], dtype=torch.float64)
 
@@ -135,7 +135,7 @@ def test_block_jacobian_of_a_batch():
     def batched(y):  # each row of y is one independent sample
         return torch.stack([y[:, 0] * y[:, 1], torch.sin(y[:, 0]) + y[:, 1] ** 2], dim=1)
     y = torch.tensor([[0.5, 2.0], [-1.0, 0.3], [2.0, -0.7]], dtype=torch.float64)
-    blocks = BlockJacobian(y.shape)
+    blocks = block_jacobian(y.shape)
     mat = blocks.assemble(batched, y, diag_shift=1.0, factor=-1.0)
     dense = torch.from_numpy(mat.convert("dense").getDenseArray().copy())
     expected = torch.block_diag(*[torch.eye(2, dtype=torch.float64) - torch.tensor(

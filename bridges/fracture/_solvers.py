@@ -6,16 +6,17 @@ autograd of the residual (exact, cheap: no solve). PETSc is imported only when u
 from __future__ import annotations
 
 import functools
+import weakref
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import splu
 
 from .._core import foreign_function
-from .._errors import ForeignError
 from ._grid import assemble, check_permeability, grad_k
 
 BACKENDS = ("torch", "petsc", "julia")
+WHO = "pressure_petsc"
 PETSC_DEFAULTS = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12, "ksp_atol": 1e-50,
                   "ksp_max_it": 10_000}
 
@@ -48,66 +49,99 @@ def pressure_torch(k, p_left=2.0, p_right=1.0):
     its gradient reuses the factorisation for one transposed solve."""
     check_permeability(k, "pressure_torch")
     _check_values(p_left, p_right, "pressure_torch")
-    return _TorchOp.apply(k, float(p_left), float(p_right))
+    return _TorchOp(k, float(p_left), float(p_right))
 
 
 # -- PETSc ----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _petsc():
-    from ..petsc import PETSc, as_vec, scalar_dtype, vec_as_tensor
-    from ..petsc._options import scoped_options
-    from ..petsc._runtime import reason_name
-    return PETSc, as_vec, vec_as_tensor, scalar_dtype, scoped_options, reason_name
+    """The PETSc adapter's pieces, imported on first use."""
+    import types
+    from ..petsc import _options, _runtime, _vec
+    return types.SimpleNamespace(PETSc=_runtime.PETSc, scalar_dtype=_runtime.scalar_dtype,
+                                 petsc_errors=_runtime.petsc_errors, diverged=_runtime.diverged,
+                                 destroy=_runtime.destroy, as_vec=_vec.as_vec,
+                                 SolverOptions=_options.SolverOptions,
+                                 check_prefix=_options.check_prefix,
+                                 check_options=_options.check_options)
 
 
-def _ksp_solve(ksp, b, x, transpose, stats):
-    PETSc, *_, reason_name = _petsc()
-    (ksp.solveTranspose if transpose else ksp.solve)(b, x)
-    reason = ksp.getConvergedReason()
-    what = "transposed (adjoint)" if transpose else "forward"
-    if reason < 0:
-        raise ForeignError(f"pressure_petsc: the {what} KSP solve did not converge "
-                           f"({reason_name(PETSc.KSP.ConvergedReason, reason)} after "
-                           f"{ksp.getIterationNumber()} iterations, residual norm "
-                           f"{ksp.getResidualNorm():.3g}); try options={{'pc_type': 'lu'}} or "
-                           f"check that k is well scaled")
-    stats.append(ksp.getIterationNumber())
+class _PetscSolve:
+    """One assembled system, its KSP (set-up reused by the adjoint) and options; destroyed when
+    the pullback is released."""
+
+    def __init__(self, k, p_left, p_right, options, prefix, stats):
+        petsc = _petsc()
+        PETSc, self.stats = petsc.PETSc, stats
+        self.dtype = petsc.scalar_dtype()
+        self.k, self.p_left, self.p_right = k.detach().to(self.dtype), p_left, p_right
+        A, self.b = assemble(self.k.numpy(), p_left, p_right)
+        self.options = petsc.SolverOptions(WHO, prefix, options, PETSC_DEFAULTS)
+        n = A.shape[0]
+        self.mat = PETSc.Mat().createAIJ([n, n], csr=(A.indptr.astype(PETSc.IntType),
+                                                      A.indices.astype(PETSc.IntType), A.data),
+                                         comm=PETSc.COMM_SELF)
+        self.mat.setOption(PETSc.Mat.Option.SYMMETRIC, True)
+        self.mat.assemble()
+        self.ksp = PETSc.KSP().create(comm=PETSc.COMM_SELF)
+        self.ksp.setOptionsPrefix(self.options.prefix)
+        self.ksp.setOperators(self.mat)
+        with petsc.petsc_errors(WHO, "setting up PETSc KSP from the options"):
+            self.ksp.setFromOptions()
+
+    def solve(self, rhs, transpose):
+        """A^-1 rhs (A^-T rhs for the adjoint, same KSP and preconditioner)."""
+        petsc = _petsc()
+        x = torch.zeros(rhs.numel(), dtype=self.dtype)
+        b_vec, x_vec = petsc.as_vec(rhs.reshape(-1).clone(), who=WHO), petsc.as_vec(x, who=WHO)
+        what = "transposed (adjoint)" if transpose else "forward"
+        try:
+            with petsc.petsc_errors(WHO, f"the {what} KSP solve"):
+                (self.ksp.solveTranspose if transpose else self.ksp.solve)(b_vec, x_vec)
+        finally:
+            petsc.destroy(b_vec, x_vec)
+        reason = self.ksp.getConvergedReason()
+        if reason < 0:
+            raise petsc.diverged(WHO, f"the {what} KSP solve", petsc.PETSc.KSP.ConvergedReason,
+                                 reason, f"after {self.ksp.getIterationNumber()} iterations, "
+                                 f"residual norm {self.ksp.getResidualNorm():.3g}",
+                                 "options={'pc_type': 'lu'}, or check that k is well scaled")
+        self.stats.append(self.ksp.getIterationNumber())
+        return x.view(self.k.shape)
+
+    def release(self):
+        _petsc().destroy(self.ksp, self.mat)
+        self.ksp = self.mat = None
+        self.options.close()
 
 
-def _petsc_forward(k, p_left, p_right, options, prefix, stats):
-    PETSc, as_vec, vec_as_tensor, scalar_dtype, scoped_options, _ = _petsc()
-    dtype = scalar_dtype()
-    kn = k.detach().to(dtype).numpy()
-    A, b = assemble(kn, p_left, p_right)
-    n = A.shape[0]
-    mat = PETSc.Mat().createAIJ([n, n], csr=(A.indptr.astype(PETSc.IntType),
-                                             A.indices.astype(PETSc.IntType), A.data),
-                                comm=PETSc.COMM_SELF)
-    mat.setOption(PETSc.Mat.Option.SYMMETRIC, True)
-    mat.assemble()
-    ksp = PETSc.KSP().create(comm=PETSc.COMM_SELF)
-    if prefix:
-        ksp.setOptionsPrefix(prefix)
-    ksp.setOperators(mat)
-    with scoped_options(prefix, options, PETSC_DEFAULTS, who="pressure_petsc"):
-        ksp.setFromOptions()
-    p = torch.zeros(n, dtype=dtype)
-    x = as_vec(p, who="pressure_petsc")
-    rhs = as_vec(torch.from_numpy(b), who="pressure_petsc")
-    _ksp_solve(ksp, rhs, x, False, stats)
-    p = vec_as_tensor(x).view(k.shape).clone()
+class _PetscPullback:
+    def __init__(self, run, p):
+        self.run, self.p = run, p
+        weakref.finalize(self, run.release)
 
-    def pullback(grad_p):
-        lam = torch.zeros(n, dtype=dtype)
-        g = as_vec(grad_p.detach().to(dtype).reshape(-1).clone(), who="pressure_petsc")
-        y = as_vec(lam, who="pressure_petsc")
-        _ksp_solve(ksp, g, y, True, stats)  # preconditioner set-up reused from the forward
-        lam = vec_as_tensor(y).view(k.shape).clone()
-        return grad_k(p, lam, k.to(dtype), p_left, p_right), None, None, None, None, None
-    return p, pullback
+    def __call__(self, grad_p, *, needs_input_grad):
+        run = self.run
+        lam = run.solve(grad_p.detach().to(run.dtype), transpose=True)
+        return grad_k(self.p, lam, run.k, run.p_left, run.p_right), None, None, None, None, None
 
 
-_PetscOp = foreign_function(_petsc_forward, name="fracture_pressure_petsc")
+def _petsc_forward(k, p_left, p_right, options, prefix, stats, needs_input_grad):
+    run = _PetscSolve(k, p_left, p_right, options, prefix, stats)
+    try:
+        p = run.solve(torch.from_numpy(run.b), transpose=False)
+        run.options.report_unused()
+    except BaseException:
+        run.release()
+        raise
+    if not needs_input_grad[0]:
+        run.release()
+        return p, None
+    return p, _PetscPullback(run, p)
+
+
+_PetscOp = foreign_function(_petsc_forward, name="fracture_pressure_petsc",
+                            pass_needs_input_grad=True)
 
 
 def pressure_petsc(k, p_left=2.0, p_right=1.0, *, options=None, prefix=None, stats=None):
@@ -118,17 +152,15 @@ def pressure_petsc(k, p_left=2.0, p_right=1.0, *, options=None, prefix=None, sta
     under `prefix` if given; precedence options > command line > defaults (PETSC_DEFAULTS).
     stats: a list that receives the iteration count of every solve (forward and adjoint).
     """
-    check_permeability(k, "pressure_petsc")
-    _check_values(p_left, p_right, "pressure_petsc")
-    if prefix is not None and not isinstance(prefix, str):
-        raise TypeError(f"pressure_petsc: prefix must be a string such as 'frac_', got {prefix!r}")
+    check_permeability(k, WHO)
+    _check_values(p_left, p_right, WHO)
     if stats is not None and not isinstance(stats, list):
-        raise TypeError(f"pressure_petsc: stats must be a list (it receives iteration counts)")
-    if options is not None and not isinstance(options, dict):
-        raise TypeError(f"pressure_petsc: options must be a dict such as {{'pc_type': 'ilu'}}, "
-                        f"got {type(options).__name__}")
-    return _PetscOp.apply(k, float(p_left), float(p_right), options, prefix,
-                          [] if stats is None else stats)
+        raise TypeError(f"{WHO}: stats must be a list (it receives iteration counts)")
+    petsc = _petsc()
+    petsc.check_prefix(WHO, prefix)
+    petsc.check_options(WHO, options)
+    return _PetscOp(k, float(p_left), float(p_right), options, prefix,
+                    [] if stats is None else stats)
 
 
 def pressure(k, backend="petsc", p_left=2.0, p_right=1.0, **kwargs):

@@ -1,12 +1,12 @@
-"""Jacobians of torch functions as PETSc matrices.
+"""Jacobians of torch functions as PETSc matrices, from forward- or reverse-mode products
+(bridges._linearise), never from double backward, so bridged ops may sit inside the function.
 
 - `TorchJacobian`: a matrix-free PETSc Mat (type python) for A = diag_shift*I + factor*dF/du at a
-  point:
-  `mult` is a Jacobian-vector product and `multTranspose` a vector-Jacobian product, both from
-  torch autograd on zero-copy views of PETSc's vectors. SNES, KSP and TS can all use it.
-- `ColouredJacobian`: the exact sparse Jacobian assembled as a PETSc AIJ matrix from one JVP per
-  colour of a known sparsity pattern, so that real preconditioners (ILU, GAMG, LU) apply.
-- `BlockJacobian`: the block-diagonal Jacobian of a function acting on independent samples.
+  point: `mult` is a forward-mode product, `multTranspose` a reverse-mode one. Where some op has
+  no forward mode, the solvers use PETSc's own finite-difference action (MFFD) for `mult`.
+- `ColouredJacobian`: the exact sparse Jacobian as a PETSc AIJ matrix, from one product per
+  colour of a known sparsity pattern (columns coloured for forward mode, rows for reverse mode),
+  so that real preconditioners (ILU, GAMG, LU) apply.
 """
 from __future__ import annotations
 
@@ -15,41 +15,9 @@ import scipy.sparse
 import torch
 
 from .._fd import color_columns
+from .._linearise import Linearisation, choose, probe
 from ._runtime import PETSc
 from ._vec import vec_as_tensor
-
-
-class _Linearisation:
-    """fn at one point u with its autograd graph kept, for many Jacobian products there.
-
-    Reverse mode gives vjp(x) directly; jvp(v) is the derivative of the vjp with respect to its
-    cotangent (double backward), which on the CPU costs far less than torch's forward mode."""
-
-    def __init__(self, fn, u):
-        with torch.enable_grad():
-            self.u = u.detach().requires_grad_()
-            self.value = fn(self.u)
-        self._cotangent = self._vjp_graph = None
-
-    def vjp(self, x, batched=False):
-        (g,) = torch.autograd.grad(self.value, self.u, x, retain_graph=True,
-                                   is_grads_batched=batched)
-        return g
-
-    def jvp(self, v, batched=False):
-        if self._vjp_graph is None:
-            with torch.enable_grad():
-                self._cotangent = torch.zeros_like(self.value, requires_grad=True)
-                (self._vjp_graph,) = torch.autograd.grad(self.value, self.u, self._cotangent,
-                                                         create_graph=True)
-        (g,) = torch.autograd.grad(self._vjp_graph, self._cotangent, v, retain_graph=True,
-                                   is_grads_batched=batched)
-        return g
-
-
-def _jvp(fn, u, v):
-    """dfn/du(u) v."""
-    return _Linearisation(fn, u).jvp(v)
 
 
 class TorchJacobian:
@@ -75,8 +43,8 @@ class TorchJacobian:
         return mat
 
     def _product(self, x, y, transpose):
-        if self._lin is None:  # one graph serves every product at this point
-            self._lin = _Linearisation(self.fn, self.u)
+        if self._lin is None:  # one linearisation serves every product at this point
+            self._lin = Linearisation(self.fn, self.u)
         xt = vec_as_tensor(x, "r").view(self.shape)
         product = self._lin.vjp(xt) if transpose else self._lin.jvp(xt)
         out = vec_as_tensor(y, "w").view(self.shape)
@@ -98,17 +66,30 @@ class TorchJacobian:
         self.diag_shift += a
 
 
+def _groups_to_colours(groups, n):
+    colour = np.full(n, -1, dtype=np.int64)
+    for c, cols in enumerate(groups):
+        colour[np.asarray(cols, dtype=np.int64)] = c
+    if (colour < 0).any():
+        raise ValueError(f"ColouredJacobian: the groups leave column(s) "
+                         f"{np.flatnonzero(colour < 0)[:10].tolist()} without a colour")
+    return colour
+
+
 class ColouredJacobian:
-    """Assembles A = diag_shift*I + factor*dfn/du into a PETSc AIJ matrix from coloured JVPs.
+    """Assembles A = diag_shift*I + factor*dfn/du into a PETSc AIJ matrix from coloured products.
 
     Args:
         pattern: N x N sparsity pattern (scipy sparse or boolean array) of dfn/du, N = u.numel().
-        groups: column groups that share no row (default: greedy colouring of the pattern; a
-            stencil's closed-form colouring is much faster to get on large grids).
+        groups: column groups that share no row (default: greedy colouring of the pattern).
         block_size: set on the matrix, e.g. for point-block Jacobi.
+        mode: ``"forward"`` (one forward-mode product per column colour), ``"reverse"`` (one
+            reverse-mode product per row colour: works when some op in the function has only a
+            pullback) or ``"auto"``: forward where every op has a forward mode and it measured
+            faster (see bridges._linearise), reverse otherwise. Decided at the first assembly.
     """
 
-    def __init__(self, pattern, *, groups=None, block_size=1, comm=None):
+    def __init__(self, pattern, *, groups=None, block_size=1, comm=None, mode="auto"):
         pattern = scipy.sparse.csr_matrix(pattern, dtype=bool)
         if pattern.shape[0] != pattern.shape[1]:
             raise ValueError(f"ColouredJacobian: the sparsity pattern must be square, got shape "
@@ -116,36 +97,75 @@ class ColouredJacobian:
         n = pattern.shape[0]
         self.pattern = (pattern + scipy.sparse.identity(n, dtype=bool, format="csr")).tocsr()
         self.pattern.sort_indices()
+        if mode not in ("auto", "forward", "reverse"):
+            raise ValueError(f"ColouredJacobian: unknown mode {mode!r}; valid: auto, forward, "
+                             f"reverse")
+        self.n, self.requested_mode, self.mode = n, mode, None
         self.groups = color_columns(self.pattern) if groups is None else list(groups)
-        colour = np.empty(n, dtype=np.int64)
-        for c, cols in enumerate(self.groups):
-            colour[cols] = c
-        self._seeds = np.zeros((len(self.groups), n))
-        self._seeds[colour, np.arange(n)] = 1.0
-        # entry (i, j) of the Jacobian is entry i of the product for column j's colour
-        rows = np.repeat(np.arange(n), np.diff(self.pattern.indptr))
-        self._take = (torch.from_numpy(colour[self.pattern.indices]), torch.from_numpy(rows))
-        self._diagonal = np.flatnonzero(rows == self.pattern.indices)
-        self._indptr = self.pattern.indptr.astype(PETSc.IntType)
-        self._indices = self.pattern.indices.astype(PETSc.IntType)
-        self.mat = PETSc.Mat().createAIJ([n, n], nnz=np.diff(self._indptr),
-                                         comm=comm or PETSc.COMM_SELF)
+        self.col_colour = _groups_to_colours(self.groups, n)
+        self._row_colour = None
+        self.rows = np.repeat(np.arange(n), np.diff(self.pattern.indptr))
+        self.cols = self.pattern.indices.astype(np.int64)
+        self._diagonal = np.flatnonzero(self.rows == self.cols)
+        self.mat = PETSc.Mat().create(comm=comm or PETSc.COMM_SELF)
+        self.mat.setSizes([n, n])
+        self.mat.setType(PETSc.Mat.Type.AIJ)
         if block_size > 1:
             self.mat.setBlockSize(block_size)
-        self.mat.setOption(PETSc.Mat.Option.NEW_NONZERO_ALLOCATION_ERR, True)
+        self.mat.setPreallocationCOO(self.rows.astype(PETSc.IntType),
+                                     self.cols.astype(PETSc.IntType))
         self.evaluations = 0
 
-    def assemble(self, fn, u, diag_shift=0.0, factor=1.0):
+    @property
+    def row_colour(self):
+        """Row colours for reverse mode: rows of one colour share no column. A structurally
+        symmetric pattern reuses the column colouring."""
+        if self._row_colour is None:
+            if (self.pattern != self.pattern.T).nnz == 0:
+                self._row_colour = self.col_colour
+            else:
+                self._row_colour = _groups_to_colours(color_columns(self.pattern.T.tocsr()),
+                                                      self.n)
+        return self._row_colour
+
+    def _seeds(self, colour, dtype, shape):
+        k = int(colour.max()) + 1
+        seeds = torch.zeros(k, self.n, dtype=dtype)
+        seeds[torch.from_numpy(colour), torch.arange(self.n)] = 1.0
+        return seeds.view(k, *shape)
+
+    def values(self, fn, u, mode=None):
+        """The pattern's entries of dfn/du at u (in COO order), by coloured products; `mode`
+        overrides the one given at construction."""
+        mode = mode or self.requested_mode
+        if mode == "auto":
+            if self.mode is None:  # decided once, at the first assembly
+                self.mode = choose("auto", probe(fn, u, "ColouredJacobian"), self.n,
+                                   "ColouredJacobian")
+            mode = self.mode
+        elif mode not in ("forward", "reverse"):
+            raise ValueError(f"ColouredJacobian: unknown mode {mode!r}; valid: auto, forward, "
+                             f"reverse")
+        lin = Linearisation(fn, u)
+        if mode == "forward":
+            products = lin.jvps(self._seeds(self.col_colour, u.dtype, u.shape)).reshape(-1, self.n)
+            take = (torch.from_numpy(self.col_colour[self.cols]), torch.from_numpy(self.rows))
+        else:
+            products = lin.vjps(self._seeds(self.row_colour, u.dtype, u.shape)).reshape(-1, self.n)
+            take = (torch.from_numpy(self.row_colour[self.rows]), torch.from_numpy(self.cols))
+        self.evaluations += products.shape[0]
+        return products[take]
+
+    def assemble(self, fn, u, diag_shift=0.0, factor=1.0, mode=None):
         """Fill the matrix with diag_shift*I + factor*dfn/du at u; returns the PETSc Mat."""
-        seeds = torch.from_numpy(self._seeds).to(u.dtype).view(len(self.groups), *u.shape)
-        products = _Linearisation(fn, u).jvp(seeds, batched=True).reshape(len(self.groups), -1)
-        self.evaluations += len(self.groups)
-        values = products[self._take].numpy() * factor
+        values = (self.values(fn, u, mode) * factor).numpy()
         values[self._diagonal] += diag_shift
-        self.mat.zeroEntries()
-        self.mat.setValuesCSR(self._indptr, self._indices, values)
+        self.mat.setValuesCOO(values.astype(PETSc.ScalarType, copy=False))
         self.mat.assemble()
         return self.mat
+
+    def destroy(self):
+        self.mat.destroy()
 
 
 def block_diagonal_pattern(n_blocks: int, block: int):
@@ -154,35 +174,13 @@ def block_diagonal_pattern(n_blocks: int, block: int):
                              np.ones((block, block), dtype=bool), format="csc")
 
 
-class BlockJacobian:
-    """A = diag_shift*I + factor*dfn/du for fn acting on independent samples: u has shape
-    (..., n) and each length-n row only affects its own output row. The n x n blocks come from n
-    reverse-mode products with one forward pass, into a block-diagonal PETSc AIJ matrix."""
+def block_jacobian(shape, *, mode="auto", comm=None) -> ColouredJacobian:
+    """The exact block-diagonal Jacobian of a function acting on independent samples: u has shape
+    (..., n) and each length-n row only affects its own output row; n products in all."""
+    shape = tuple(shape)
+    block = shape[-1] if shape else 1
+    count = int(np.prod(shape)) // block
+    groups = [np.arange(c, count * block, block) for c in range(block)]
+    return ColouredJacobian(block_diagonal_pattern(count, block), groups=groups,
+                            block_size=block, comm=comm, mode=mode)
 
-    def __init__(self, shape, *, comm=None):
-        self.shape = tuple(shape)
-        self.block = self.shape[-1] if self.shape else 1
-        n = int(np.prod(self.shape))
-        self.count = n // self.block
-        pattern = block_diagonal_pattern(self.count, self.block).tocsr()
-        pattern.sort_indices()
-        self.mat = PETSc.Mat().createAIJ([n, n], nnz=np.full(n, self.block, dtype=PETSc.IntType),
-                                         comm=comm or PETSc.COMM_SELF)
-        self.mat.setBlockSize(self.block)
-        self._indptr = pattern.indptr.astype(PETSc.IntType)
-        self._indices = pattern.indices.astype(PETSc.IntType)
-        self._eye = torch.eye(self.block, dtype=torch.float64)
-
-    def blocks(self, fn, u):
-        """The (count, n, n) Jacobian blocks of fn at u."""
-        seeds = self._eye[:, None, :].expand(self.block, self.count, self.block).to(u.dtype)
-        rows = _Linearisation(fn, u.reshape(self.count, self.block)).vjp(seeds, batched=True)
-        return rows.transpose(0, 1)  # rows[j, b] is row j of block b
-
-    def assemble(self, fn, u, diag_shift=0.0, factor=1.0):
-        """Fill the matrix with diag_shift*I + factor*dfn/du at u; returns the PETSc Mat."""
-        values = self.blocks(lambda v: fn(v.reshape(self.shape)).reshape(self.count, self.block),
-                             u) * factor + diag_shift * self._eye
-        self.mat.setValuesCSR(self._indptr, self._indices, values.reshape(-1).numpy())
-        self.mat.assemble()
-        return self.mat

@@ -1,10 +1,13 @@
-"""petsc4py, initialised once with the command line so PETSc options work as usual."""
+"""petsc4py, initialised once with the command line, and the one translator of PETSc failures."""
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import numpy as np
 import torch
+
+from .._errors import ForeignError
 
 try:
     import petsc4py
@@ -34,3 +37,75 @@ def reason_name(reasons, value: int) -> str:
                 return name
     extra = {-3: "DIVERGED_LINEAR_SOLVE (forward sensitivity)", -4: "DIVERGED_LINEAR_SOLVE (adjoint)"}
     return extra.get(value, f"reason code {value}")
+
+
+# PETSc error codes (petscsystypes.h) with what usually causes them and what to try
+_ERRORS = {
+    55: ("out of memory", "use a smaller problem, or a method that keeps less (e.g. options "
+                          "{'ts_trajectory_solution_only': True})"),
+    56: ("operation not supported", "the chosen KSP/PC/matrix cannot do this, e.g. apply its "
+                                    "transpose; choose another type through options"),
+    58: ("operation done in the wrong order", None),
+    60: ("nonconforming object sizes", None),
+    62: ("wrong argument", "check the option values"),
+    63: ("argument out of range", "check the option values"),
+    71: ("zero pivot in LU factorisation", "the Jacobian is singular: check the function, or use "
+                                           "options {'pc_factor_shift_type': 'nonzero'}"),
+    72: ("floating-point exception", "the function produced inf/nan"),
+    73: ("object in the wrong state", None),
+    75: ("incompatible arguments", None),
+    76: ("error in a library PETSc called", None),
+    82: ("an iterative method failed", "loosen tolerances or choose another method"),
+    83: ("a function PETSc needs was not provided", "the chosen solver needs a callback this "
+                                                     "problem does not define (read PETSc's "
+                                                     "message above); choose another method or "
+                                                     "jacobian mode"),
+    86: ("unknown type name", "check the spelling of the type in the options (e.g. ksp_type)"),
+    91: ("solver did not converge", "loosen tolerances or choose another method"),
+    92: ("no factorisation package for this matrix", "choose another pc_factor_mat_solver_type "
+                                                     "or pc_type"),
+}
+
+
+def translate(exc: PETSc.Error, who: str, what: str, hint: str = "") -> ForeignError:
+    """A PETSc error as a ForeignError: who failed doing what, PETSc's code and message, and
+    what to try. A Python exception raised inside a callback PETSc made is reported as such."""
+    cause = exc.__cause__
+    if cause is not None and not isinstance(cause, PETSc.Error):
+        error = ForeignError.wrap(f"{who}: a function called by PETSc during {what}", cause)
+        error.__cause__ = cause
+        return error
+    name, advice = _ERRORS.get(exc.ierr, (None, None))
+    lines = [line.split("] ", 1)[-1] for line in str(exc).splitlines()[1:]]
+    messages = [line for line in lines if "() at " not in line]  # PETSc's own words
+    code = f"PETSc error {exc.ierr}" + (f" ({name})" if name else "")
+    text = f"{who}: {code} during {what}"
+    if messages:
+        text += ": " + "; ".join(messages)
+    advice = hint or advice
+    if advice:
+        text += f". What to try: {advice}"
+    return ForeignError(text, original=exc, foreign_traceback=str(exc))
+
+
+@contextlib.contextmanager
+def petsc_errors(who: str, what: str, hint: str = ""):
+    """Translate PETSc errors raised in the block (see `translate`)."""
+    try:
+        yield
+    except PETSc.Error as exc:
+        raise translate(exc, who, what, hint) from exc
+
+
+def diverged(who: str, what: str, reasons, reason: int, details: str, advice: str) -> ForeignError:
+    """A solver's negative converged reason as a ForeignError, with details and advice."""
+    return ForeignError(f"{who}: {what} failed: {reason_name(reasons, reason)} {details}. "
+                        f"What to try: {advice}")
+
+
+def destroy(*objects) -> None:
+    """Destroy PETSc objects now (None entries are skipped), rather than whenever Python's
+    garbage collector gets to them; breaks the cycles their callbacks form."""
+    for obj in objects:
+        if obj is not None:
+            obj.destroy()

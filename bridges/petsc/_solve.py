@@ -16,14 +16,17 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from .._core import foreign_function
+from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError
+from .._linearise import probe
 from ._jacobian import ColouredJacobian, TorchJacobian
-from ._options import scoped_options
-from ._runtime import PETSc, reason_name
+from ._options import SolverOptions, check_options
+from ._runtime import PETSc, destroy, diverged, petsc_errors, reason_name
 from ._vec import as_vec, check_tensor, vec_as_tensor
 
 JACOBIANS = ("auto", "assembled", "matrix-free")
+PRODUCTS = ("auto", "forward", "reverse", "mffd")
+WHO = "solve"
 # PETSc defaults of each solve; options and the command line override them
 DEFAULTS = {"snes_rtol": 1e-10, "snes_atol": 1e-12, "snes_stol": 0.0, "snes_max_it": 50,
             "ksp_rtol": 1e-10, "ksp_atol": 1e-50, "ksp_max_it": 10_000}
@@ -131,56 +134,76 @@ def _auto_levels(shape):
 
 # -- one solve and its pullback --------------------------------------------------------------------
 class _Problem:
-    def __init__(self, residual, options, prefix, jacobian, assembler, linear, symmetric,
-                 n_params):
+    def __init__(self, residual, options, prefix, jacobian, products, assembler, linear,
+                 symmetric, n_params):
         self.residual, self.options, self.prefix = residual, options, prefix
-        self.jacobian, self.assembler, self.linear = jacobian, assembler, linear
-        self.symmetric = symmetric
+        self.jacobian, self.products, self.assembler = jacobian, products, assembler
+        self.linear, self.symmetric = linear, symmetric
         self.n_params = n_params
         self.stats = {}
 
 
 class _Solve:
-    """SNES, KSP and Jacobian of one forward solve; they live as long as the pullback."""
+    """SNES, KSP, matrices and options of one forward solve; they live as long as the pullback
+    (PETSc holds this object's bound methods: `release` breaks that cycle)."""
 
     def __init__(self, problem, x0, params):
         self.p, self.params, self.shape = problem, params, x0.shape
         self.x = x0.detach().clone(memory_format=torch.contiguous_format)
+        self.snes = self.x_vec = self.F = self.shell_mat = self.adjoint_ksp = None
+        self.transposed = None
+        grid = getattr(problem.assembler, "grid_shape", None) \
+            if problem.jacobian == "assembled" else None
+        defaults = {**DEFAULTS, "ksp_type": "gmres",
+                    "pc_type": "ilu" if problem.jacobian == "assembled" else "none"}
+        if grid:
+            defaults["pc_mg_galerkin"] = "both"
+        self.options = SolverOptions(WHO, problem.prefix, problem.options, defaults)
+        try:
+            self._set_up()
+        except BaseException:
+            self.release()
+            raise
+
+    def _set_up(self):
+        p = self.p
         self.x_vec = as_vec(self.x)
         self.F = PETSc.Vec().createSeq(self.x.numel(), comm=PETSc.COMM_SELF)
         self.fn = lambda x: self._residual(x)
-        if problem.jacobian == "assembled":
-            self.A = self.P = problem.assembler.mat
-            if problem.symmetric:  # lets PCs such as SOR, ICC, Cholesky use the symmetry
+        self.mffd = False
+        if p.jacobian == "assembled":
+            self.A = self.P = p.assembler.mat
+            if p.symmetric:  # lets PCs such as SOR, ICC, Cholesky use the symmetry
                 self.A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
                 self.A.setOption(PETSc.Mat.Option.SYMMETRY_ETERNAL, True)
         else:
             self.shell = TorchJacobian(self.shape)
-            self.A = self.P = self.shell.mat()
+            self.A = self.P = self.shell_mat = self.shell.mat()
+            if p.products in ("auto", "forward", "mffd"):
+                caps = probe(self.fn, self.x, WHO)
+                if p.products == "forward" and not caps.forward:
+                    raise ValueError(f"{WHO}: products='forward' needs a forward-mode rule for "
+                                     f"every op in the residual; one has none. Use 'mffd' or "
+                                     f"'auto'")
+                self.mffd = p.products == "mffd" or not caps.forward
+            else:
+                raise ValueError(f"{WHO}: a matrix-free Jacobian needs J v, which reverse mode "
+                                 f"cannot give; use products 'forward', 'mffd' or 'auto', or "
+                                 f"give sparsity= for an assembled Jacobian")
         snes = self.snes = PETSc.SNES().create(comm=PETSc.COMM_SELF)
-        if problem.prefix:
-            snes.setOptionsPrefix(problem.prefix)
+        snes.setOptionsPrefix(self.options.prefix)
         snes.setType("newtonls")
         snes.setFunction(self._function, self.F)
         snes.setJacobian(self._jacobian, self.A, self.P)
-        ksp = snes.getKSP()
-        if problem.jacobian == "assembled":
-            ksp.setType("gmres")
-            ksp.getPC().setType("ilu")
-        else:
-            ksp.setType("gmres")
-            ksp.getPC().setType("none")
-        grid = getattr(problem.assembler, "grid_shape", None) \
-            if problem.jacobian == "assembled" else None
-        defaults = {**DEFAULTS, "pc_mg_galerkin": "both"} if grid else DEFAULTS
-        with scoped_options(problem.prefix, problem.options, defaults, who="solve"):
+        with petsc_errors(WHO, "setting up PETSc SNES from the options"):
             snes.setFromOptions()
-            self._grid_multigrid(ksp.getPC())
-        self.defaults = defaults
+            if self.mffd:  # PETSc's finite-difference action J v; the shell gives J^T w
+                snes.setUseMF(True)
+            self._grid_multigrid(snes.getKSP().getPC())
 
     def _grid_multigrid(self, pc):
         """For pc_type mg on a grid stencil: the geometric hierarchy, coarse operators by
-        Galerkin products. Call inside the solve's scoped options."""
+        Galerkin products."""
         grid = getattr(self.p.assembler, "grid_shape", None) \
             if self.p.jacobian == "assembled" else None
         if not grid or pc.getType() != "mg" or min(grid) < 16:
@@ -196,16 +219,17 @@ class _Solve:
         pc.setFromOptions()
 
     def _transposed_ksp(self, ksp):
-        """A KSP for the explicitly transposed assembled Jacobian, configured like `ksp`, so
-        that every PC applies (many, e.g. PCMG with SOR smoothing, have no transpose)."""
-        transposed = self.A.transpose()  # a new AIJ matrix
-        adjoint = PETSc.KSP().create(comm=PETSc.COMM_SELF)
-        if self.p.prefix:
-            adjoint.setOptionsPrefix(self.p.prefix)
-        adjoint.setOperators(transposed)
+        """A KSP for the explicitly transposed assembled Jacobian, configured from the same
+        options, so that every PC applies (many, e.g. PCMG with SOR smoothing, have no
+        transpose)."""
+        destroy(self.adjoint_ksp, self.transposed)
+        self.transposed = self.A.transpose(PETSc.Mat())  # a new AIJ matrix (no arg: in place)
+        adjoint = self.adjoint_ksp = PETSc.KSP().create(comm=PETSc.COMM_SELF)
+        adjoint.setOptionsPrefix(self.options.prefix)
+        adjoint.setOperators(self.transposed)
         adjoint.setType(ksp.getType())
         adjoint.getPC().setType(ksp.getPC().getType())
-        with scoped_options(self.p.prefix, self.p.options, self.defaults, who="solve"):
+        with petsc_errors(WHO, "setting up the adjoint KSP from the options"):
             adjoint.setFromOptions()
             self._grid_multigrid(adjoint.getPC())
         return adjoint
@@ -213,10 +237,10 @@ class _Solve:
     def _residual(self, x):
         out = self.p.residual(x, *self.params)
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"solve: residual must return a torch.Tensor, got "
+            raise TypeError(f"{WHO}: residual must return a torch.Tensor, got "
                             f"{type(out).__name__}")
         if out.numel() != x.numel():
-            raise ValueError(f"solve: residual returned {out.numel()} values for {x.numel()} "
+            raise ValueError(f"{WHO}: residual returned {out.numel()} values for {x.numel()} "
                              f"unknowns (shape {tuple(out.shape)} for x of shape "
                              f"{tuple(x.shape)}); F must have one entry per unknown")
         return out
@@ -237,7 +261,8 @@ class _Solve:
             if self.p.linear and owner is not None and owner() is self:
                 return  # F is linear in x: its Jacobian does not change (nor does the PC)
             # the matrix is shared by every solve with this sparsity: refill it for this one
-            assembler.assemble(self.fn, x)
+            mode = None if self.p.products == "auto" else self.p.products
+            assembler.assemble(self.fn, x, mode=mode)
             assembler._bridges_owner = weakref.ref(self)
         else:
             self.shell.at(self.fn, x)
@@ -245,17 +270,17 @@ class _Solve:
     # forward and backward
     def solve(self):
         snes = self.snes
-        self._run(snes.solve, None, None, self.x_vec)  # (b, x)
+        with petsc_errors(WHO, f"the nonlinear solve (PETSc SNES '{snes.getType()}')"):
+            snes.solve(None, self.x_vec)
         reason = snes.getConvergedReason()
         norm = snes.getFunctionNorm()
+        ksp = snes.getKSP()
         if snes.getType() == "ksponly":  # it does not evaluate F at its result
-            ksp = snes.getKSP()
             if self.p.linear and ksp.getNormType() == PETSc.KSP.NormType.UNPRECONDITIONED:
                 norm = ksp.getResidualNorm()  # |J dx + F(x0)| = |F(x)| for affine F
             else:
                 snes.computeFunction(self.x_vec, self.F)
                 norm = self.F.norm()
-        ksp = snes.getKSP()
         self.p.stats.update(snes_type=snes.getType(), ksp_type=ksp.getType(),
                             pc_type=ksp.getPC().getType(),
                             snes_iterations=snes.getIterationNumber(),
@@ -263,17 +288,18 @@ class _Solve:
                             residual_norm=norm, reason=reason_name(
                                 PETSc.SNES.ConvergedReason, reason))
         if reason < 0:
-            raise ForeignError(
-                f"solve: PETSc SNES ({snes.getType()}, KSP {ksp.getType()}, PC "
-                f"{ksp.getPC().getType()}) did not converge: "
-                f"{reason_name(PETSc.SNES.ConvergedReason, reason)} after "
-                f"{snes.getIterationNumber()} Newton iterations, residual norm "
+            raise diverged(
+                WHO, f"PETSc SNES ({snes.getType()}, KSP {ksp.getType()}, PC "
+                f"{ksp.getPC().getType()})", PETSc.SNES.ConvergedReason, reason,
+                f"after {snes.getIterationNumber()} Newton iterations, residual norm "
                 f"{norm:.3e} (last linear solve: "
-                f"{reason_name(PETSc.KSP.ConvergedReason, ksp.getConvergedReason())}). Check that "
-                f"F(x, params) = 0 has a solution near x0, or loosen/raise snes_rtol, snes_atol, "
-                f"snes_max_it, or choose another ksp_type/pc_type through options")
+                f"{reason_name(PETSc.KSP.ConvergedReason, ksp.getConvergedReason())})",
+                "check that F(x, params) = 0 has a solution near x0, loosen or raise "
+                "snes_rtol, snes_atol, snes_max_it, or choose another ksp_type/pc_type through "
+                "options")
         if not bool(torch.isfinite(self.x).all()):
-            raise ForeignError("solve: the solution contains nan/inf; check the residual")
+            raise ForeignError(f"{WHO}: the solution contains nan/inf; check the residual")
+        self.options.report_unused()
         return self.x.clone()
 
     def pullback(self, grad_x, *, needs_input_grad):
@@ -282,31 +308,40 @@ class _Solve:
         grads = [None] * len(self.params)
         if not any(want):
             return (None, None, *grads)
-        snes, ksp = self.snes, self.snes.getKSP()
+        ksp = self.snes.getKSP()
         self._linearise(self.x)  # the operator (and PC) at the solution itself
         ksp.setOperators(self.A, self.P)
         g = as_vec(grad_x.detach().to(self.x.dtype).contiguous().clone())
         lam = PETSc.Vec().createSeq(self.x.numel(), comm=PETSc.COMM_SELF)
-        lam.zeroEntries()
-        ksp.setInitialGuessNonzero(False)
-        if self.p.symmetric:  # J^T = J: the forward's KSP and PC as they are
-            self._run(ksp.solve, "the adjoint solve", g, lam)
-        elif self.p.jacobian == "assembled":
-            ksp = self._transposed_ksp(ksp)
-            self._run(ksp.solve, "the adjoint solve", g, lam)
-        else:  # matrix-free: multTranspose is a torch VJP
-            self._run(ksp.solveTranspose, "the transposed solve", g, lam)
-        reason = ksp.getConvergedReason()
-        self.p.stats.update(adjoint_ksp_iterations=ksp.getIterationNumber())
-        if reason < 0:
-            raise ForeignError(
-                f"solve (backward): the transposed linear solve J^T lam = g with PETSc KSP "
-                f"{ksp.getType()}, PC {ksp.getPC().getType()} did not converge: "
-                f"{reason_name(PETSc.KSP.ConvergedReason, reason)} after "
-                f"{ksp.getIterationNumber()} iterations, residual norm "
-                f"{ksp.getResidualNorm():.3e}. Choose a PC with a transpose (ilu, lu, gamg, "
-                f"jacobi) or raise ksp_max_it through options")
-        lam_t = vec_as_tensor(lam, "r").view(self.shape).clone()
+        try:
+            lam.zeroEntries()
+            ksp.setInitialGuessNonzero(False)
+            if self.p.symmetric:  # J^T = J: the forward's KSP and PC as they are
+                what = "the adjoint solve J lam = g (symmetric J)"
+            elif self.p.jacobian == "assembled":
+                ksp, what = self._transposed_ksp(ksp), "the adjoint solve J^T lam = g"
+            else:
+                what = "the adjoint solve J^T lam = g (KSPSolveTranspose, reverse-mode products)"
+            hint = ("the KSP or PC cannot apply the transpose; if dF/dx is symmetric pass "
+                    "symmetric=True, else choose e.g. pc_type ilu, lu or jacobi")
+            with petsc_errors(WHO, what, hint):
+                if self.p.symmetric or self.p.jacobian == "assembled":
+                    ksp.solve(g, lam)
+                else:
+                    ksp.solveTranspose(g, lam)
+            reason = ksp.getConvergedReason()
+            self.p.stats.update(adjoint_ksp_iterations=ksp.getIterationNumber())
+            if reason < 0:
+                raise diverged(
+                    f"{WHO} (backward)", f"{what} with PETSc KSP {ksp.getType()}, PC "
+                    f"{ksp.getPC().getType()}", PETSc.KSP.ConvergedReason, reason,
+                    f"after {ksp.getIterationNumber()} iterations, residual norm "
+                    f"{ksp.getResidualNorm():.3e}",
+                    "choose a PC with a transpose (ilu, lu, gamg, jacobi) or raise ksp_max_it "
+                    "through options")
+            lam_t = vec_as_tensor(lam, "r").view(self.shape).clone()
+        finally:
+            destroy(g, lam)
         wanted = [p for p, w in zip(self.params, want) if w]
         with torch.enable_grad():
             leaves = [p.detach().requires_grad_() for p in wanted]
@@ -320,34 +355,51 @@ class _Solve:
             if w:
                 part = next(it)
                 grads[i] = torch.zeros_like(self.params[i]) if part is None else part
+        self.options.report_unused(final=True)
         return (None, None, *grads)
 
-    def _run(self, step, what, *args):
-        try:
-            step(*args)
-        except PETSc.Error as exc:
-            cause = exc.__cause__
-            if cause is not None:  # a Python exception inside a callback (in the residual)
-                raise ForeignError.wrap("solve: residual, called by PETSc SNES", cause) from exc
-            hint = ""
-            if what and exc.ierr == 56:  # PETSC_ERR_SUP: e.g. a PC without a transpose
-                hint = (" (the KSP or PC cannot apply the transpose; if dF/dx is symmetric pass "
-                        "symmetric=True, else choose e.g. pc_type ilu, lu or jacobi)")
-            raise ForeignError(f"solve: PETSc error {exc.ierr} in "
-                               f"{what or 'SNES ' + self.snes.getType()}{hint}: {exc}",
-                               original=exc) from exc
+    def release(self):
+        """Free this solve's PETSc objects (idempotent; the assembler's matrix is the
+        caller's)."""
+        destroy(self.snes, self.x_vec, self.F, self.shell_mat, self.adjoint_ksp,
+                self.transposed)
+        self.snes = self.x_vec = self.F = self.shell_mat = self.adjoint_ksp = None
+        self.transposed = None
+        self.options.close()
 
 
-def _forward(x0, problem, *params):
+class _Pullback:
+    """The op's pullback; releasing it (after backward, or with the outputs) destroys the
+    solve's PETSc objects."""
+
+    def __init__(self, run):
+        self.run = run
+        weakref.finalize(self, run.release)
+
+    def __call__(self, grad_x, *, needs_input_grad):
+        return self.run.pullback(grad_x, needs_input_grad=needs_input_grad)
+
+
+def _forward(x0, problem, *params, needs_input_grad):
     run = _Solve(problem, x0, params)
-    return run.solve(), run.pullback
+    try:
+        x = run.solve()
+    except BaseException:
+        run.release()
+        raise
+    if not any(needs_input_grad):
+        run.release()
+        return x, None
+    return x, _Pullback(run)
 
 
-_SOLVE = foreign_function(_forward, name="petsc_solve", pass_needs_input_grad=True)
+_SOLVE = foreign_function(_forward, name="petsc_solve", pass_needs_input_grad=True,
+                          protect_outputs=False)
 
 
+@eager_under_compile(WHO)
 def solve(residual, x0, *params, options=None, sparsity=None, prefix=None, jacobian="auto",
-          linear=False, symmetric=False, stats=None):
+          products="auto", linear=False, symmetric=False, stats=None):
     """Find x with residual(x, *params) = 0 by PETSc SNES; differentiable w.r.t. the params.
 
     Args:
@@ -356,7 +408,9 @@ def solve(residual, x0, *params, options=None, sparsity=None, prefix=None, jacob
             gets no gradient.
         params: tensors (gradients flow to them) or other values, passed to residual as is.
         options: PETSc options of this solve, keyed without the dash, e.g.
-            ``{"ksp_type": "cg", "pc_type": "gamg", "snes_monitor": None}``. They override the
+            ``{"ksp_type": "cg", "pc_type": "gamg", "snes_monitor": True}``; they stay in force
+            for the solve's whole life, its backward included, and options PETSc never reads
+            are reported (``bridges.petsc.set_unused_options``). They override the
             command line, which overrides the defaults: Newton with line search (newtonls),
             snes_rtol 1e-10, snes_atol 1e-12 (absolute 2-norm of F), snes_max_it 50,
             ksp_rtol 1e-10; KSP gmres with PC ilu (assembled) or none (matrix-free).
@@ -367,10 +421,16 @@ def solve(residual, x0, *params, options=None, sparsity=None, prefix=None, jacob
             interpolation, Galerkin coarse operators, levels down to ~8 points per side or
             ``pc_mg_levels``); gamg needs nothing extra.
         prefix: options prefix of this solve (``"heat_"`` makes ``-heat_ksp_type`` apply).
-        jacobian: ``"assembled"`` (needs sparsity): the exact sparse Jacobian from one JVP per
-            colour, so preconditioners such as gamg, mg, ilu, lu apply. ``"matrix-free"``: a
-            PETSc Mat whose products are torch JVPs/VJPs (PCs that need matrix entries do not
-            apply). ``"auto"``: assembled when sparsity is given.
+        jacobian: ``"assembled"`` (needs sparsity): the exact sparse Jacobian from one product
+            per colour, so preconditioners such as gamg, mg, ilu, lu apply. ``"matrix-free"``: a
+            PETSc Mat of Jacobian products (PCs that need matrix entries do not apply).
+            ``"auto"``: assembled when sparsity is given.
+        products: how Jacobian products are formed. ``"forward"``: forward-mode AD (every op in
+            the residual needs one); ``"reverse"``: reverse-mode AD, which every bridged op has
+            (assembled Jacobians: rows are coloured instead of columns); ``"mffd"``: PETSc's
+            finite-difference action J v (matrix-free; tune it with mat_mffd_* options);
+            ``"auto"`` (default) picks forward mode where every op has it and it measured
+            faster, reverse mode or mffd otherwise. Backward always uses reverse mode.
         linear: F is affine in x: the Jacobian is assembled (and the PC set up) once per solve.
         symmetric: dF/dx is symmetric: the matrix is marked so (SOR, ICC, Cholesky may use it)
             and backward reuses the forward's KSP and PC as they are. Otherwise backward solves
@@ -388,7 +448,7 @@ def solve(residual, x0, *params, options=None, sparsity=None, prefix=None, jacob
         ForeignError: SNES did not converge (the reason and residual norm reached are named), or
             the transposed solve of backward did not converge.
     """
-    who = "solve"
+    who = WHO
     if not callable(residual):
         raise TypeError(f"{who}: residual must be callable as residual(x, *params), got "
                         f"{type(residual).__name__}")
@@ -401,12 +461,11 @@ def solve(residual, x0, *params, options=None, sparsity=None, prefix=None, jacob
         if isinstance(p, torch.Tensor) and p.device.type != "cpu":
             raise ValueError(f"{who}: params[{i}] is on device '{p.device}', but this PETSc build "
                              f"is CPU-only; move it with .cpu()")
-    if options is not None and not isinstance(options, dict):
-        raise TypeError(f"{who}: options must be a dict of PETSc option names (without the "
-                        f"leading dash) to values, e.g. {{'ksp_type': 'cg'}}, got "
-                        f"{type(options).__name__}")
+    check_options(who, options)
     if jacobian not in JACOBIANS:
         raise ValueError(f"{who}: unknown jacobian {jacobian!r}; valid: {', '.join(JACOBIANS)}")
+    if products not in PRODUCTS:
+        raise ValueError(f"{who}: unknown products {products!r}; valid: {', '.join(PRODUCTS)}")
     n = x0.numel()
     assembler = None
     if sparsity is not None:
@@ -433,8 +492,11 @@ def solve(residual, x0, *params, options=None, sparsity=None, prefix=None, jacob
                          f"e.g. stencil_sparsity(x0.shape)); or use jacobian='matrix-free'")
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"{who}: stats must be a dict or None, got {type(stats).__name__}")
-    problem = _Problem(residual, options, prefix, jacobian, assembler, bool(linear),
+    if jacobian == "assembled" and products == "mffd":
+        raise ValueError(f"{who}: products='mffd' is a matrix-free action; an assembled "
+                         f"Jacobian takes products 'forward', 'reverse' or 'auto'")
+    problem = _Problem(residual, options, prefix, jacobian, products, assembler, bool(linear),
                        bool(symmetric), len(params))
     if stats is not None:
         problem.stats = stats
-    return _SOLVE.apply(x0, problem, *params)
+    return _SOLVE(x0, problem, *params)

@@ -1,0 +1,110 @@
+"""Jacobian products of torch functions that may contain bridged ops, without double backward.
+
+A bridged op has a pullback (reverse mode) and, depending on its adapter, a pushforward (forward
+mode), but never a second derivative. So J v comes from forward mode and J^T w from reverse mode;
+nothing differentiates a derivative. `Linearisation` holds one point; `probe` finds out once what a
+function supports there.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from . import _core
+from ._errors import MissingDerivativeError
+
+# "auto": forward mode where every op has one and it measured faster, reverse mode otherwise
+MODES = ("auto", "forward", "reverse")
+# In benchmarks/bench_jacobian.py, coloured assembly of plain torch functions was faster in
+# reverse mode below about this many unknowns and in forward mode above it.
+FORWARD_FROM = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a function supports at a point: forward mode, and whether it calls bridged ops."""
+    forward: bool
+    bridged: bool
+
+
+def probe(fn, u, who: str) -> Capabilities:
+    """Evaluate one forward-mode product of fn at u to learn whether every op in fn has a
+    forward-mode rule, and count the bridged ops it calls."""
+    before = _core.bridged_calls()
+    forward = True
+    try:
+        with torch.no_grad():
+            _dual_jvp(fn, u.detach(), torch.zeros_like(u))
+    except (MissingDerivativeError, NotImplementedError):
+        forward = False
+    return Capabilities(forward=forward, bridged=_core.bridged_calls() != before)
+
+
+def choose(mode: str, caps: Capabilities, n: int, who: str) -> str:
+    """The product mode to use: the user's choice (checked against caps) or the automatic one."""
+    if mode not in MODES:
+        raise ValueError(f"{who}: unknown jacobian mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode == "forward" and not caps.forward:
+        raise MissingDerivativeError(
+            f"{who}: jacobian mode 'forward' needs a forward-mode rule for every op in the "
+            f"function, but one of them has none (a bridged op with only a pullback, or a torch "
+            f"op without forward AD); use mode 'reverse' or 'auto'")
+    if mode != "auto":
+        return mode
+    if caps.forward and (caps.bridged or n >= FORWARD_FROM):
+        return "forward"
+    return "reverse"
+
+
+def _dual_jvp(fn, u, v):
+    # forward AD is switched off inside a Function's forward, where PETSc's callbacks run
+    with fwAD._set_fwd_grad_enabled(True), fwAD.dual_level():
+        out = fn(fwAD.make_dual(u, v))
+        primal, tangent = fwAD.unpack_dual(out)
+    return torch.zeros_like(primal) if tangent is None else tangent
+
+
+class Linearisation:
+    """fn at one point u, for many Jacobian products there.
+
+    jvp/jvps use forward mode (one evaluation of fn with dual numbers per product, or one
+    batched evaluation for many); vjp/vjps use reverse mode (one graph of fn at u, kept for
+    every product at this point).
+    """
+
+    def __init__(self, fn, u):
+        self.fn, self.u = fn, u.detach()
+        self._graph = None
+
+    def _value_graph(self):
+        if self._graph is None:
+            with torch.enable_grad():
+                leaf = self.u.clone().requires_grad_()
+                self._graph = (leaf, self.fn(leaf))
+        return self._graph
+
+    def vjp(self, w):
+        """J^T w."""
+        leaf, value = self._value_graph()
+        (g,) = torch.autograd.grad(value, leaf, w.reshape(value.shape), retain_graph=True,
+                                   allow_unused=True)
+        return torch.zeros_like(leaf) if g is None else g
+
+    def vjps(self, W):
+        """J^T W[k] for every row k of W (one backward pass each through the same graph: it
+        measured as fast as batched backward, and it passes through bridged ops)."""
+        return torch.stack([self.vjp(w) for w in W])
+
+    def jvp(self, v):
+        """J v."""
+        with torch.no_grad():
+            return _dual_jvp(self.fn, self.u, v.reshape(self.u.shape))
+
+    def jvps(self, V):
+        """J V[k] for every row k of V, in one vectorised forward-mode pass."""
+        def single(v):
+            return torch.func.jvp(self.fn, (self.u,), (v,))[1]
+        with torch.no_grad():
+            return torch.func.vmap(single)(V.reshape(-1, *self.u.shape))
