@@ -13,16 +13,20 @@ import threading
 
 import torch
 
+import numpy as np
+
 from ._errors import ForeignError, MissingDerivativeError
-from ._transfer import as_tensor
+from ._transfer import as_tensor, from_numpy
 
 # forward -> setup_context hand-over. Under torch.func transforms setup_context runs once per
 # transform level after a single forward, so the record stays until the next forward or backward.
 _pending = threading.local()
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 _transforms_active = torch._C._are_functorch_transforms_active
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 _keep_graph = torch._C._autograd._get_current_graph_task_keep_graph  # retain_graph of a backward
 _forward_calls = [0]
+_TRANSFORMED = "transformed"  # grad mode recorded by apply inside torch.func transforms
 
 
 def bridged_calls() -> int:
@@ -46,27 +50,42 @@ def eager_under_compile(what: str):
     return functools.partial(torch.compiler.disable, reason=reason)
 
 
-def _run_foreign(name, rule, fn, *args, **kwargs):
-    """fn(*args, **kwargs); any failure is raised as a ForeignError naming the op and rule."""
-    try:
-        return fn(*args, **kwargs)
-    except (ForeignError, MissingDerivativeError) as exc:
+def _foreign_failure(name, rule, exc):
+    """What to raise for `exc` from the `rule` (forward, pullback, ...) of op `name`: the
+    toolkit's own errors with a note, anything else as a ForeignError naming op and rule."""
+    if isinstance(exc, (ForeignError, MissingDerivativeError)):
         exc.add_note(f"raised in the {rule} of '{name}'")
-        raise
+        return exc
+    return ForeignError.wrap(f"the {rule} of '{name}'", exc)
+
+
+def _run_foreign(name, rule, fn, *args):
+    """fn(*args); any failure is raised as by `_foreign_failure`."""
+    try:
+        return fn(*args)
     except Exception as exc:
-        raise ForeignError.wrap(f"the {rule} of '{name}'", exc) from exc
+        raise _foreign_failure(name, rule, exc) from exc
 
 
 def _spec(t):
-    return t.shape, t.dtype, t.device
+    return t.shape, t.dtype, t.device, t.is_cpu
+
+
+def _tensor(array, what):
+    """`array` as a tensor without copying (`what()` describes it in errors; built only then)."""
+    if isinstance(array, torch.Tensor):
+        return array
+    if type(array) is np.ndarray:
+        return from_numpy(array)
+    return as_tensor(array, who=what())
 
 
 def _conform(tensor, spec, what):
     """`tensor` checked against (shape, dtype, device) and cast to that dtype and device."""
-    shape, dtype, device = spec
+    shape, dtype, device, cpu = spec
     if tensor.shape != shape:
         raise ValueError(f"{what()} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-    if tensor.dtype != dtype or tensor.device != device:
+    if tensor.dtype != dtype or not (cpu and tensor.is_cpu) and tensor.device != device:
         tensor = tensor.to(device=device, dtype=dtype)
     return tensor
 
@@ -80,18 +99,18 @@ class _Call:
 
     def __init__(self, name, pushforward, inputs, outputs, single, pass_mask, needs_grad):
         self.name, self.pushforward, self.single, self.pass_mask = name, pushforward, single, pass_mask
-        self.n_inputs = sum(isinstance(a, torch.Tensor) for a in inputs)
-        self.input_specs = tuple(_spec(a) if isinstance(a, torch.Tensor) else None
-                                 for a in inputs) if needs_grad else None
+        specs = [_spec(a) if isinstance(a, torch.Tensor) else None for a in inputs]
+        self.n_inputs = len(specs) - specs.count(None)
+        self.input_specs = specs if needs_grad else None
         self.output_specs = None if pushforward is None else tuple(
             _spec(o) for o in ((outputs,) if single else outputs))
 
     def call_pullback(self, pullback, needs_input_grad, *grad_outputs):
-        if self.pass_mask:
-            grads = _run_foreign(self.name, "pullback", pullback, *grad_outputs,
-                                 needs_input_grad=tuple(needs_input_grad))
-        else:
-            grads = _run_foreign(self.name, "pullback", pullback, *grad_outputs)
+        try:
+            grads = pullback(*grad_outputs, needs_input_grad=tuple(needs_input_grad)) \
+                if self.pass_mask else pullback(*grad_outputs)
+        except Exception as exc:
+            raise _foreign_failure(self.name, "pullback", exc) from exc
         n = len(self.input_specs)
         if not isinstance(grads, (tuple, list)):
             grads = (grads,)
@@ -102,15 +121,16 @@ class _Call:
         return tuple(self._check_grad(i, g, needs_input_grad[i]) for i, g in enumerate(grads))
 
     def _check_grad(self, i, grad, needed):
+        if grad is None:
+            return None
         spec = self.input_specs[i]
-        if spec is None and grad is not None:
+        if spec is None:
             raise ValueError(f"{self.name}: the pullback returned a gradient for argument {i}, "
                              f"which is not a tensor; return None in that position")
-        if grad is None or not needed:
+        if not needed:
             return None
         what = lambda: f"{self.name}: the pullback's gradient for argument {i}"  # noqa: E731
-        return _conform(as_tensor(grad, who=what()) if not isinstance(grad, torch.Tensor)
-                        else grad, spec, what)
+        return _conform(_tensor(grad, what), spec, what)
 
     def call_pushforward(self, *tangents):
         out = _run_foreign(self.name, "pushforward", self.pushforward, *tangents)
@@ -118,31 +138,35 @@ class _Call:
         if len(out) != len(self.output_specs):
             raise ValueError(f"{self.name}: the pushforward returned {len(out)} tangent(s) for "
                              f"{len(self.output_specs)} output(s)")
-        return tuple(_conform(as_tensor(t), spec, lambda: f"{self.name}: the pushforward's "
-                              f"tangent for output {k}")
-                     for k, (t, spec) in enumerate(zip(out, self.output_specs)))
+        conformed = []
+        for k, (t, spec) in enumerate(zip(out, self.output_specs)):
+            what = lambda: f"{self.name}: the pushforward's tangent for output {k}"  # noqa: E731
+            conformed.append(_conform(_tensor(t, what), spec, what))
+        return tuple(conformed)
 
 
 def _reference(args):
     """dtype and device of the outputs: the promoted dtype of the floating-point (and complex)
-    tensor inputs, as torch.result_type would give, and the device of the first tensor."""
+    tensor inputs, as torch.result_type would give, and the device of the first tensor (None
+    for the CPU)."""
     dtype = device = None
+    first = True
     for a in args:
         if isinstance(a, torch.Tensor):
-            if device is None:
-                device = a.device
+            if first:
+                device, first = (None if a.is_cpu else a.device), False
             if a.is_floating_point() or a.is_complex():
                 dtype = a.dtype if dtype is None else torch.promote_types(dtype, a.dtype)
     return dtype, device
 
 
-def _to_output(array, ref_dtype, ref_device, name, k):
+def _to_output(array, dtype, device, name, k):
     t = array if isinstance(array, torch.Tensor) else \
-        as_tensor(array, who=f"{name}: forward's output {k}")
-    if ref_dtype is not None and t.dtype != ref_dtype and t.is_floating_point():
-        t = t.to(ref_dtype)
-    if ref_device is not None and t.device != ref_device:
-        t = t.to(ref_device)
+        _tensor(array, lambda: f"{name}: forward's output {k}")
+    if dtype is not None and t.dtype != dtype and t.is_floating_point():
+        t = t.to(dtype)
+    if (not t.is_cpu if device is None else t.device != device):
+        t = t.to("cpu" if device is None else device)
     return t
 
 
@@ -240,14 +264,18 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
 
     def op_forward(*args):
         _forward_calls[0] += 1
-        needs, _pending.needs = getattr(_pending, "needs", None), None
-        if needs is None:  # called past the entry point (e.g. vmap's per-sample rule)
-            needs = tuple(isinstance(a, torch.Tensor) for a in args)
+        grad, _pending.grad = getattr(_pending, "grad", True), True  # True: past the entry
         detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-        if pass_needs_input_grad:
-            result = _run_foreign(name, "forward", forward, *detached, needs_input_grad=needs)
-        else:
-            result = _run_foreign(name, "forward", forward, *detached)
+        try:
+            if pass_needs_input_grad:
+                needs = tuple(grad and isinstance(a, torch.Tensor) and a.requires_grad
+                              for a in args) if grad is not _TRANSFORMED else \
+                    tuple(isinstance(a, torch.Tensor) for a in args)
+                result = forward(*detached, needs_input_grad=needs)
+            else:
+                result = forward(*detached)
+        except Exception as exc:
+            raise _foreign_failure(name, "forward", exc) from exc
         if type(result) is not tuple or len(result) not in (2, 3) or not (
                 callable(result[1]) or result[1] is None):
             raise TypeError(f"{name}: forward must return (outputs, pullback) or (outputs, "
@@ -255,21 +283,20 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
                             f"{type(result).__name__}")
         outputs = result[0]
         single = not isinstance(outputs, (tuple, list))
-        ref_dtype, ref_device = _reference(args)
+        dtype, device = _reference(args)
         if single:
-            outs = _to_output(outputs, ref_dtype, ref_device, name, 0)
+            outs = _to_output(outputs, dtype, device, name, 0)
         else:
-            outs = tuple(_to_output(o, ref_dtype, ref_device, name, k)
-                         for k, o in enumerate(outputs))
-        _pending.call = result, single, needs
+            outs = tuple(_to_output(o, dtype, device, name, k) for k, o in enumerate(outputs))
+        _pending.call = result, single, grad
         return outs
 
     def setup_context(ctx, inputs, output):
-        result, single, needs = _pending.call
+        result, single, grad = _pending.call
         if not _in_functorch_transform():
             _pending.call = None  # plain autograd: this is the only setup_context
-        # (under no_grad ctx.needs_input_grad still reflects requires_grad; `needs` does not)
-        needs_grad = any(ctx.needs_input_grad) and any(needs)
+        # (under no_grad ctx.needs_input_grad still reflects requires_grad)
+        needs_grad = grad and True in ctx.needs_input_grad
         ctx.call = _Call(name, result[2] if len(result) == 3 else None, inputs, output, single,
                          pass_needs_input_grad, needs_grad)
         if needs_grad:
@@ -284,11 +311,21 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
             # outputs: the pullback may read them (see protect_outputs)
             saved = [a for a in inputs if isinstance(a, torch.Tensor)]
             if protect_outputs:
-                saved += [output] if single else list(output)
+                if single:
+                    saved.append(output)
+                else:
+                    saved += output
             ctx.save_for_backward(*saved)
 
     def backward(ctx, *grad_outputs):
         _pending.call = None
+        first = grad_outputs[0]
+        if first is not None and _is_legacy_batched(first):
+            raise MissingDerivativeError(
+                f"{name}: torch.autograd.grad(..., is_grads_batched=True) and "
+                f"torch.autograd.functional's vectorize=True use a legacy batching that cannot "
+                f"reach foreign code; use torch.func.vmap over torch.func.vjp, or "
+                f"torch.func.jacrev, which batch through this op (one call per sample)")
         pullback = ctx.pullback
         if pullback is None:
             raise RuntimeError(f"{name}: backward was called a second time, but the pullback was "
@@ -334,12 +371,10 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
     @eager_under_compile(f"bridged op '{name}'")
     def apply(*args):
         if _transforms_active():
-            _pending.needs = tuple(isinstance(a, torch.Tensor) for a in args)
+            _pending.grad = _TRANSFORMED
             return function.apply(*args)
-        args = tuple(_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args)
-        grad = torch.is_grad_enabled()
-        _pending.needs = tuple(grad and isinstance(a, torch.Tensor) and a.requires_grad
-                               for a in args)
-        return base_apply(*args)
+        _pending.grad = torch.is_grad_enabled()
+        return base_apply(*(_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a
+                            for a in args))
 
     return BridgedOp(name, function, apply)

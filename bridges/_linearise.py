@@ -20,6 +20,7 @@ MODES = ("auto", "forward", "reverse")
 # In benchmarks/bench_jacobian.py, coloured assembly of plain torch functions was faster in
 # reverse mode below about this many unknowns and in forward mode above it.
 FORWARD_FROM = 4096
+_SQRT_EPS = float(torch.finfo(torch.float64).eps) ** 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +71,13 @@ class Linearisation:
     """fn at one point u, for many Jacobian products there.
 
     jvp/jvps use forward mode (one evaluation of fn with dual numbers per product, or one
-    batched evaluation for many); vjp/vjps use reverse mode (one graph of fn at u, kept for
-    every product at this point).
+    batched evaluation for many), fd_jvp finite differences; vjp/vjps use reverse mode (one
+    graph of fn at u, kept for every product at this point).
     """
 
     def __init__(self, fn, u):
         self.fn, self.u = fn, u.detach()
-        self._graph = None
+        self._graph = self._f0 = None
 
     def _value_graph(self):
         if self._graph is None:
@@ -101,6 +102,20 @@ class Linearisation:
         """J v."""
         with torch.no_grad():
             return _dual_jvp(self.fn, self.u, v.reshape(self.u.shape))
+
+    def fd_jvp(self, v):
+        """J v ~ (fn(u + h v) - fn(u)) / h, with PETSc MFFD's default step (Walker and
+        Pernice): h = sqrt(eps) sqrt(1 + |u|) / |v|. For functions with an op that has no
+        forward mode; one evaluation of fn per product."""
+        v = v.reshape(self.u.shape)
+        with torch.no_grad():
+            if self._f0 is None:
+                self._f0 = self.fn(self.u)
+            norm = float(torch.linalg.vector_norm(v))
+            if norm == 0.0:
+                return torch.zeros_like(self._f0)
+            h = _SQRT_EPS * (1.0 + float(torch.linalg.vector_norm(self.u))) ** 0.5 / norm
+            return (self.fn(self.u + h * v) - self._f0) / h
 
     def jvps(self, V):
         """J V[k] for every row k of V, in one vectorised forward-mode pass."""

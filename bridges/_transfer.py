@@ -47,7 +47,7 @@ def as_tensor(array, *, who: str = "as_tensor") -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array
     if isinstance(array, np.ndarray):
-        return _from_numpy(array)
+        return from_numpy(array)
     if isinstance(array, (numbers.Number, np.generic)):
         return torch.as_tensor(np.asarray(array))
     if hasattr(array, "__dlpack__"):
@@ -56,13 +56,14 @@ def as_tensor(array, *, who: str = "as_tensor") -> torch.Tensor:
         except (BufferError, RuntimeError, TypeError):
             pass  # e.g. a read-only producer; fall back to the array interface below
     if hasattr(array, "__array_interface__") or hasattr(array, "__array__"):
-        return _from_numpy(np.asarray(array))
+        return from_numpy(np.asarray(array))
     raise TypeError(f"{who}: cannot convert {type(array).__name__} to a tensor; expected a "
                     f"torch.Tensor, a numpy array, a Python number, or an object exposing "
                     f"__dlpack__ or the array interface")
 
 
-def _from_numpy(array: np.ndarray) -> torch.Tensor:
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A tensor viewing `array`; copied only for negative strides, which torch cannot view."""
     if array.strides and min(array.strides) < 0:
         array = array.copy()  # torch cannot represent negative strides
     if not array.flags.writeable:

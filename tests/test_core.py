@@ -305,3 +305,86 @@ def test_package_exports():
     assert bridges.foreign_function is foreign_function
     with pytest.raises(AttributeError):
         bridges.not_a_thing
+
+
+# -- first-class behaviour: call form, dtype promotion, in-place protection, compile -------------
+def _scale_op(protect_outputs=True):
+    def forward(x, y):
+        X, Y = as_numpy(x).astype(np.float64), as_numpy(y).astype(np.float64)
+        out = np.tanh(X * Y)
+
+        def pullback(g):  # reads the output, as tanh's derivative does
+            g = as_numpy(g).astype(np.float64)
+            return (1 - out ** 2) * Y * g, (1 - out ** 2) * X * g
+        return out, pullback
+    return foreign_function(forward, name="tanh_mul", protect_outputs=protect_outputs)
+
+
+def test_the_op_is_callable_and_gradchecks_in_call_form():
+    op = _scale_op()
+    x, y = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert gradcheck(lambda a, b: op(a, b), (x, y))
+    torch.testing.assert_close(op(x, y), op.apply(x, y))
+
+
+@pytest.mark.parametrize("dtypes,expected", [((torch.float32, torch.float64), torch.float64),
+                                             ((torch.float64, torch.float32), torch.float64),
+                                             ((torch.float32, torch.float32), torch.float32),
+                                             ((torch.float16, torch.float32), torch.float32)])
+def test_outputs_take_the_promoted_dtype_and_grads_the_input_dtypes(dtypes, expected):
+    op = _scale_op()
+    x = torch.rand(3, dtype=dtypes[0], requires_grad=True)
+    y = torch.rand(3, dtype=dtypes[1], requires_grad=True)
+    out = op(x, y)
+    assert out.dtype == expected == torch.result_type(x, y)
+    out.sum().backward()
+    assert x.grad.dtype == dtypes[0] and y.grad.dtype == dtypes[1]
+
+
+def test_in_place_change_of_an_output_raises_instead_of_a_wrong_gradient():
+    op = _scale_op()
+    x, y = (torch.rand(3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out = op(x, y)
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    # unprotected ops (whose pullback never reads its outputs) allow it, as native ops do
+    unprotected = foreign_function(lambda a: (2 * as_numpy(a), lambda g: 2 * as_numpy(g)),
+                                   name="double", protect_outputs=False)
+    z = unprotected(x)
+    z.add_(1)
+    z.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 2.0, dtype=torch.float64))
+
+
+def test_legacy_batched_gradients_get_a_clear_error():
+    op = _scale_op()
+    x, y = (torch.rand(3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    with pytest.raises(RuntimeError, match="tanh_mul: .*is_grads_batched=True.*torch.func.vmap"):
+        torch.autograd.grad(op(x, y), x, torch.eye(3, dtype=torch.float64),
+                            is_grads_batched=True)
+    # the supported route: torch.func batches through the op
+    jac = torch.func.jacrev(lambda a: op(a, y.detach()))(x.detach())
+    expected = torch.diag((1 - torch.tanh(x * y) ** 2) * y).detach()
+    torch.testing.assert_close(jac, expected)
+
+
+def test_torch_compile_breaks_the_graph_only_at_the_op_and_matches_eager():
+    op = _scale_op()
+    layer = torch.nn.Linear(3, 3).double()
+
+    def model(x):
+        h = torch.sin(layer(x))
+        return (op(h, h + 1) ** 2).sum() * torch.cos(x).sum()
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    eager = torch.autograd.grad(model(x), (x, layer.weight))
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(model)(x), (x, layer.weight))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 1
+    assert "bridged op 'tanh_mul'" in str(explanation.break_reasons[0].reason)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="bridged op 'tanh_mul' runs foreign code"):
+        torch.compile(model, fullgraph=True)(x)

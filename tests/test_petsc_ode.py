@@ -1,15 +1,19 @@
 """odeint_adjoint: PETSc TS solves and TSAdjoint gradients, checked against independent
 references (scipy at tight tolerances, central finite differences, torchdiffeq)."""
+import gc
 import os
+import re
 
 import numpy as np
 import pytest
+import scipy.sparse
 import torch
 from scipy.integrate import solve_ivp
 from torch.autograd import gradcheck
 
+import bridges
 from bridges import ForeignError
-from bridges.petsc import PETSc, odeint_adjoint
+from bridges.petsc import PETSc, UnusedOptionsWarning, odeint_adjoint
 
 F64 = torch.float64
 K_TRUE = (0.04, 3e7, 1e4)
@@ -310,3 +314,156 @@ def test_forward_only_method_refuses_gradients_clearly():
     ys = odeint_adjoint(Oscillator(), y0, torch.linspace(0, 1, 3, dtype=F64), method="bdf")
     with pytest.raises(ForeignError, match="TS 'bdf' .* has no discrete adjoint"):
         ys.sum().backward()
+
+
+# -- first-class behaviour: bridged ops inside func, lifetime, compile, options ------------------
+def _cube_forward(x):
+    X = bridges.as_numpy(x).copy()
+    return X ** 3, lambda g: 3 * X ** 2 * bridges.as_numpy(g)
+
+
+CUBE = bridges.foreign_function(_cube_forward, name="cube")  # reverse mode only
+FD_TANH = bridges.fd2pytorch(np.tanh, sparsity=scipy.sparse.identity(3), name="fd_tanh")
+
+
+class Hybrid(torch.nn.Module):
+    """Linear dynamics plus a foreign term of the scaled state."""
+
+    def __init__(self, term):
+        super().__init__()
+        self.term = term
+        self.theta = torch.nn.Parameter(torch.tensor([0.8, 1.3, 0.5], dtype=F64))
+        self.register_buffer("A", torch.tensor([[-2.0, 1.0, 0.0], [0.5, -3.0, 1.0],
+                                                [0.0, 1.0, -1.5]], dtype=F64))
+
+    def forward(self, t, y):
+        return self.A @ y - 0.3 * self.term(self.theta * y)
+
+
+@pytest.mark.parametrize("jacobian", ["auto", "matrix-free"])
+@pytest.mark.parametrize("method", ["cn", "beuler", "arkimex"])
+@pytest.mark.parametrize("term", [CUBE, FD_TANH], ids=["reverse-only op", "fd op"])
+def test_bridged_ops_inside_the_right_hand_side(term, method, jacobian):
+    func = Hybrid(term)
+    y0 = torch.tensor([1.0, -0.5, 0.2], dtype=F64, requires_grad=True)
+    t = torch.linspace(0, 1, 5, dtype=F64)
+    w = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+
+    def loss():
+        return (w * odeint_adjoint(func, y0, t, method=method, step_size=0.125,
+                                   jacobian=jacobian)).sum()
+    loss().backward()
+    with torch.no_grad():
+        fd = torch.cat([_fd_gradient(lambda: loss().item(), func.theta),
+                        _fd_gradient(lambda: loss().item(), y0)])
+    _assert_close_relative(torch.cat([func.theta.grad, y0.grad]), fd, 1e-5)
+
+
+def _live(cls):
+    return sum(type(o) is cls for o in gc.get_objects())
+
+
+def test_petsc_objects_are_released_without_the_garbage_collector():
+    from bridges.petsc._ode import _ODESolve
+    func, t = Oscillator(), torch.linspace(0, 1, 3, dtype=F64)
+    y0 = torch.tensor([1.0, 0.0], dtype=F64, requires_grad=True)
+    gc.collect()
+    gc.disable()
+    try:
+        ys = odeint_adjoint(func, y0, t, method="cn", step_size=0.1)
+        assert _live(_ODESolve) == 1
+        ys.sum().backward()  # after the last backward that can use it
+        assert _live(_ODESolve) == 0
+        ys = odeint_adjoint(func, y0, t, method="cn", step_size=0.1)
+        del ys  # outputs gone without a backward
+        assert _live(_ODESolve) == 0
+        with torch.no_grad():
+            odeint_adjoint(func, y0, t, method="cn", step_size=0.1)  # nothing kept at all
+        assert _live(_ODESolve) == 0
+    finally:
+        gc.enable()
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_memory_stays_flat_over_many_mixed_calls():
+    func, t = Oscillator(), torch.tensor([0.0, 1.0], dtype=F64)
+    y0 = torch.tensor([1.0, 0.0], dtype=F64, requires_grad=True)
+
+    def call(i):
+        if i % 2:
+            with torch.no_grad():
+                odeint_adjoint(func, y0, t, method="cn", step_size=0.5)
+        else:
+            odeint_adjoint(func, y0, t, method="beuler", step_size=0.5).sum().backward()
+    for i in range(200):  # warm up allocator and caches
+        call(i)
+    gc.collect()
+    before = _rss_bytes()
+    calls = 2000  # 10 MB per 10,000 calls, scaled
+    for i in range(calls):
+        call(i)
+    gc.collect()
+    grown = _rss_bytes() - before
+    assert grown < 10 * 2 ** 20 * calls / 10_000, f"resident memory grew by {grown / 2**20:.2f} MB"
+
+
+def test_torch_compile_of_a_model_with_odeint_and_a_foreign_op_matches_eager():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.encode = torch.nn.Linear(3, 3).double()
+            self.rhs = Hybrid(CUBE)
+            with torch.no_grad():
+                self.encode.weight.copy_(torch.randn(3, 3, dtype=F64, generator=gen))
+
+        def forward(self, x):
+            y0 = torch.tanh(self.encode(x))
+            ys = odeint_adjoint(self.rhs, y0, torch.linspace(0, 1, 4, dtype=F64), method="cn",
+                                step_size=0.1)
+            return (CUBE(ys[-1]) ** 2).sum() + ys.square().mean()
+    model, x = Model(), torch.tensor([0.3, -0.2, 0.9], dtype=F64)
+    results = []
+    for run in (model, torch.compile(model)):
+        model.zero_grad()
+        loss = run(x)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
+    torch._dynamo.reset()
+
+
+def test_solves_alive_at_the_same_time_keep_their_own_options():
+    t, y0 = torch.linspace(0, 1, 3, dtype=F64), torch.tensor([1.0, 0.0], dtype=F64)
+    reference = {}
+    for name, options in (("beuler", {"ts_type": "beuler"}), ("cn", None)):
+        func = Oscillator()
+        ys = odeint_adjoint(func, y0, t, step_size=0.1, options=options)
+        ys.sum().backward()
+        reference[name] = (ys.detach(), func.k.grad)
+    funcs = {"beuler": Oscillator(), "cn": Oscillator()}
+    solutions = {"beuler": odeint_adjoint(funcs["beuler"], y0, t, step_size=0.1,
+                                          options={"ts_type": "beuler"}),
+                 "cn": odeint_adjoint(funcs["cn"], y0, t, step_size=0.1)}
+    for name in ("cn", "beuler"):  # backward in the other order, both solvers alive
+        solutions[name].sum().backward()
+    for name in reference:
+        torch.testing.assert_close(solutions[name].detach(), reference[name][0])
+        torch.testing.assert_close(funcs[name].k.grad, reference[name][1])
+    assert not torch.allclose(reference["cn"][0], reference["beuler"][0])
+
+
+def test_misspelt_options_warn_and_flags_given_as_true_work(capfd):
+    func, y0 = Oscillator(), torch.tensor([1.0, 0.0], dtype=F64)
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    with pytest.warns(UnusedOptionsWarning, match="odeint_adjoint: PETSc never read the "
+                                                  "option\\(s\\) ts_typo_option"):
+        odeint_adjoint(func, y0, t, step_size=0.25, options={"ts_typo_option": 3})
+    odeint_adjoint(func, y0, t, step_size=0.25, options={"ts_monitor": True, "ts_view": True})
+    out = capfd.readouterr().out
+    assert re.search(r"4 TS \(bridges\d+_\) dt 0.25 time 1\.", out) and "TS Object: (bridges" in out

@@ -1,4 +1,5 @@
 """bridges.petsc.solve: accuracy, implicit gradients, solver modes, options and errors."""
+import gc
 import math
 
 import numpy as np
@@ -6,9 +7,10 @@ import pytest
 import scipy.sparse
 import torch
 
+import bridges
 from bridges import ForeignError
 from bridges.demos.steady_diffusion import residual
-from bridges.petsc import PETSc, solve, stencil_sparsity
+from bridges.petsc import ColouredJacobian, PETSc, UnusedOptionsWarning, solve, stencil_sparsity
 
 LU = {"ksp_type": "preonly", "pc_type": "lu"}
 
@@ -268,3 +270,92 @@ def test_bad_inputs_raise_clear_errors():
         solve(lambda x: x[:2], x0)
     with pytest.raises(ForeignError, match="ZeroDivisionError"):
         solve(lambda x: x / 0 if (1 / 0) else x, x0)
+
+
+# -- first-class behaviour: bridged ops in the residual, lifetime, options ------------------------
+def _cube_forward(x):
+    X = bridges.as_numpy(x).copy()
+    return X ** 3, lambda g: 3 * X ** 2 * bridges.as_numpy(g)
+
+
+CUBE = bridges.foreign_function(_cube_forward, name="cube")  # reverse mode only
+N = 12
+CHAIN = scipy.sparse.diags([1, 1, 1], [-1, 0, 1], shape=(N, N), dtype=bool)
+
+
+def chain_residual(x, theta):
+    laplacian = 2 * x - torch.cat([x[1:], x.new_zeros(1)]) - torch.cat([x.new_zeros(1), x[:-1]])
+    return laplacian + CUBE(theta * x) - 1.0
+
+
+@pytest.mark.parametrize("jacobian", ["assembled", "matrix-free"])
+def test_reverse_only_op_inside_the_residual(jacobian):
+    weights = torch.randn(N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    kwargs = {"sparsity": CHAIN} if jacobian == "assembled" else {}
+
+    def loss(theta):
+        return (weights * solve(chain_residual, torch.zeros(N, dtype=torch.float64), theta,
+                                jacobian=jacobian, **kwargs)).sum()
+    theta = torch.linspace(0.5, 1.0, N, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss(theta), theta)
+    fd = torch.zeros(N, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(N):
+            step = torch.zeros(N, dtype=torch.float64)
+            step[i] = 1e-6
+            fd[i] = (loss(theta + step) - loss(theta - step)) / 2e-6
+    assert float((grad - fd).norm() / fd.norm()) < 1e-5
+    with pytest.raises(ForeignError, match="products='forward' needs a forward-mode rule"):
+        solve(chain_residual, torch.zeros(N, dtype=torch.float64), theta, products="forward")
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_petsc_objects_are_released_and_memory_stays_flat():
+    from bridges.petsc._solve import _Solve
+    theta = torch.full((N,), 0.7, dtype=torch.float64, requires_grad=True)
+
+    def linear_residual(x, theta):
+        return 2 * x - torch.cat([x[1:], x.new_zeros(1)]) + theta
+
+    assembled = {"sparsity": ColouredJacobian(CHAIN), "linear": True}  # reused, as one would
+
+    def call(i):
+        kwargs = assembled if i % 3 else {}
+        x0 = torch.zeros(N, dtype=torch.float64)
+        if i % 2:
+            with torch.no_grad():
+                solve(linear_residual, x0, theta, **kwargs)
+        else:
+            solve(linear_residual, x0, theta, **kwargs).sum().backward()
+    gc.collect()
+    gc.disable()  # nothing may depend on the cyclic garbage collector
+    try:
+        x = solve(chain_residual, torch.zeros(N, dtype=torch.float64), theta)
+        assert sum(type(o) is _Solve for o in gc.get_objects()) == 1
+        del x
+        assert sum(type(o) is _Solve for o in gc.get_objects()) == 0
+    finally:
+        gc.enable()
+    for i in range(200):
+        call(i)
+    gc.collect()
+    before = _rss_bytes()
+    calls = 2000  # 10 MB per 10,000 calls, scaled
+    for i in range(calls):
+        call(i)
+    gc.collect()
+    grown = _rss_bytes() - before
+    assert grown < 10 * 2 ** 20 * calls / 10_000, f"resident memory grew by {grown / 2**20:.2f} MB"
+
+
+def test_misspelt_option_is_reported_by_name():
+    n = 8
+    kappa, source = random_problem(n)
+    with pytest.warns(UnusedOptionsWarning, match="solve: PETSc never read the option\\(s\\) "
+                                                  "ksp_rtoll"):
+        solve(residual, zeros(n), kappa, source, sparsity=stencil_sparsity((n - 2, n - 2)),
+              options={"ksp_rtoll": 1e-8, "ksp_type": "cg"})

@@ -2,8 +2,8 @@
 (bridges._linearise), never from double backward, so bridged ops may sit inside the function.
 
 - `TorchJacobian`: a matrix-free PETSc Mat (type python) for A = diag_shift*I + factor*dF/du at a
-  point: `mult` is a forward-mode product, `multTranspose` a reverse-mode one. Where some op has
-  no forward mode, the solvers use PETSc's own finite-difference action (MFFD) for `mult`.
+  point: `mult` is a forward-mode product (or a finite-difference one where some op has no
+  forward mode), `multTranspose` a reverse-mode one.
 - `ColouredJacobian`: the exact sparse Jacobian as a PETSc AIJ matrix, from one product per
   colour of a known sparsity pattern (columns coloured for forward mode, rows for reverse mode),
   so that real preconditioners (ILU, GAMG, LU) apply.
@@ -24,10 +24,16 @@ class TorchJacobian:
     """Context of a python-type PETSc Mat: A = diag_shift*I + factor*dfn/du at u.
 
     Call `at(fn, u, diag_shift, factor)` to move the linearisation point (e.g. from a Jacobian
-    callback); `fn` maps a tensor shaped like u to a tensor with as many elements.
+    callback); `fn` maps a tensor shaped like u to a tensor with as many elements. `mult` is a
+    forward-mode product, or with ``products="fd"`` a finite-difference one (for functions with
+    an op that has no forward mode); `multTranspose` is always a reverse-mode product.
     """
 
-    def __init__(self, shape):
+    def __init__(self, shape, products="forward"):
+        if products not in ("forward", "fd"):
+            raise ValueError(f"TorchJacobian: products must be 'forward' or 'fd', got "
+                             f"{products!r}")
+        self.products = products
         self.shape = tuple(shape)
         self.fn = self.u = self._lin = None
         self.diag_shift, self.factor = 0.0, 1.0
@@ -43,10 +49,16 @@ class TorchJacobian:
         return mat
 
     def _product(self, x, y, transpose):
+        if self.fn is None:  # a zeroed operator (e.g. the one TS duplicates for a zero RHS)
+            vec_as_tensor(y, "w").copy_(vec_as_tensor(x, "r")).mul_(self.diag_shift)
+            return
         if self._lin is None:  # one linearisation serves every product at this point
             self._lin = Linearisation(self.fn, self.u)
         xt = vec_as_tensor(x, "r").view(self.shape)
-        product = self._lin.vjp(xt) if transpose else self._lin.jvp(xt)
+        if transpose:
+            product = self._lin.vjp(xt)
+        else:
+            product = self._lin.jvp(xt) if self.products == "forward" else self._lin.fd_jvp(xt)
         out = vec_as_tensor(y, "w").view(self.shape)
         torch.mul(product.view(self.shape), self.factor, out=out)
         if self.diag_shift:
@@ -58,7 +70,13 @@ class TorchJacobian:
     def multTranspose(self, mat, x, y):
         self._product(x, y, transpose=True)
 
-    # PETSc rescales and shifts the operator in place for some TS types (e.g. ARKIMEX)
+    # PETSc duplicates, zeroes, rescales and shifts the operator for some TS types (ARKIMEX)
+    def duplicate(self, mat, op):
+        return TorchJacobian(self.shape, self.products).mat(mat.getComm())
+
+    def zeroEntries(self, mat):
+        self.at(None, None, 0.0, 1.0)
+
     def scale(self, mat, a):
         self.diag_shift, self.factor = self.diag_shift * a, self.factor * a
 

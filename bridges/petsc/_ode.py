@@ -38,7 +38,7 @@ METHODS = {
 }
 ADJOINT_TS_TYPES = ("beuler", "cn", "theta", "arkimex", "rk")  # TS types with TSAdjoint
 JACOBIANS = ("auto", "blocks", "matrix-free")
-PRODUCTS = ("auto", "forward", "reverse", "mffd")
+PRODUCTS = ("auto", "forward", "reverse", "fd")
 BLOCK_LIMIT = 64  # largest per-sample system whose Jacobian blocks are assembled by default
 WHO = "odeint_adjoint"
 
@@ -91,7 +91,7 @@ class _ODESolve:
         self.p, self.shape, self.times, self.record = problem, y0.shape, times, record
         self.y0 = y0.clone(memory_format=torch.contiguous_format)
         self.steps = None
-        self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = None
+        self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = self.jac = None
         self.options = SolverOptions(WHO, problem.prefix, problem.options,
                                      problem.defaults(times, record))
         try:
@@ -110,7 +110,6 @@ class _ODESolve:
         self.jacp_mat = PETSc.Mat().createPython([n, max(self.n_params, 1)], self,
                                                  comm=PETSc.COMM_SELF)
         self.jacp_mat.setUp()
-        self.mffd = False
         ts = self.ts = PETSc.TS().create(comm=PETSc.COMM_SELF)
         ts.setOptionsPrefix(self.options.prefix)
         if p.form == "explicit":
@@ -126,8 +125,6 @@ class _ODESolve:
             trajectory_prefix(ts, self.options.prefix)
         with petsc_errors(WHO, "setting up PETSc TS from the options"):
             ts.setFromOptions()
-            if self.mffd:  # PETSc's finite-difference action for the Newton operator
-                ts.getSNES().setUseMF(True)
         self.dt0 = ts.getTimeStep()  # the first step in force (options win over defaults)
 
     def _set_ijacobian(self, ts):
@@ -141,8 +138,8 @@ class _ODESolve:
         caps = probe(fn, self.y0, WHO)
         products = p.products
         if jacobian != "matrix-free":
-            if products == "mffd":
-                raise ValueError(f"{WHO}: products='mffd' is a matrix-free action; use it with "
+            if products == "fd":
+                raise ValueError(f"{WHO}: products='fd' is a matrix-free action; use it with "
                                  f"jacobian='matrix-free', or products 'forward'/'reverse'")
             self.blocks = block_jacobian(self.shape, mode=products)
             if jacobian == "auto" and not self._rows_independent(fn):
@@ -155,12 +152,13 @@ class _ODESolve:
         else:
             if products == "reverse":
                 raise ValueError(f"{WHO}: a matrix-free Jacobian needs J v, which reverse mode "
-                                 f"cannot give; use products 'forward', 'mffd' or 'auto', or "
+                                 f"cannot give; use products 'forward', 'fd' or 'auto', or "
                                  f"jacobian='blocks'")
-            self.mffd = products == "mffd" or (products == "auto" and not caps.forward)
             if products == "forward" and not caps.forward:
                 raise ValueError(f"{WHO}: products='forward' needs a forward-mode rule for "
-                                 f"every op in func; one has none. Use 'mffd' or 'auto'")
+                                 f"every op in func; one has none. Use 'fd' or 'auto'")
+            fd = products == "fd" or (products == "auto" and not caps.forward)
+            self.jac.products = "fd" if fd else "forward"
             self.pmat = self.jac_mat if self.blocks is None else self.blocks.mat
             ts.setIJacobian(self._ijacobian, self.jac_mat, self.pmat)
             defaults = {"ksp_type": "gmres",
@@ -277,8 +275,6 @@ class _ODESolve:
                                f"of the methods {', '.join(m for m in METHODS if m != 'bdf')}")
         if self.steps is None:  # the trajectory went with an earlier adjoint: solve again
             self.solve()
-        if self.mffd:  # the adjoint needs transposes: back to the torch operator for A
-            self._set_ijacobian_operator()
         lam = as_vec(grad_ys[-1].to(torch.float64).clone())
         mu = PETSc.Vec().createSeq(max(self.n_params, 1), comm=PETSc.COMM_SELF)
         try:
@@ -305,9 +301,6 @@ class _ODESolve:
         self.options.report_unused(final=True)
         return (grad_y0, None, None, *grad_params)
 
-    def _set_ijacobian_operator(self):
-        self.ts.setIJacobian(self._ijacobian, self.jac_mat, self.pmat)
-
     def _check(self, reason, what):
         if reason >= 0:
             return
@@ -324,6 +317,7 @@ class _ODESolve:
         destroy(self.ts, self.u, self.F, self.jac_mat, self.jacp_mat,
                 None if self.blocks is None else self.blocks.mat)
         self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = None
+        self.jac = None  # its linearisation point holds a closure over this object
         self.options.close()
 
 
@@ -397,9 +391,10 @@ def odeint_adjoint(func, y0, t, *, method="cn", step_size=None, steps_per_interv
             else matrix-free.
         products: how Jacobian products are formed. ``"forward"``: forward-mode AD (needs every
             op in func to have one); ``"reverse"``: reverse-mode AD, which every bridged op has
-            (assembled blocks only); ``"mffd"``: PETSc's finite-difference action J v ~ (F(u + h
-            v) - F(u)) / h, for matrix-free Newton when some op has no forward mode (tune it
-            with the mat_mffd_* options); ``"auto"`` (default) picks among these.
+            (assembled blocks only); ``"fd"``: the finite-difference action J v ~ (f(u + h v) -
+            f(u)) / h with PETSc MFFD's default step, for matrix-free Newton when some op has no
+            forward mode (the adjoint still uses reverse mode); ``"auto"`` (default): forward
+            mode where every op has one, else reverse mode (blocks) or fd (matrix-free).
     """
     if not callable(func):
         raise TypeError(f"{WHO}: func must be callable as func(t, y), got {type(func).__name__}")

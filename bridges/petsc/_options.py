@@ -7,15 +7,22 @@ database) under the user's prefix > the adapter's defaults.
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 import os
 import re
+import threading
 import warnings
 
 from ._runtime import PETSc
 
-_ids = itertools.count()
+# Prefix numbers are reused once their solver has closed: PETSc remembers every prefix it has
+# seen (for -help), so fresh numbers for every solve would grow memory without bound.
+_free_ids: list[int] = []
+_next_id = itertools.count()
+_ids_lock = threading.Lock()
 _OWN = re.compile(r"(^|_)bridges\d+_")  # the per-solver part of a prefix, see SolverOptions
+_DEFERRED = re.compile(r"adjoint|trajectory")  # read only when a gradient is computed
 _OFF = object()  # a viewer or monitor switched off: the option is removed
 UNUSED_ACTIONS = ("warn", "error", "ignore")
 _unused = {"action": None}
@@ -93,7 +100,7 @@ def check_options(who: str, options) -> dict:
 
 class SolverOptions:
     """The options of one solver, written to the database under ``prefix`` (the user's prefix
-    followed by ``bridges<n>_``) until `close`.
+    followed by ``bridges<n>_``, n unique among open solvers) until `close`.
 
     Args:
         who: names the solver in messages.
@@ -106,7 +113,9 @@ class SolverOptions:
         self.who = who
         self.user_prefix = check_prefix(who, prefix)
         self.given = check_options(who, options)
-        self.prefix = f"{self.user_prefix}bridges{next(_ids)}_"
+        with _ids_lock:
+            self._id = heapq.heappop(_free_ids) if _free_ids else next(_next_id)
+        self.prefix = f"{self.user_prefix}bridges{self._id}_"
         db = PETSc.Options()
         entries = {key: _value(key, value) for key, value in (defaults or {}).items()}
         self.inherited = {}
@@ -129,11 +138,11 @@ class SolverOptions:
         return db.getString(self.prefix + key) if db.hasName(self.prefix + key) else None
 
     def report_unused(self, *, final: bool = False) -> None:
-        """Report the user's options PETSc has not read. Options whose name contains 'adjoint'
-        are only reported when `final` (after the solver's last use)."""
+        """Report the user's options PETSc has not read. Options for the adjoint and its
+        trajectory are only reported when `final` (after a backward)."""
         db = PETSc.Options()
         unused = [key for key in self.given if key not in self._reported
-                  and self.given[key] is not _OFF and (final or "adjoint" not in key)
+                  and self.given[key] is not _OFF and (final or not _DEFERRED.search(key))
                   and not db.used(self.prefix + key)]
         self._reported.update(unused)
         if not unused:
@@ -158,3 +167,7 @@ class SolverOptions:
                 db.getString(original)  # marks the original as used
             db.delValue(name)
         self.keys = []
+        if self._id is not None:
+            with _ids_lock:
+                heapq.heappush(_free_ids, self._id)
+            self._id = None

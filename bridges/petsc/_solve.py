@@ -25,7 +25,7 @@ from ._runtime import PETSc, destroy, diverged, petsc_errors, reason_name
 from ._vec import as_vec, check_tensor, vec_as_tensor
 
 JACOBIANS = ("auto", "assembled", "matrix-free")
-PRODUCTS = ("auto", "forward", "reverse", "mffd")
+PRODUCTS = ("auto", "forward", "reverse", "fd")
 WHO = "solve"
 # PETSc defaults of each solve; options and the command line override them
 DEFAULTS = {"snes_rtol": 1e-10, "snes_atol": 1e-12, "snes_stol": 0.0, "snes_max_it": 50,
@@ -151,7 +151,7 @@ class _Solve:
         self.p, self.params, self.shape = problem, params, x0.shape
         self.x = x0.detach().clone(memory_format=torch.contiguous_format)
         self.snes = self.x_vec = self.F = self.shell_mat = self.adjoint_ksp = None
-        self.transposed = None
+        self.transposed = self.shell = None
         grid = getattr(problem.assembler, "grid_shape", None) \
             if problem.jacobian == "assembled" else None
         defaults = {**DEFAULTS, "ksp_type": "gmres",
@@ -169,27 +169,26 @@ class _Solve:
         p = self.p
         self.x_vec = as_vec(self.x)
         self.F = PETSc.Vec().createSeq(self.x.numel(), comm=PETSc.COMM_SELF)
-        self.fn = lambda x: self._residual(x)
-        self.mffd = False
         if p.jacobian == "assembled":
             self.A = self.P = p.assembler.mat
             if p.symmetric:  # lets PCs such as SOR, ICC, Cholesky use the symmetry
                 self.A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
                 self.A.setOption(PETSc.Mat.Option.SYMMETRY_ETERNAL, True)
         else:
-            self.shell = TorchJacobian(self.shape)
-            self.A = self.P = self.shell_mat = self.shell.mat()
-            if p.products in ("auto", "forward", "mffd"):
-                caps = probe(self.fn, self.x, WHO)
-                if p.products == "forward" and not caps.forward:
-                    raise ValueError(f"{WHO}: products='forward' needs a forward-mode rule for "
-                                     f"every op in the residual; one has none. Use 'mffd' or "
-                                     f"'auto'")
-                self.mffd = p.products == "mffd" or not caps.forward
-            else:
+            if p.products == "reverse":
                 raise ValueError(f"{WHO}: a matrix-free Jacobian needs J v, which reverse mode "
-                                 f"cannot give; use products 'forward', 'mffd' or 'auto', or "
+                                 f"cannot give; use products 'forward', 'fd' or 'auto', or "
                                  f"give sparsity= for an assembled Jacobian")
+            products = p.products
+            if products != "fd":
+                forward = probe(self._residual, self.x, WHO).forward
+                if products == "forward" and not forward:
+                    raise ValueError(f"{WHO}: products='forward' needs a forward-mode rule for "
+                                     f"every op in the residual; one has none. Use 'fd' or "
+                                     f"'auto'")
+                products = "forward" if forward else "fd"
+            self.shell = TorchJacobian(self.shape, products=products)
+            self.A = self.P = self.shell_mat = self.shell.mat()
         snes = self.snes = PETSc.SNES().create(comm=PETSc.COMM_SELF)
         snes.setOptionsPrefix(self.options.prefix)
         snes.setType("newtonls")
@@ -197,8 +196,6 @@ class _Solve:
         snes.setJacobian(self._jacobian, self.A, self.P)
         with petsc_errors(WHO, "setting up PETSc SNES from the options"):
             snes.setFromOptions()
-            if self.mffd:  # PETSc's finite-difference action J v; the shell gives J^T w
-                snes.setUseMF(True)
             self._grid_multigrid(snes.getKSP().getPC())
 
     def _grid_multigrid(self, pc):
@@ -262,10 +259,10 @@ class _Solve:
                 return  # F is linear in x: its Jacobian does not change (nor does the PC)
             # the matrix is shared by every solve with this sparsity: refill it for this one
             mode = None if self.p.products == "auto" else self.p.products
-            assembler.assemble(self.fn, x, mode=mode)
+            assembler.assemble(self._residual, x, mode=mode)
             assembler._bridges_owner = weakref.ref(self)
         else:
-            self.shell.at(self.fn, x)
+            self.shell.at(self._residual, x)
 
     # forward and backward
     def solve(self):
@@ -364,7 +361,7 @@ class _Solve:
         destroy(self.snes, self.x_vec, self.F, self.shell_mat, self.adjoint_ksp,
                 self.transposed)
         self.snes = self.x_vec = self.F = self.shell_mat = self.adjoint_ksp = None
-        self.transposed = None
+        self.transposed = self.shell = None  # the shell's point holds this object's method
         self.options.close()
 
 
@@ -427,10 +424,11 @@ def solve(residual, x0, *params, options=None, sparsity=None, prefix=None, jacob
             ``"auto"``: assembled when sparsity is given.
         products: how Jacobian products are formed. ``"forward"``: forward-mode AD (every op in
             the residual needs one); ``"reverse"``: reverse-mode AD, which every bridged op has
-            (assembled Jacobians: rows are coloured instead of columns); ``"mffd"``: PETSc's
-            finite-difference action J v (matrix-free; tune it with mat_mffd_* options);
-            ``"auto"`` (default) picks forward mode where every op has it and it measured
-            faster, reverse mode or mffd otherwise. Backward always uses reverse mode.
+            (assembled Jacobians: rows are coloured instead of columns); ``"fd"``: the
+            finite-difference action J v ~ (F(x + h v) - F(x)) / h with PETSc MFFD's default
+            step (matrix-free); ``"auto"`` (default) picks forward mode where every op has it
+            and it measured faster, reverse mode or fd otherwise. Backward always uses reverse
+            mode.
         linear: F is affine in x: the Jacobian is assembled (and the PC set up) once per solve.
         symmetric: dF/dx is symmetric: the matrix is marked so (SOR, ICC, Cholesky may use it)
             and backward reuses the forward's KSP and PC as they are. Otherwise backward solves
@@ -492,8 +490,8 @@ def solve(residual, x0, *params, options=None, sparsity=None, prefix=None, jacob
                          f"e.g. stencil_sparsity(x0.shape)); or use jacobian='matrix-free'")
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"{who}: stats must be a dict or None, got {type(stats).__name__}")
-    if jacobian == "assembled" and products == "mffd":
-        raise ValueError(f"{who}: products='mffd' is a matrix-free action; an assembled "
+    if jacobian == "assembled" and products == "fd":
+        raise ValueError(f"{who}: products='fd' is a matrix-free action; an assembled "
                          f"Jacobian takes products 'forward', 'reverse' or 'auto'")
     problem = _Problem(residual, options, prefix, jacobian, products, assembler, bool(linear),
                        bool(symmetric), len(params))

@@ -1,0 +1,102 @@
+"""Jacobian products without double backward: forward mode, reverse mode, finite differences,
+and the automatic choice, for plain torch functions and functions with bridged ops."""
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+
+from bridges import as_numpy, fd2pytorch, foreign_function
+from bridges._errors import MissingDerivativeError
+from bridges._linearise import FORWARD_FROM, Linearisation, choose, probe
+
+F64 = torch.float64
+
+
+def _cube_forward(x):
+    X = as_numpy(x).copy()
+    return X ** 3, lambda g: 3 * X ** 2 * as_numpy(g)
+
+
+CUBE = foreign_function(_cube_forward, name="cube")  # a pullback and no pushforward
+A = torch.tensor([[2.0, -1.0, 0.3], [0.4, 1.5, -0.2], [0.0, 0.7, 3.0]], dtype=F64)
+
+
+def plain(u):
+    return A @ u + torch.sin(u) * u[0]
+
+
+def reverse_only(u):
+    return A @ u + CUBE(u)
+
+
+FD_SIN = fd2pytorch(np.sin, sparsity=scipy.sparse.identity(3), name="fd_sin")
+
+
+def with_fd_op(u):
+    return A @ u + FD_SIN(u)
+
+
+EXACT = {plain: lambda u: A + torch.diag(torch.cos(u) * u[0]) + torch.outer(torch.sin(u),
+                                                                           torch.eye(3, dtype=F64)[0]),
+         reverse_only: lambda u: A + torch.diag(3 * u ** 2),
+         with_fd_op: lambda u: A + torch.diag(torch.cos(u))}
+U = torch.tensor([0.3, -0.8, 1.1], dtype=F64)
+V = torch.tensor([1.0, 0.5, -2.0], dtype=F64)
+
+
+@pytest.mark.parametrize("fn", [plain, reverse_only, with_fd_op])
+def test_reverse_mode_products_are_exact(fn):
+    lin, J = Linearisation(fn, U), EXACT[fn](U)
+    torch.testing.assert_close(lin.vjp(V), J.T @ V)
+    torch.testing.assert_close(lin.vjps(torch.eye(3, dtype=F64)), J)  # row k = J^T e_k
+
+
+@pytest.mark.parametrize("fn", [plain, with_fd_op])
+def test_forward_mode_products_match_the_jacobian(fn):
+    lin, J = Linearisation(fn, U), EXACT[fn](U)
+    tol = dict(rtol=1e-7, atol=1e-9) if fn is with_fd_op else {}
+    torch.testing.assert_close(lin.jvp(V), J @ V, **tol)
+    torch.testing.assert_close(lin.jvps(torch.eye(3, dtype=F64)), J.T, **tol)  # row k = J e_k
+
+
+def test_a_pullback_only_op_refuses_forward_mode_by_name():
+    with pytest.raises(MissingDerivativeError, match="cube has no forward-mode"):
+        Linearisation(reverse_only, U).jvp(V)
+
+
+@pytest.mark.parametrize("fn", [plain, reverse_only, with_fd_op])
+def test_finite_difference_products_are_close(fn):
+    got = Linearisation(fn, U).fd_jvp(V)
+    expected = EXACT[fn](U) @ V
+    assert float((got - expected).norm() / expected.norm()) < 1e-6
+    assert float(Linearisation(fn, U).fd_jvp(torch.zeros(3, dtype=F64)).abs().max()) == 0.0
+
+
+def test_probe_and_the_automatic_choice():
+    caps = {fn: probe(fn, U, "test") for fn in (plain, reverse_only, with_fd_op)}
+    assert (caps[plain].forward, caps[plain].bridged) == (True, False)
+    assert (caps[reverse_only].forward, caps[reverse_only].bridged) == (False, True)
+    assert (caps[with_fd_op].forward, caps[with_fd_op].bridged) == (True, True)
+    assert choose("auto", caps[plain], 10, "t") == "reverse"  # measured faster when small
+    assert choose("auto", caps[plain], FORWARD_FROM, "t") == "forward"
+    assert choose("auto", caps[reverse_only], 10 ** 6, "t") == "reverse"
+    assert choose("auto", caps[with_fd_op], 10, "t") == "forward"
+    with pytest.raises(MissingDerivativeError, match="mode 'forward' needs a forward-mode rule"):
+        choose("forward", caps[reverse_only], 10, "t")
+    with pytest.raises(ValueError, match="unknown jacobian mode 'sideways'; valid: auto, "
+                                         "forward, reverse"):
+        choose("sideways", caps[plain], 10, "t")
+
+
+def test_products_work_inside_a_bridged_forward():
+    # PETSc calls back from inside an op's forward, where torch switches forward AD off
+    seen = []
+
+    def outer(x):
+        lin = Linearisation(plain, U)
+        seen.append((lin.jvp(V), lin.vjp(V)))
+        return as_numpy(x) * 1.0, lambda g: g
+    foreign_function(outer, name="outer")(torch.ones(2, requires_grad=True))
+    J = EXACT[plain](U)
+    torch.testing.assert_close(seen[0][0], J @ V)
+    torch.testing.assert_close(seen[0][1], J.T @ V)
