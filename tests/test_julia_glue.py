@@ -745,3 +745,23 @@ def test_glue_julia_detection(no_running_julia, monkeypatch, tmp_path):
     assert "pip install 'bridges[julia]'" in _runtime.julia_unavailable_reason()
     assert not no_running_julia
 
+
+def test_glue_bridges_require_julia_turns_missing_julia_skips_into_failures():
+    """tests/conftest.py: the Julia CI must not pass by skipping."""
+    import os
+    import subprocess
+    from pathlib import Path
+    if _runtime.julia_unavailable_reason() is None:
+        pytest.skip("Julia is available here; this checks what happens where it is not")
+    tests = Path(__file__).resolve().parent
+
+    def run(**env):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               str(tests / "test_julia.py")], capture_output=True, text=True,
+                              cwd=tests.parent, env={**os.environ, **env})
+    plain = run(BRIDGES_REQUIRE_JULIA="0")
+    assert plain.returncode == 5 and "1 skipped" in plain.stdout  # 5: nothing ran, no failure
+    required = run(BRIDGES_REQUIRE_JULIA="1")
+    assert required.returncode != 0
+    assert "BRIDGES_REQUIRE_JULIA=1, but this test was skipped: Julia is not available" in \
+        required.stdout
