@@ -1,12 +1,19 @@
-"""Overhead of the Julia adapter: forward + backward of y = A x, A an n x n float64 matrix.
+"""Overhead of the Julia adapter, forward + backward, against native torch, and what copying the
+outputs costs.
 
-Variants, timed side by side at each n:
-- bridged: `julia2pytorch("f", setup)` with Julia's `f(x) = A * x` (Zygote.pullback in forward,
-  its pullback in backward); x reaches Julia as a PyArray view, so Julia's generic matvec runs;
-- bridged, Array(x): `g(x) = A * Array(x)`, one copy in Julia and then BLAS;
+Two functions of an n-vector x, timed side by side at each n:
+- `A * x` (A an n x n float64 matrix): n outputs for n^2 work, so copying the output is cheap;
+- `x * x'` (the outer product): n^2 outputs for n^2 work, the worst case for copying.
+
+Variants:
+- bridged: `julia2pytorch(...)` as it comes: Zygote.pullback in forward, outputs and gradients
+  copied into torch's memory (the default, so torch can never write into Julia's arrays);
+- views: the same with `copy_outputs=False` (zero-copy views of Julia's memory);
+- no grad: the bridged forward under torch.no_grad, which skips Zygote (BridgesJL.call), against
+  the bridged forward alone with a gradient wanted;
 - juliacall only: the same BridgesJL.pullback and back calls made straight through juliacall on
   numpy arrays, without torch or the core: the cost of crossing into Julia by itself;
-- native: `A @ x` in torch.
+- native: the same function in torch.
 Needs Julia; without it the section says why it could not run.
 """
 from __future__ import annotations
@@ -16,26 +23,27 @@ import time
 import numpy as np
 import torch
 
-from bridges.julia import JuliaUnavailableError, julia2pytorch
 from bridges.demos._util import pyplot
+from bridges.julia import JuliaUnavailableError, julia2pytorch
 
 from ._timing import compare, fmt_time, markdown_table
 
-TITLE = "Julia adapter overhead: bridged Julia f(x) = A*x against native torch"
+TITLE = "Julia adapter overhead: bridged Julia functions against native torch, copies against views"
 SIZES = [2, 64, 512, 2048]
 SETUP = """
 import Random
 A = randn(Random.MersenneTwister(0), {n}, {n})
-f(x) = A * x
-g(x) = A * Array(x)
+matvec(x) = A * x
+outer(x) = x * x'
 """
 
 
 def run(quick=False, plot_dir=None):
     sizes = SIZES[:2] if quick else SIZES
     try:
-        bridged = {n: (julia2pytorch("f", SETUP.format(n=n)), julia2pytorch("g", SETUP.format(n=n)))
-                   for n in sizes}
+        ops = {n: {name: (julia2pytorch(name, SETUP.format(n=n)),
+                          julia2pytorch(name, SETUP.format(n=n), copy_outputs=False))
+                   for name in ("matvec", "outer")} for n in sizes}
     except JuliaUnavailableError as exc:
         return {"title": TITLE, "table": "", "plots": [],
                 "notes": "**could not run**: there is no usable Julia on this machine, so there is "
@@ -44,44 +52,53 @@ def run(quick=False, plot_dir=None):
     pullback = juliacall.Main.BridgesJL.pullback
     rows, ratios = [], []
     for n in sizes:
-        f, g = bridged[n]
-        x = torch.randn(n, dtype=torch.float64, requires_grad=True)
-        ones = torch.ones(n, dtype=torch.float64)
-        start = time.perf_counter()
-        torch.autograd.backward(f(x), ones)  # the first call compiles f and its pullback
-        first = time.perf_counter() - start
         a = torch.randn(n, n, dtype=torch.float64)
+        natives = {"matvec": lambda v: a @ v, "outer": lambda v: torch.outer(v, v)}
         module = juliacall.newmodule("bench_julia")
         module.seval(SETUP.format(n=n))
-        f_jl, x_np, ones_np = module.f, x.detach().numpy(), ones.numpy()
+        for name, (bridged, views) in ops[n].items():
+            x = torch.randn(n, dtype=torch.float64, requires_grad=True)
+            seed = torch.ones_like(natives[name](x.detach()))
+            start = time.perf_counter()
+            torch.autograd.backward(bridged(x), seed)  # the first call compiles f and its pullback
+            first = time.perf_counter() - start
+            f_jl, x_np, seed_np = getattr(module, name), x.detach().numpy(), seed.numpy()
 
-        def juliacall_only():
-            y, back = pullback(f_jl, x_np)
-            np.asarray(y)
-            np.asarray(back(ones_np, (True,))[0])
+            def juliacall_only():
+                y, back = pullback(f_jl, x_np)
+                np.array(y)
+                np.array(back(seed_np, (True,))[0])
 
-        def round_trip(op):
-            return lambda: torch.autograd.backward(op(x), ones)
-        t = compare({"bridged": round_trip(f), "array": round_trip(g),
-                     "juliacall": juliacall_only, "native": round_trip(lambda v: a @ v)},
-                    rounds=5 if quick else 9)
-        ratios.append((n, t["bridged"] / t["native"], t["bridged"] / t["juliacall"]))
-        rows.append([n, fmt_time(t["native"]), fmt_time(t["bridged"]), fmt_time(t["array"]),
-                     fmt_time(t["juliacall"]), f"{t['bridged'] / t['native']:.1f}",
-                     f"{t['array'] / t['native']:.1f}", f"{t['bridged'] / t['juliacall']:.2f}",
-                     fmt_time(first)])
-    table = markdown_table(["n", "native torch", "bridged", "bridged, Array(x)", "juliacall only",
-                            "bridged / native", "Array(x) / native", "bridged / juliacall only",
+            def no_grad():
+                with torch.no_grad():
+                    bridged(x)
+
+            def round_trip(op):
+                return lambda: torch.autograd.backward(op(x), seed)
+            t = compare({"bridged": round_trip(bridged), "views": round_trip(views),
+                         "forward": lambda: bridged(x), "no_grad": no_grad,
+                         "juliacall": juliacall_only, "native": round_trip(natives[name])},
+                        rounds=5 if quick else 9)
+            ratios.append((name, n, t["bridged"] / t["native"], t["bridged"] / t["views"]))
+            rows.append([name, n, fmt_time(t["native"]), fmt_time(t["bridged"]),
+                         fmt_time(t["views"]), fmt_time(t["juliacall"]),
+                         f"{t['bridged'] / t['native']:.1f}", f"{t['bridged'] / t['views']:.2f}",
+                         f"{t['no_grad'] / t['forward']:.2f}",
+                         f"{t['bridged'] / t['juliacall']:.2f}", fmt_time(first)])
+    table = markdown_table(["function", "n", "native torch", "bridged (copies)", "views",
+                            "juliacall only", "bridged / native", "copies / views",
+                            "no-grad forward / forward", "bridged / juliacall only",
                             "first bridged call"], rows)
-    notes = (f"Each variant runs forward and backward of y = A x. bridged / juliacall only is the "
-             f"bridge's own cost (the core's checks, tensor-numpy views, the lock): "
-             f"{ratios[0][2]:.2f}x at n = {ratios[0][0]}, {ratios[-1][2]:.2f}x at n = "
-             f"{ratios[-1][0]}. bridged / native adds the cost of entering Julia and running "
-             f"Zygote's pullback, which dominates at small n ({ratios[0][1]:.1f}x at n = "
-             f"{ratios[0][0]}, {ratios[-1][1]:.1f}x at n = {ratios[-1][0]}). x reaches Julia as "
-             f"a PyArray view (no copy), on which `A * x` takes Julia's generic matvec; "
-             f"`A * Array(x)` pays one copy for BLAS. The first call of each function includes "
-             f"Julia compiling it and its pullback.")
+    worst = max(ratios, key=lambda r: r[3])
+    notes = (f"Each variant runs forward and backward, except the no-grad column, which compares "
+             f"forwards. copies / views is what copying outputs and gradients into torch's memory "
+             f"costs: at most {worst[3]:.2f}x here ({worst[0]}, n = {worst[1]}); the outer "
+             f"product's n^2 outputs make the copy as big as the work. The copies buy outputs "
+             f"that torch can change in place without corrupting Zygote's pullback or a Julia "
+             f"global. bridged / juliacall only "
+             f"is the bridge's own cost (core checks, tensor-numpy transfers). x reaches Julia as "
+             f"a PyArray view (no copy). The first call of each function includes Julia "
+             f"compiling it and its pullback.")
     plots = []
     if plot_dir is not None:
         plots.append(_plot(ratios, plot_dir / "julia_overhead.png"))
@@ -92,12 +109,13 @@ def _plot(ratios, path):
     plt = pyplot()
     if plt is None:
         return None
-    n, vs_native, vs_juliacall = map(np.array, zip(*ratios))
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.loglog(n, vs_native, "s-", label="bridged / native torch")
-    ax.loglog(n, vs_juliacall, "o-", label="bridged / juliacall only")
+    for name, marker in (("matvec", "s"), ("outer", "o")):
+        n, vs_native, vs_views = map(np.array, zip(*[r[1:] for r in ratios if r[0] == name]))
+        ax.loglog(n, vs_native, marker + "-", label=f"{name}: bridged / native torch")
+        ax.loglog(n, vs_views, marker + ":", label=f"{name}: copies / views")
     ax.axhline(1.0, color="grey", ls=":")
-    ax.set(xlabel="n (A is n x n)", ylabel="time ratio", title=TITLE)
+    ax.set(xlabel="n (x has n entries)", ylabel="time ratio", title="Julia adapter overhead")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

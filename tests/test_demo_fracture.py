@@ -30,15 +30,17 @@ def test_cli_help_and_bad_arguments(capsys):
     assert exc.value.code == 2
 
 
-def test_julia_backend_says_why_it_is_unavailable(capsys):
+@pytest.mark.parametrize("backend", ["julia", "dpfehm"])
+def test_julia_backends_say_why_they_are_unavailable(capsys, backend):
     from bridges.julia import julia_unavailable_reason
     reason = julia_unavailable_reason()
     if reason is None:
         pytest.skip("Julia is available here; this checks the message where it is not")
     with pytest.raises(SystemExit) as exc:
-        fracture.main(["--backend", "julia", "--grid", "8", "--iterations", "1"])
+        fracture.main(["--backend", backend, "--grid", "8", "--iterations", "1"])
     assert exc.value.code == 2
-    assert "--backend julia is unavailable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--backend {backend} is unavailable" in err and "Julia >= 1.10" in err
 
 
 def test_lightning_variant_trains():

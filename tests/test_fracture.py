@@ -1,14 +1,21 @@
 """bridges.fracture: the PETSc and torch-native TPFA solves against each other, finite differences,
-gradcheck and analytic solutions; the Julia solver where Julia runs."""
+gradcheck and analytic solutions; the Julia solvers (ours and DPFEHM's) where Julia runs, and
+DPFEHM's graph of the grid checked here against the operator."""
+import importlib.util
+
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from torch.autograd import gradcheck
 
 from bridges import ForeignError
-from bridges.fracture import (boundary_flux, cubic_law, linear_profile, pressure, pressure_petsc,
-                              pressure_torch, residual, synthetic_fracture)
-from bridges.julia import julia_unavailable_reason
+from bridges.fracture import (BACKENDS, DPFEHM_INSTALL, boundary_flux, cubic_law,
+                              dpfehm_unavailable_reason, grid_edges, linear_profile, pressure,
+                              pressure_dpfehm, pressure_petsc, pressure_torch, residual,
+                              synthetic_fracture)
+from bridges.fracture._grid import assemble
+from bridges.julia import JuliaUnavailableError, _runtime, julia_unavailable_reason
 
 F64 = torch.float64
 SOLVERS = {"torch": pressure_torch, "petsc": pressure_petsc}
@@ -155,7 +162,7 @@ def test_petsc_adjoint_is_one_transposed_solve():
     assert len(stats) == 2 and k.grad.abs().max() > 0
 
 
-# -- Julia (julia/src/Fracture.jl) ----------------------------------------------------------------
+# -- Julia (bridges/fracture/Fracture.jl) -----------------------------------------------------------
 _julia_missing = julia_unavailable_reason()
 needs_julia = pytest.mark.skipif(_julia_missing is not None,
                                  reason=f"Julia is not available: {_julia_missing}")
@@ -193,3 +200,117 @@ def test_julia_unavailable_error_says_how_to_fix():
     from bridges.julia import JuliaUnavailableError
     with pytest.raises(JuliaUnavailableError, match="(?s)pressure_julia: .*Install Julia"):
         pressure_julia(torch.ones(3, 3, dtype=F64))
+
+
+# -- DPFEHM (bridges/fracture/FractureDPFEHM.jl) -----------------------------------------------------
+def _dpfehm_system(edges, conductance, n, heads):
+    """A and b of the free nodes 1..n as DPFEHM's groundwater equations build them (src/
+    groundwater.jl: every edge adds Ks*(h1 - h2)*areasoverlengths to the residual of each free end;
+    a Dirichlet end contributes its fixed head; unit storage and volumes, no sources)."""
+    A = sp.lil_matrix((n, n))
+    b = np.zeros(n)
+    for (a, c), t in zip(edges, conductance):
+        for node1, node2 in ((a, c), (c, a)):
+            if node1 > n:
+                continue
+            A[node1 - 1, node1 - 1] += t
+            if node2 <= n:
+                A[node1 - 1, node2 - 1] -= t
+            else:
+                b[node1 - 1] += t * heads[node2 - n - 1]
+    return A.tocsr(), b
+
+
+def test_dpfehm_graph_of_the_grid_is_the_same_operator():
+    ny, nx = 5, 7
+    k = synthetic_fracture(7, ny=5, seed=11).k_true.numpy()
+    edges = grid_edges(ny, nx)
+    assert edges.shape == (ny * (nx - 1) + (ny - 1) * nx + 2 * ny, 2) and edges.dtype == np.int64
+    kv = k.ravel(order="F")  # Julia's linear, column-major k[i]
+    n = ny * nx
+    conductance = [np.sqrt(kv[a - 1] * kv[c - 1]) if c <= n else 2 * kv[a - 1] for a, c in edges]
+    heads = np.r_[np.full(ny, 2.0), np.full(ny, 1.0)]  # left ghosts, then right ghosts
+    A, b = _dpfehm_system(edges, conductance, n, heads)
+    A_ref, b_ref = assemble(k, 2.0, 1.0)  # row-major cells
+    order = np.arange(n).reshape(ny, nx, order="F").ravel()  # column-major index of each cell
+    P = sp.csr_matrix((np.ones(n), (order, np.arange(n))), shape=(n, n))
+    assert abs(A - P @ A_ref @ P.T).max() < 1e-14
+    np.testing.assert_allclose(b, P @ b_ref.ravel(), rtol=0, atol=1e-14)
+
+
+def test_dpfehm_arguments_are_checked_before_julia_is_touched():
+    k = torch.ones(3, 4, dtype=F64)
+    with pytest.raises(ValueError, match="pressure_dpfehm: reltol must be a float in"):
+        pressure_dpfehm(k, reltol=0)
+    with pytest.raises(ValueError, match="pressure_dpfehm: maxiter must be an int >= 1"):
+        pressure_dpfehm(k, maxiter=0.5)
+    with pytest.raises(ValueError, match="pressure_dpfehm: k must be finite and > 0"):
+        pressure_dpfehm(-k)
+    with pytest.raises(TypeError, match="pressure_dpfehm: p_left must be a finite number"):
+        pressure_dpfehm(k, p_left=float("nan"))
+    assert "dpfehm" in BACKENDS
+
+
+class _NoDPFEHM:
+    """Stands in for a running Julia runtime whose environment lacks DPFEHM."""
+
+    def has_package(self, name):
+        return False
+
+
+def test_dpfehm_missing_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(_runtime, "julia_unavailable_reason", lambda: None)
+    monkeypatch.setattr(_runtime, "get_runtime", lambda: _NoDPFEHM())
+    with pytest.raises(JuliaUnavailableError) as info:
+        pressure(torch.ones(3, 3, dtype=F64), backend="dpfehm")
+    message = str(info.value)
+    assert message.startswith("pressure_dpfehm: DPFEHM is not available")
+    assert DPFEHM_INSTALL in message and "juliapkg.add('DPFEHM', '8c3ed914-" in message
+    assert "version='0.1'" in message and "optional" in message
+
+
+def test_dpfehm_without_julia_says_julia_is_missing():
+    if _julia_missing is None:
+        pytest.skip("Julia is available here; this checks the message where it is not")
+    assert dpfehm_unavailable_reason().startswith("Julia is not available: ")
+    with pytest.raises(JuliaUnavailableError, match="(?s)pressure_dpfehm: Julia is not available"):
+        pressure_dpfehm(torch.ones(3, 3, dtype=F64))
+
+
+@pytest.fixture
+def dpfehm():
+    """Skips, saying what is missing, unless Julia with DPFEHM is available."""
+    if _julia_missing is not None:
+        pytest.skip(f"Julia is not available: {_julia_missing}")
+    reason = dpfehm_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch was imported before juliacall")
+def test_dpfehm_agrees_with_petsc_in_pressure_and_gradient(dpfehm):
+    if importlib.util.find_spec("petsc4py") is None:
+        pytest.skip("PETSc is not available: petsc4py is not installed (pip install "
+                    "'bridges[petsc]', see .ci/setup)")
+    f = synthetic_fracture(24, ny=20, seed=12)
+    w = torch.randn(20, 24, dtype=F64, generator=torch.Generator().manual_seed(3))
+    results = []
+    for solve in (pressure_dpfehm, lambda k: _solve("petsc", k)):
+        k = f.k_true.clone().requires_grad_()
+        p = solve(k)
+        (p * w).sum().backward()
+        results.append((p.detach(), k.grad))
+    (pd, gd), (pp, gp) = results
+    assert _relerr(pd, pp) < 1e-8
+    assert _relerr(gd, gp) < 1e-8
+    assert gp.abs().max() > 0
+
+
+@pytest.mark.filterwarnings("ignore:.*torch was imported before juliacall")
+def test_dpfehm_gradcheck_and_linear_profile(dpfehm):
+    k = torch.exp(0.5 * torch.randn(4, 5, dtype=F64, generator=torch.Generator().manual_seed(6)))
+    assert gradcheck(pressure_dpfehm, (k.requires_grad_(),), eps=1e-6, atol=1e-8, rtol=1e-6)
+    p = pressure(torch.full((6, 10), 0.3, dtype=F64), backend="dpfehm")
+    assert torch.allclose(p, linear_profile(6, 10), atol=1e-10)
+    with torch.no_grad():  # the forward without Zygote (DPFEHM's own multigrid solve)
+        assert _relerr(pressure_dpfehm(k.detach()), pressure_torch(k.detach())) < 1e-9

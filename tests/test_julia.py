@@ -1,11 +1,14 @@
 """The Julia adapter against real Julia (juliacall + Zygote): seed 003's Listing 1, gradcheck, plain
 arguments, output kinds, layouts (non-square, 3-D, transposed), lazy tangents, errors, lifetimes,
-threads, and a DPFEHM-like linear solve with a custom rrule.
+the thread policy, outputs that alias what the pullback reads or a global, the no-gradient path,
+list arguments, raw paths, and a DPFEHM-like linear solve with a custom rrule.
 
-Skipped, saying what is missing and how to provide it, where Julia is not available; the Python glue
-is tested without Julia in tests/test_julia_glue.py.
+Skipped, saying what is missing and how to provide it, where Julia is not available (these tests
+have not yet run on any machine: see README, "Verifying the Julia adapter"); the Python glue is
+tested without Julia in tests/test_julia_glue.py.
 """
 import gc
+import shutil
 import threading
 import time
 
@@ -17,10 +20,11 @@ from bridges.julia import julia_unavailable_reason
 
 _missing = julia_unavailable_reason()
 if _missing is not None:
-    pytest.skip(f"these tests run real Julia, which is not available: {_missing}",
+    pytest.skip(f"Julia is not available (these tests run real Julia): {_missing}",
                 allow_module_level=True)
 
 from bridges import ForeignError, julia2pytorch  # noqa: E402
+from bridges.julia import JuliaThreadError  # noqa: E402
 
 # torch is always imported first under pytest; the adapter's warning about it is expected here
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch was imported before juliacall")
@@ -49,6 +53,11 @@ total(x) = sum(x)                                  # tangent: a Fill
 pick(x) = x[2, 3]                                  # tangent: a OneElement
 flip(M) = M'                                       # output and tangent: an Adjoint
 only_vectors(x::AbstractVector) = 2 .* x
+vector_typed(x, v::Vector) = v[1] .* x             # a Python list (a PyList) does not match
+abstract_typed(x, v::AbstractVector) = v[1] .* x   # ... but matches this
+const G = [1.0, 2.0, 3.0]
+global_out(x) = G                                  # returns a global
+global_value() = copy(G)
 check_positive(x) = all(>(0), x) ? sqrt.(x) : error("negative permeability: $(minimum(x))")
 import ChainRulesCore
 fragile(x) = 2 .* x
@@ -67,6 +76,13 @@ function ChainRulesCore.rrule(::typeof(tracked), x)
     return tracked(x), tracked_pullback
 end
 freed() = ChainRulesCore.@ignore_derivatives (GC.gc(); GC.gc(); FREED[])
+const RULES = Ref(0)
+counted(x) = 2 .* x
+function ChainRulesCore.rrule(::typeof(counted), x)
+    RULES[] += 1
+    return counted(x), dy -> (ChainRulesCore.NoTangent(), 2 .* dy)
+end
+rules() = RULES[]
 """
 
 # Steady 1-D Darcy flow with upwind advection, as DPFEHM solves it in 2-D/3-D: n cells between two
@@ -266,14 +282,103 @@ def test_pullback_freed_after_backward():
     torch.testing.assert_close(x.grad, torch.full((3,), 6.0, dtype=torch.float64))
 
 
-def test_backward_on_another_thread():
-    f = julia2pytorch("f", LISTING_1)
-    x = _randn(2)
-    y = f(x)
-    worker = threading.Thread(target=lambda: y.sum().backward())
+def _on_worker(fn):
+    raised = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as exc:  # reported to the caller
+            raised.append(exc)
+    worker = threading.Thread(target=run, name="worker")
     worker.start()
     worker.join()
+    return raised[0] if raised else None
+
+
+def test_thread_policy_refuses_other_threads_and_backward_still_works_on_main():
+    f = julia2pytorch("f", LISTING_1)
+    x = _randn(2)
+    assert isinstance(_on_worker(lambda: f(x)), JuliaThreadError)
+    y = f(x)
+    exc = _on_worker(lambda: y.sum().backward(retain_graph=True))
+    assert isinstance(exc, ForeignError) and isinstance(exc.original, JuliaThreadError)
+    assert "PythonCall.jl issue #578" in str(exc)
+    y.sum().backward()  # the graph is intact: backward on the main thread works
     torch.testing.assert_close(x.grad, torch.tensor([4.0, 6.0], dtype=torch.float64))
+
+
+def test_pullback_dropped_on_another_thread_is_freed_on_the_main_one():
+    tracked, freed = julia2pytorch("tracked", LIFETIME), julia2pytorch("freed", LIFETIME)
+    before = freed().item()
+    graph = [tracked(_randn(3))]
+    assert _on_worker(graph.clear) is None  # the pullback's last reference dies on the worker
+    for _ in range(20):  # each freed() call is a Julia call on the main thread
+        gc.collect()
+        if freed().item() > before:
+            break
+        time.sleep(0.05)
+    assert freed().item() == before + 1
+
+
+def test_inplace_change_of_an_output_the_pullback_reads():
+    layer = _fn("layer")  # tanh.(W * x): Zygote's pullback reads the output it returned
+    w = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.3, -0.7]], dtype=torch.float64)
+    x = _randn(3)
+    expected = w.T @ (1 - torch.tanh(w @ x.detach()) ** 2)
+    y = layer(x)  # copied (default): an in-place change cannot reach the pullback
+    with torch.no_grad():
+        y.mul_(0.0)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, expected)
+    y = julia2pytorch("layer", FUNCTIONS, copy_outputs=False)(x)  # a view: torch refuses
+    with torch.no_grad():
+        y.mul_(0.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_a_returned_global_is_not_a_writable_alias():
+    out = _fn("global_out")(_randn(3))
+    with torch.no_grad():
+        out.fill_(-1.0)
+    torch.testing.assert_close(_fn("global_value")(), torch.tensor([1.0, 2.0, 3.0],
+                                                                   dtype=torch.float64))
+
+
+def test_no_zygote_when_no_input_needs_a_gradient():
+    counted, rules = julia2pytorch("counted", LIFETIME), julia2pytorch("rules", LIFETIME)
+    x = _randn(3)
+    before = rules().item()
+    with torch.no_grad():
+        y = counted(x)
+    counted(x.detach())
+    assert rules().item() == before and y.grad_fn is None
+    torch.testing.assert_close(y, 2 * x.detach())
+    counted(x).sum().backward()
+    assert rules().item() == before + 1
+
+
+def test_list_arguments_arrive_as_pylist():
+    import juliacall
+    jl = juliacall.Main
+    x = _randn(2)
+    with pytest.raises(ForeignError, match=r"(?s)MethodError.*vector_typed.*PyList.*Python lists"):
+        _fn("vector_typed")(x, [3.0])
+    torch.testing.assert_close(_fn("abstract_typed")(x, [3.0]), 3 * x)
+    v = juliacall.convert(jl.Vector[jl.Float64], [3.0])
+    torch.testing.assert_close(_fn("vector_typed")(x, v), 3 * x)
+
+
+def test_setup_includes_a_file_whose_path_has_a_dollar(tmp_path):
+    from bridges.fracture import FRACTURE_JL, pressure_torch
+    from bridges.fracture._julia import include_setup
+    folder = tmp_path / "run$HOME\\x"
+    folder.mkdir()
+    shutil.copy(FRACTURE_JL, folder / "Fracture.jl")
+    pressure = julia2pytorch("pressure", include_setup(folder / "Fracture.jl", "Fracture"))
+    k = torch.exp(_randn(3, 4, requires_grad=False))
+    torch.testing.assert_close(pressure(k, 2.0, 1.0), pressure_torch(k))
 
 
 def _darcy_matrix(k, v):

@@ -9,7 +9,8 @@ constant). The net is trained by Adam so that the solver's pressure matches the 
 gradients through the bridged solve (one transposed solve each). Writes a 3-panel PNG: aperture,
 learned W, pixel-wise relative pressure error.
 
-    python -m bridges.demos.fracture [--backend petsc|torch|julia] [--grid 128] [--iterations 200]
+    python -m bridges.demos.fracture [--backend petsc|torch|julia|dpfehm] [--grid 128]
+                                     [--iterations 200]
 """
 from __future__ import annotations
 
@@ -179,11 +180,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.grid < 4 or args.iterations < 1 or args.samples < 1:
         parser.error("need --grid >= 4, --iterations >= 1, --samples >= 1")
-    if args.backend == "julia":
+    if args.backend in ("julia", "dpfehm"):
+        from bridges.fracture import dpfehm_unavailable_reason
         from bridges.julia import julia_unavailable_reason
-        reason = julia_unavailable_reason()
+        reason = (julia_unavailable_reason() if args.backend == "julia"
+                  else dpfehm_unavailable_reason())
         if reason is not None:
-            parser.exit(2, f"--backend julia is unavailable: {reason}\n")
+            parser.exit(2, f"--backend {args.backend} is unavailable: {reason}\n")
 
     start = time.perf_counter()
     result = train(args.backend, args.grid, args.iterations, args.samples, args.lr, args.seed)

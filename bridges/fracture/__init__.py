@@ -3,12 +3,13 @@
 Darcy flow on a regular nx x ny cell-centred grid of square cells (width 1/nx; the fracture plane
 spans 1 x ny/nx), two-point flux: face permeability = geometric mean of the two cells, pressure
 fixed on the left and right boundary faces (through half-cell transmissibilities), no flow across
-top and bottom, no sources. The same discrete operator has three solvers, each a bridged op whose
+top and bottom, no sources. The same discrete operator has four solvers, each a bridged op whose
 gradient is one transposed solve:
 
     pressure(k, backend="torch")   # scipy SuperLU, the reference (one factorisation, two solves)
     pressure(k, backend="petsc")   # PETSc AIJ + KSP (CG + GAMG), adjoint by KSPSolveTranspose
-    pressure(k, backend="julia")   # julia/src/Fracture.jl through julia2pytorch (where Julia runs)
+    pressure(k, backend="julia")   # Fracture.jl (ours) through julia2pytorch (where Julia runs)
+    pressure(k, backend="dpfehm")  # DPFEHM.jl's groundwater solver, as in seed 003 (optional)
 
 k is the cell permeability, shape (ny, nx): k = cubic_law(aperture) * W for learned weights W.
 """
@@ -16,7 +17,11 @@ from ._data import SyntheticFracture, aperture_field, cubic_law, roughness_facto
 from ._grid import boundary_flux, linear_profile, residual
 from ._solvers import BACKENDS, pressure, pressure_petsc, pressure_torch
 from ._julia import FRACTURE_JL, pressure_julia
+from ._dpfehm import (DPFEHM_INSTALL, FRACTURE_DPFEHM_JL, dpfehm_unavailable_reason, grid_edges,
+                      pressure_dpfehm)
 
-__all__ = ["pressure", "pressure_torch", "pressure_petsc", "pressure_julia", "BACKENDS",
-           "residual", "boundary_flux", "linear_profile", "cubic_law", "aperture_field",
-           "roughness_factor", "synthetic_fracture", "SyntheticFracture", "FRACTURE_JL"]
+__all__ = ["pressure", "pressure_torch", "pressure_petsc", "pressure_julia", "pressure_dpfehm",
+           "BACKENDS", "residual", "boundary_flux", "linear_profile", "cubic_law",
+           "aperture_field", "roughness_factor", "synthetic_fracture", "SyntheticFracture",
+           "FRACTURE_JL", "FRACTURE_DPFEHM_JL", "DPFEHM_INSTALL", "dpfehm_unavailable_reason",
+           "grid_edges"]

@@ -1,4 +1,5 @@
-"""The torch-native (scipy SuperLU) and PETSc solves of A(k) p = b(k) as bridged ops.
+"""The torch-native (scipy SuperLU) and PETSc solves of A(k) p = b(k) as bridged ops, and the
+backend switch `pressure`.
 
 Both pullbacks do one transposed solve, lam = A^-T dL/dp, then dL/dk = -(dr/dk)^T lam from torch
 autograd of the residual (exact, cheap: no solve). PETSc is imported only when used.
@@ -15,7 +16,7 @@ from scipy.sparse.linalg import splu
 from .._core import foreign_function
 from ._grid import assemble, check_permeability, grad_k
 
-BACKENDS = ("torch", "petsc", "julia")
+BACKENDS = ("torch", "petsc", "julia", "dpfehm")
 WHO = "pressure_petsc"
 PETSC_DEFAULTS = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12, "ksp_atol": 1e-50,
                   "ksp_max_it": 10_000}
@@ -172,4 +173,7 @@ def pressure(k, backend="petsc", p_left=2.0, p_right=1.0, **kwargs):
     if backend == "julia":
         from ._julia import pressure_julia
         return pressure_julia(k, p_left, p_right, **kwargs)
+    if backend == "dpfehm":
+        from ._dpfehm import pressure_dpfehm
+        return pressure_dpfehm(k, p_left, p_right, **kwargs)
     raise ValueError(f"pressure: backend must be one of {BACKENDS}, got {backend!r}")

@@ -3,7 +3,12 @@ Julia-side helpers of the Python package `bridges` (its adapter `bridges.julia2p
 
 `pullback(f, args...)` runs Zygote and hands Python what crosses back cheaply: outputs that numpy
 can view without copying, and a closure that turns output cotangents into dense input gradients.
+`call(f, args...)` is the same forward without Zygote, for calls where no input needs a gradient.
 Nothing is kept in globals, so a pullback is freed as soon as Python drops it.
+
+Python copies every array it receives from here into its own memory unless the user asked for
+views (`julia2pytorch(..., copy_outputs=false)`): an output may be an array Zygote's pullback still
+reads (`tanh.(x)` keeps its result) or a global, and torch must not be able to write into either.
 """
 module BridgesJL
 
@@ -13,9 +18,7 @@ using ChainRulesCore: AbstractZero, ProjectTo, unthunk
 """
     pullback(f, args...) -> (outputs, back)
 
-`outputs` is `f(args...)` ready for Python: strided arrays as they are (numpy views them), other
-arrays (`Fill`, `Adjoint`, a `PyArray` passed through, ...) collected into an `Array`, numbers as
-0-dimensional arrays (a Python float would lose a Float32), tuples element by element.
+`outputs` is `f(args...)` ready for Python (see `to_python`).
 
 `back(dy, wanted)` takes the output cotangent (a tuple of them for a tuple output; a 0-dimensional
 array for a number; `nothing` for zero) and one Bool per argument. It returns `nothing` when Zygote
@@ -34,9 +37,21 @@ function pullback(f, args...)
     return to_python(y), vjp
 end
 
+"""
+    call(f, args...) -> outputs
+
+`f(args...)` ready for Python, without Zygote: nothing is recorded for a backward pass.
+"""
+call(f, args...) = to_python(f(args...))
+
 """The op's name as Python shows it: a function's name, or the type of another callable."""
 label(f) = string(f isa Function ? nameof(f) : typeof(f))
 
+"""
+Outputs for Python: strided arrays as they are (numpy views them through the array interface),
+other arrays (`Fill`, `Adjoint`, a `PyArray` passed through, ...) collected into an `Array`,
+numbers as 0-dimensional arrays (a Python float would lose a Float32), tuples element by element.
+"""
 to_python(y::Tuple) = map(to_python, y)
 to_python(y::Number) = fill(y)
 to_python(y::StridedArray) = y
