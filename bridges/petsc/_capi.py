@@ -28,7 +28,9 @@ def _lib():
                        ("DMCreateColoring", [p, i, ctypes.POINTER(p)]),
                        ("ISColoringGetColors", [p, ctypes.POINTER(_INT), ctypes.POINTER(_INT),
                                                 ctypes.POINTER(ctypes.POINTER(_COLOUR))]),
-                       ("ISColoringDestroy", [ctypes.POINTER(p)])]:
+                       ("ISColoringDestroy", [ctypes.POINTER(p)]),
+                       ("PetscErrorMessage", [i, ctypes.POINTER(ctypes.c_char_p),
+                                              ctypes.POINTER(ctypes.c_char_p)])]:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, ctypes.c_int
     return lib
@@ -40,8 +42,11 @@ _COLOUR = ctypes.c_ushort  # ISColoringValue: unsigned short in this build (pets
 
 def _check(code: int, call: str) -> None:
     if code:
+        text, specific = ctypes.c_char_p(), ctypes.c_char_p()
+        _lib().PetscErrorMessage(code, ctypes.byref(text), ctypes.byref(specific))
         error = PETSc.Error(code)
-        error._traceback = [f"{call} failed"]  # shown by _runtime.translate
+        error._traceback = [f"{call}() failed"] + [  # shown by _runtime.translate
+            m.value.decode() for m in (specific,) if m.value]
         raise error
 
 

@@ -16,8 +16,8 @@ import torch
 
 from .._fd import color_columns
 from .._linearise import Linearisation, choose, probe
+from ._grid import SerialLayout
 from ._runtime import PETSc
-from ._vec import vec_as_tensor
 
 
 class TorchJacobian:
@@ -29,12 +29,15 @@ class TorchJacobian:
     an op that has no forward mode); `multTranspose` is always a reverse-mode product.
     """
 
-    def __init__(self, shape, products="forward"):
+    def __init__(self, shape, products="forward", layout=None):
         if products not in ("forward", "fd"):
             raise ValueError(f"TorchJacobian: products must be 'forward' or 'fd', got "
                              f"{products!r}")
         self.products = products
         self.shape = tuple(shape)
+        # where u lives: one array (SerialLayout), or a Grid's ghosted block, fn giving its
+        # owned block; products then exchange halos (mult) or sum them into owners (transpose)
+        self.layout = layout or SerialLayout(shape)
         self.fn = self.u = self._lin = None
         self.diag_shift, self.factor = 0.0, 1.0
 
@@ -43,26 +46,32 @@ class TorchJacobian:
 
     def mat(self, comm=None):
         """A new PETSc Mat backed by this context."""
-        n = int(np.prod(self.shape))
-        mat = PETSc.Mat().createPython([n, n], self, comm=comm or PETSc.COMM_SELF)
+        n = int(np.prod(self.layout.owned_shape))
+        mat = PETSc.Mat().createPython([(n, None), (n, None)], self,
+                                       comm=comm or self.layout.comm)
         mat.setUp()
         return mat
 
     def _product(self, x, y, transpose):
+        layout = self.layout
+        owned_x, out = layout.owned_view(x, "r"), layout.owned_view(y, "w")
         if self.fn is None:  # a zeroed operator (e.g. the one TS duplicates for a zero RHS)
-            vec_as_tensor(y, "w").copy_(vec_as_tensor(x, "r")).mul_(self.diag_shift)
+            torch.mul(owned_x, self.diag_shift, out=out)
             return
         if self._lin is None:  # one linearisation serves every product at this point
             self._lin = Linearisation(self.fn, self.u)
-        xt = vec_as_tensor(x, "r").view(self.shape)
-        if transpose:
-            product = self._lin.vjp(xt)
-        else:
-            product = self._lin.jvp(xt) if self.products == "forward" else self._lin.fd_jvp(xt)
-        out = vec_as_tensor(y, "w").view(self.shape)
-        torch.mul(product.view(self.shape), self.factor, out=out)
+        if transpose:  # owned cotangent -> ghosted gradient, summed into its owners
+            grad = self._lin.vjp(owned_x.clone())
+            out.zero_()
+            del out
+            layout.add_ghosted(grad * self.factor, y)
+            out = layout.owned_view(y, "rw")
+        else:  # ghosted tangent (halo exchanged) -> owned product
+            v = layout.exchange(x)
+            product = self._lin.jvp(v) if self.products == "forward" else self._lin.fd_jvp(v)
+            torch.mul(product.view(out.shape), self.factor, out=out)
         if self.diag_shift:
-            out.add_(xt, alpha=self.diag_shift)
+            out.add_(owned_x, alpha=self.diag_shift)
 
     def mult(self, mat, x, y):
         self._product(x, y, transpose=False)
@@ -72,7 +81,7 @@ class TorchJacobian:
 
     # PETSc duplicates, zeroes, rescales and shifts the operator for some TS types (ARKIMEX)
     def duplicate(self, mat, op):
-        return TorchJacobian(self.shape, self.products).mat(mat.getComm())
+        return TorchJacobian(self.shape, self.products, self.layout).mat(mat.getComm())
 
     def zeroEntries(self, mat):
         self.at(None, None, 0.0, 1.0)
@@ -105,6 +114,10 @@ class ColouredJacobian:
             reverse-mode product per row colour: works when some op in the function has only a
             pullback) or ``"auto"``: forward where every op has a forward mode and it measured
             faster (see bridges._linearise), reverse otherwise. Decided at the first assembly.
+
+    `on_grid(grid)` builds one for functions on a `Grid`'s ghosted block, from the DMDA's
+    stencil, colouring and matrix: fn maps the ghosted block to the owned block, products are
+    local to each rank, and rows/cols are in the rank's ghosted local numbering.
     """
 
     def __init__(self, pattern, *, groups=None, block_size=1, comm=None, mode="auto"):
@@ -113,52 +126,96 @@ class ColouredJacobian:
             raise ValueError(f"ColouredJacobian: the sparsity pattern must be square, got shape "
                              f"{pattern.shape}")
         n = pattern.shape[0]
-        self.pattern = (pattern + scipy.sparse.identity(n, dtype=bool, format="csr")).tocsr()
-        self.pattern.sort_indices()
+        pattern = (pattern + scipy.sparse.identity(n, dtype=bool, format="csr")).tocsr()
+        pattern.sort_indices()
+        self.pattern = pattern
+        self.groups = color_columns(pattern) if groups is None else list(groups)
+        col_colour = _groups_to_colours(self.groups, n)
+        row_colour = col_colour if (pattern != pattern.T).nnz == 0 else None  # else on demand
+        mat = PETSc.Mat().create(comm=comm or PETSc.COMM_SELF)
+        mat.setSizes([n, n])
+        mat.setType(PETSc.Mat.Type.AIJ)
+        if block_size > 1:
+            mat.setBlockSize(block_size)
+        rows = np.repeat(np.arange(n), np.diff(pattern.indptr))
+        self._configure(rows, pattern.indices.astype(np.int64), np.arange(n), col_colour,
+                        row_colour, mat, mode, local=False)
+
+    @classmethod
+    def on_grid(cls, grid, *, mode="auto"):
+        """The exact Jacobian of a function from `grid`'s ghosted block to its owned block, for
+        the grid's stencil (every component coupled to every component of its neighbours)."""
+        self = cls.__new__(cls)
+        self.pattern, self.groups, self.grid = None, None, grid
+        ghosted = np.array(grid.ghosted_shape[:len(grid.shape)])
+        dof, width, ndim = grid.dof, grid.stencil_width, len(grid.shape)
+        index = np.arange(int(np.prod(ghosted))).reshape(tuple(ghosted))
+        owned_points = index[grid.interior].reshape(-1)  # ghosted numbering of owned points
+        coords = np.stack(np.unravel_index(owned_points, tuple(ghosted)), axis=1)
+        offsets = np.array([o for o in np.ndindex(*(2 * width + 1,) * ndim)]) - width
+        if grid.stencil == "star":
+            offsets = offsets[(offsets != 0).sum(axis=1) <= 1]
+        neighbours = coords[:, None, :] + offsets[None, :, :]
+        inside = np.all((neighbours >= 0) & (neighbours < ghosted), axis=2)
+        exterior = grid.exterior().reshape(-1).numpy()[::dof]  # per point
+        row_point = np.repeat(np.arange(len(owned_points)), inside.sum(axis=1))
+        col_point = np.ravel_multi_index(tuple(neighbours[inside].T), tuple(ghosted))
+        keep = ~exterior[col_point]
+        row_point, col_point = row_point[keep], col_point[keep]
+        k = np.arange(dof)  # every component couples to every component
+        rows = (row_point[:, None, None] * dof + k[None, :, None]).repeat(dof, axis=2).reshape(-1)
+        cols = (col_point[:, None, None] * dof + k[None, None, :]).repeat(dof, axis=1).reshape(-1)
+        owned_colour, ghosted_colour = grid.colours()
+        owned_entries = (owned_points[:, None] * dof + k[None, :]).reshape(-1)
+        mat = grid.dm.createMat()
+        self._configure(rows, cols, owned_entries, ghosted_colour, owned_colour, mat, mode,
+                        local=True)
+        return self
+
+    def _configure(self, rows, cols, owned_in, col_colour, row_colour, mat, mode, local):
+        """rows: output index (0..n_out) of each entry; cols: input index (0..n_in); owned_in:
+        the input index of each output's own point (the diagonal); colours per input (forward
+        mode, -1 for inputs that are no unknowns) and per output (reverse mode, or None to
+        colour the transposed pattern on demand)."""
         if mode not in ("auto", "forward", "reverse"):
             raise ValueError(f"ColouredJacobian: unknown mode {mode!r}; valid: auto, forward, "
                              f"reverse")
-        self.n, self.requested_mode, self.mode = n, mode, None
-        self.groups = color_columns(self.pattern) if groups is None else list(groups)
-        self.col_colour = _groups_to_colours(self.groups, n)
-        self._row_colour = None
-        self.rows = np.repeat(np.arange(n), np.diff(self.pattern.indptr))
-        self.cols = self.pattern.indices.astype(np.int64)
-        self._diagonal = np.flatnonzero(self.rows == self.cols)
-        self.mat = PETSc.Mat().create(comm=comm or PETSc.COMM_SELF)
-        self.mat.setSizes([n, n])
-        self.mat.setType(PETSc.Mat.Type.AIJ)
-        if block_size > 1:
-            self.mat.setBlockSize(block_size)
-        self.mat.setPreallocationCOO(self.rows.astype(PETSc.IntType),
-                                     self.cols.astype(PETSc.IntType))
+        self.requested_mode, self.mode = mode, None
+        self.rows, self.cols = rows, cols
+        self.n_out, self.n_in = len(owned_in), len(col_colour)
+        self.col_colour, self._row_colour = col_colour, row_colour
+        self._diagonal = np.flatnonzero(owned_in[rows] == cols)
+        self.mat = mat
+        coo = (owned_in[rows].astype(PETSc.IntType), cols.astype(PETSc.IntType))
+        (mat.setPreallocationCOOLocal if local else mat.setPreallocationCOO)(*coo)
         self.evaluations = 0
 
     @property
+    def n(self):
+        return self.n_out
+
+    @property
     def row_colour(self):
-        """Row colours for reverse mode: rows of one colour share no column. A structurally
-        symmetric pattern reuses the column colouring."""
+        """Row colours for reverse mode: rows of one colour share no column."""
         if self._row_colour is None:
-            if (self.pattern != self.pattern.T).nnz == 0:
-                self._row_colour = self.col_colour
-            else:
-                self._row_colour = _groups_to_colours(color_columns(self.pattern.T.tocsr()),
-                                                      self.n)
+            self._row_colour = _groups_to_colours(color_columns(self.pattern.T.tocsr()), self.n)
         return self._row_colour
 
-    def _seeds(self, colour, dtype, shape):
+    @staticmethod
+    def _seeds(colour, dtype, shape):
         k = int(colour.max()) + 1
-        seeds = torch.zeros(k, self.n, dtype=dtype)
-        seeds[torch.from_numpy(colour), torch.arange(self.n)] = 1.0
+        seeds = torch.zeros(k, len(colour), dtype=dtype)
+        real = np.flatnonzero(colour >= 0)
+        seeds[torch.from_numpy(colour[real]), torch.from_numpy(real)] = 1.0
         return seeds.view(k, *shape)
 
-    def values(self, fn, u, mode=None):
+    def values(self, fn, u, mode=None, out_shape=None):
         """The pattern's entries of dfn/du at u (in COO order), by coloured products; `mode`
-        overrides the one given at construction."""
+        overrides the one given at construction. `out_shape`: fn's output shape (default u's)."""
         mode = mode or self.requested_mode
         if mode == "auto":
             if self.mode is None:  # decided once, at the first assembly
-                self.mode = choose("auto", probe(fn, u, "ColouredJacobian"), self.n,
+                self.mode = choose("auto", probe(fn, u, "ColouredJacobian"), self.n_in,
                                    "ColouredJacobian")
             mode = self.mode
         elif mode not in ("forward", "reverse"):
@@ -166,17 +223,18 @@ class ColouredJacobian:
                              f"reverse")
         lin = Linearisation(fn, u)
         if mode == "forward":
-            products = lin.jvps(self._seeds(self.col_colour, u.dtype, u.shape)).reshape(-1, self.n)
-            take = (torch.from_numpy(self.col_colour[self.cols]), torch.from_numpy(self.rows))
+            products = lin.jvps(self._seeds(self.col_colour, u.dtype, u.shape))
+            take = (self.col_colour[self.cols], self.rows)
         else:
-            products = lin.vjps(self._seeds(self.row_colour, u.dtype, u.shape)).reshape(-1, self.n)
-            take = (torch.from_numpy(self.row_colour[self.rows]), torch.from_numpy(self.cols))
+            products = lin.vjps(self._seeds(self.row_colour, u.dtype, out_shape or u.shape))
+            take = (self.row_colour[self.rows], self.cols)
         self.evaluations += products.shape[0]
-        return products[take]
+        products = products.reshape(products.shape[0], -1)
+        return products[torch.from_numpy(take[0]), torch.from_numpy(take[1])]
 
-    def assemble(self, fn, u, diag_shift=0.0, factor=1.0, mode=None):
+    def assemble(self, fn, u, diag_shift=0.0, factor=1.0, mode=None, out_shape=None):
         """Fill the matrix with diag_shift*I + factor*dfn/du at u; returns the PETSc Mat."""
-        values = (self.values(fn, u, mode) * factor).numpy()
+        values = (self.values(fn, u, mode, out_shape) * factor).numpy()
         values[self._diagonal] += diag_shift
         self.mat.setValuesCOO(values.astype(PETSc.ScalarType, copy=False))
         self.mat.assemble()

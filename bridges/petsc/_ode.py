@@ -20,9 +20,11 @@ from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError
 from .._linearise import Linearisation, probe
 from ._capi import trajectory_prefix
+from ._grid import SerialLayout
 from ._jacobian import TorchJacobian, block_jacobian
 from ._options import SolverOptions, check_options
 from ._runtime import PETSc, destroy, diverged, petsc_errors
+from ._solve import _assembler
 from ._vec import as_vec, check_tensor, vec_as_tensor
 
 # method -> (TS type, its scheme option or None, form)
@@ -37,7 +39,7 @@ METHODS = {
     "dopri5": ("rk", ("ts_rk_type", "5dp"), "explicit"),
 }
 ADJOINT_TS_TYPES = ("beuler", "cn", "theta", "arkimex", "rk")  # TS types with TSAdjoint
-JACOBIANS = ("auto", "blocks", "matrix-free")
+JACOBIANS = ("auto", "assembled", "blocks", "matrix-free")
 PRODUCTS = ("auto", "forward", "reverse", "fd")
 BLOCK_LIMIT = 64  # largest per-sample system whose Jacobian blocks are assembled by default
 WHO = "odeint_adjoint"
@@ -47,7 +49,7 @@ class _ODEProblem:
     """Everything fixed across solves: the function, its parameters, the solver settings."""
 
     def __init__(self, func, params, method, step_size, steps_per_interval, rtol, atol, options,
-                 prefix, jacobian, products):
+                 prefix, jacobian, products, assembler, grid):
         self.func, self.params = func, params
         self.ts_type, self.scheme, self.form = METHODS[method]
         self.method, self.step_size, self.rtol, self.atol = method, step_size, rtol, atol
@@ -55,6 +57,7 @@ class _ODEProblem:
         self.fixed = step_size is not None or steps_per_interval is not None
         self.options, self.prefix = options, prefix
         self.jacobian, self.products = jacobian, products
+        self.assembler, self.grid = assembler, grid
 
     def rhs(self, t, y):
         return self.func(torch.as_tensor(t, dtype=y.dtype), y)
@@ -85,10 +88,13 @@ class _ODESolve:
     """One forward solve and its adjoint: the TS, its matrices, vectors, trajectory and options.
 
     PETSc holds its callbacks (bound methods of this object), so the two form a cycle that only
-    `release` breaks; `_Pullback` calls it when it dies."""
+    `release` breaks; `_Pullback` calls it when it dies. On a grid, func sees each rank's
+    ghosted block and returns its owned block; the state vectors are the grid's."""
 
     def __init__(self, problem, y0, times, record):
-        self.p, self.shape, self.times, self.record = problem, y0.shape, times, record
+        self.p, self.times, self.record = problem, times, record
+        self.layout = problem.grid or SerialLayout(y0.shape)
+        self.shape = self.layout.owned_shape
         self.y0 = y0.clone(memory_format=torch.contiguous_format)
         self.steps = None
         self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = self.jac = None
@@ -101,17 +107,21 @@ class _ODESolve:
             raise
 
     def _set_up(self):
-        p, n = self.p, self.y0.numel()
-        self.u = as_vec(self.y0.clone())
-        self.F = PETSc.Vec().createSeq(n, comm=PETSc.COMM_SELF)
-        self.jac = TorchJacobian(self.shape)
+        p, layout = self.p, self.layout
+        self.u, self.F = layout.global_vec(), layout.global_vec()
+        self.jac = TorchJacobian(layout.ghosted_shape, layout=layout)
         self.jac_mat = self.jac.mat()
-        self.n_params = sum(q.numel() for q in p.params)
-        self.jacp_mat = PETSc.Mat().createPython([n, max(self.n_params, 1)], self,
-                                                 comm=PETSc.COMM_SELF)
+        # parameter Jacobian: state rows by columns that give every rank its own copy of the
+        # parameters, so TSAdjoint accumulates each rank's share without communication
+        self.n_params = max(sum(q.numel() for q in p.params), 1)
+        n = int(np.prod(self.shape))
+        self.jacp_mat = PETSc.Mat().createPython([(n, None), (self.n_params, None)], self,
+                                                 comm=layout.comm)
         self.jacp_mat.setUp()
-        ts = self.ts = PETSc.TS().create(comm=PETSc.COMM_SELF)
+        ts = self.ts = PETSc.TS().create(comm=layout.comm)
         ts.setOptionsPrefix(self.options.prefix)
+        if layout.dm is not None:
+            ts.setDM(layout.dm)
         if p.form == "explicit":
             ts.setRHSFunction(self._rhs_function, self.F)
             ts.setRHSJacobian(self._rhs_jacobian, self.jac_mat)  # the adjoint's transposes
@@ -130,35 +140,44 @@ class _ODESolve:
     def _set_ijacobian(self, ts):
         """Jacobian structure and product mode of an implicit method (see odeint_adjoint)."""
         p = self.p
-        block = self.shape[-1] if self.y0.ndim else 1
-        jacobian = p.jacobian
-        if jacobian == "auto" and block > BLOCK_LIMIT:
-            jacobian = "matrix-free"
+        jacobian, products = p.jacobian, p.products
+        if jacobian == "auto":
+            block = self.shape[-1] if self.y0.ndim else 1
+            jacobian = "assembled" if p.assembler is not None else \
+                "blocks" if block <= BLOCK_LIMIT else "matrix-free"
         fn = self._rhs_at(float(self.times[0]))
-        caps = probe(fn, self.y0, WHO)
-        products = p.products
-        if jacobian != "matrix-free":
-            if products == "fd":
-                raise ValueError(f"{WHO}: products='fd' is a matrix-free action; use it with "
-                                 f"jacobian='matrix-free', or products 'forward'/'reverse'")
+        self.layout.owned_view(self.u, "w").copy_(self.y0)
+        u0 = self.layout.exchange(self.u).clone()
+        if products == "fd" and jacobian != "matrix-free":
+            raise ValueError(f"{WHO}: products='fd' is a matrix-free action; use it with "
+                             f"jacobian='matrix-free', or products 'forward'/'reverse'")
+        if jacobian == "assembled":
+            self.blocks = p.assembler
+        elif jacobian == "blocks":
             self.blocks = block_jacobian(self.shape, mode=products)
-            if jacobian == "auto" and not self._rows_independent(fn):
-                jacobian = "matrix-free"
-        self.assembled = jacobian == "blocks" or (jacobian == "auto" and self.blocks is not None)
-        defaults = {}
-        if self.assembled:  # exact sparse Jacobian: a direct solve
+            if p.jacobian == "auto" and not self._rows_independent(fn):
+                jacobian = "matrix-free"  # samples are coupled: blocks would be inexact
+        self.assembled = jacobian in ("assembled", "blocks")
+        if self.assembled:
             ts.setIJacobian(self._ijacobian, self.blocks.mat, self.blocks.mat)
-            defaults = {"ksp_type": "preonly", "pc_type": "lu"}
+            # small blocks: a direct solve; a sparse Jacobian: GMRES with PETSc's default PC
+            defaults = {"ksp_type": "preonly", "pc_type": "lu"} if jacobian == "blocks" else \
+                {"ksp_type": "gmres"}
         else:
             if products == "reverse":
                 raise ValueError(f"{WHO}: a matrix-free Jacobian needs J v, which reverse mode "
                                  f"cannot give; use products 'forward', 'fd' or 'auto', or "
-                                 f"jacobian='blocks'")
+                                 f"jacobian='blocks' or 'assembled'")
+            caps = probe(fn, u0, WHO)
             if products == "forward" and not caps.forward:
                 raise ValueError(f"{WHO}: products='forward' needs a forward-mode rule for "
                                  f"every op in func; one has none. Use 'fd' or 'auto'")
             fd = products == "fd" or (products == "auto" and not caps.forward)
             self.jac.products = "fd" if fd else "forward"
+            # a small per-sample system still preconditions with its blocks
+            if self.blocks is None and self.layout.dm is None and self.y0.ndim and \
+                    self.shape[-1] <= BLOCK_LIMIT and p.jacobian != "matrix-free":
+                self.blocks = block_jacobian(self.shape, mode=products)
             self.pmat = self.jac_mat if self.blocks is None else self.blocks.mat
             ts.setIJacobian(self._ijacobian, self.jac_mat, self.pmat)
             defaults = {"ksp_type": "gmres",
@@ -186,38 +205,46 @@ class _ODESolve:
                                    atol=1e-12 * float(exact.abs().max())))
 
     # -- PETSc callbacks (they record linearisation points; torch does the algebra) -------------
-    def _state(self, vec, mode="r"):
-        return vec_as_tensor(vec, mode).view(self.shape)
+    def _owned(self, vec, mode="r"):
+        return self.layout.owned_view(vec, mode)
+
+    def _ghosted(self, vec):
+        return self.layout.exchange(vec)
 
     def _rhs_function(self, ts, t, U, F):
         with torch.no_grad():
-            self._state(F, "w").copy_(self.p.rhs(t, self._state(U)))
+            self._owned(F, "w").copy_(self.p.rhs(t, self._ghosted(U)))
 
     def _rhs_jacobian(self, ts, t, U, A, P):
-        self.jac.at(self._rhs_at(t), self._state(U).clone())
+        self.jac.at(self._rhs_at(t), self._ghosted(U).clone())
 
     def _ifunction(self, ts, t, U, Udot, F):
         with torch.no_grad():
-            torch.sub(self._state(Udot), self.p.rhs(t, self._state(U)), out=self._state(F, "w"))
+            torch.sub(self._owned(Udot), self.p.rhs(t, self._ghosted(U)), out=self._owned(F, "w"))
 
     def _ijacobian(self, ts, t, U, Udot, shift, A, P):
-        u = self._state(U).clone()
+        u = self._ghosted(U).clone()
         if not self.assembled:
             self.jac.at(self._rhs_at(t), u, diag_shift=shift, factor=-1.0)
         if self.blocks is not None:
-            self.blocks.assemble(self._rhs_at(t), u, diag_shift=shift, factor=-1.0)
+            self.blocks.assemble(self._rhs_at(t), u, diag_shift=shift, factor=-1.0,
+                                 out_shape=self.shape)
 
     def _jacobian_p(self, ts, t, U, *rest):  # RHS form: (A); implicit form: (Udot, shift, A)
-        self._jacp_point = (t, self._state(U).clone())
+        self._jacp_point = (t, self._ghosted(U).clone())
 
     def multTranspose(self, mat, x, y):
-        """(d func / d params)^T x at the state PETSc passed to the JacobianP callback, recomputed
-        here (a value saved from another callback is wrong for implicit methods)."""
+        """This rank's share of (d func / d params)^T x at the state PETSc passed to the
+        JacobianP callback, recomputed here (a value saved from another callback is wrong for
+        implicit methods)."""
         t, u = self._jacp_point
         out = vec_as_tensor(y, "w")
+        if not self.p.params:
+            out.zero_()
+            return
         with torch.enable_grad():
             value = self.p.rhs(t, u)
-            grads = torch.autograd.grad(value, self.p.params, vec_as_tensor(x, "r").view(value.shape),
+            grads = torch.autograd.grad(value, self.p.params, self._owned(x).view(value.shape),
                                         allow_unused=True)
         sign = 1.0 if self.p.form == "explicit" else -1.0  # implicit: dF/dp = -dfunc/dp
         offset = 0
@@ -230,7 +257,7 @@ class _ODESolve:
     def solve(self):
         """Integrates from times[0] through every output time; returns (len(t), *shape)."""
         ts, times = self.ts, self.times
-        vec_as_tensor(self.u).copy_(self.y0.reshape(-1))
+        self._owned(self.u, "w").copy_(self.y0)
         ts.setTime(float(times[0]))
         ts.setStepNumber(0)
         ts.setTimeSpan(times.tolist())
@@ -257,7 +284,7 @@ class _ODESolve:
             raise ForeignError(f"{WHO}: PETSc TS reached {len(recorded)} of {len(times)} output "
                                f"times; check the times and step options")
         self.steps = recorded
-        ys = torch.stack([vec_as_tensor(s, "r").view(self.shape).clone() for s in solutions])
+        ys = torch.stack([self._owned(s).clone() for s in solutions])
         finite = torch.isfinite(ys.reshape(len(times), -1)).all(dim=1)
         if not bool(finite.all()):
             k = int(torch.nonzero(~finite)[0])
@@ -275,27 +302,28 @@ class _ODESolve:
                                f"of the methods {', '.join(m for m in METHODS if m != 'bdf')}")
         if self.steps is None:  # the trajectory went with an earlier adjoint: solve again
             self.solve()
-        lam = as_vec(grad_ys[-1].to(torch.float64).clone())
-        mu = PETSc.Vec().createSeq(max(self.n_params, 1), comm=PETSc.COMM_SELF)
+        lam = self.layout.global_vec()
+        mu = PETSc.Vec().createMPI((self.n_params, None), comm=self.layout.comm)
         try:
+            self._owned(lam, "w").copy_(grad_ys[-1])
             mu.zeroEntries()
             want_params = any(needs_input_grad[3:])
             ts.setCostGradients([lam], [mu] if want_params else None)
-            lam_t = vec_as_tensor(lam)
             for k in range(len(self.steps) - 1, 0, -1):
                 ts.adjointSetSteps(self.steps[k] - self.steps[k - 1])
                 with petsc_errors(WHO, f"the adjoint solve (PETSc TS '{ts.getType()}')"):
                     ts.adjointSolve()
                 self._check(ts.getConvergedReason(), "the adjoint solve")
-                lam_t.add_(grad_ys[k - 1].reshape(-1))
+                self._owned(lam, "rw").add_(grad_ys[k - 1])
             self.steps = None  # TSAdjoint consumed the trajectory
             grad_params = [None] * len(self.p.params)
-            if want_params:
-                mu_t, offset = vec_as_tensor(mu), 0
+            if want_params:  # this rank's share (see odeint_adjoint)
+                mu_t, offset = vec_as_tensor(mu, "r"), 0
                 for i, param in enumerate(self.p.params):
                     grad_params[i] = mu_t[offset:offset + param.numel()].view(param.shape).clone()
                     offset += param.numel()
-            grad_y0 = lam_t.view(self.shape).clone()
+                del mu_t
+            grad_y0 = self._owned(lam).clone()
         finally:
             destroy(lam, mu)  # TS does not own its cost gradients
         self.options.report_unused(final=True)
@@ -315,7 +343,8 @@ class _ODESolve:
     def release(self):
         """Free every PETSc object of this solve (idempotent)."""
         destroy(self.ts, self.u, self.F, self.jac_mat, self.jacp_mat,
-                None if self.blocks is None else self.blocks.mat)
+                None if self.blocks is None or self.blocks is self.p.assembler else
+                self.blocks.mat)
         self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = None
         self.jac = None  # its linearisation point holds a closure over this object
         self.options.close()
@@ -354,7 +383,7 @@ _ODEINT = foreign_function(_forward, name="petsc_odeint", pass_needs_input_grad=
 @eager_under_compile(WHO)
 def odeint_adjoint(func, y0, t, *, method="cn", step_size=None, steps_per_interval=None,
                    rtol=1e-6, atol=1e-8, options=None, prefix=None, adjoint_params=None,
-                   jacobian="auto", products="auto"):
+                   jacobian="auto", products="auto", sparsity=None, grid=None):
     """Solve dy/dt = func(t, y) with PETSc TS; gradients by TSAdjoint (discrete adjoint).
 
     Follows torchdiffeq's convention: returns the solution at every time in ``t``, a tensor of
@@ -363,8 +392,10 @@ def odeint_adjoint(func, y0, t, *, method="cn", step_size=None, steps_per_interv
     Args:
         func: ``func(t, y) -> dy/dt`` on torch tensors (t is a 0-d tensor); usually an nn.Module.
             A leading batch dimension of ``y0`` is handed to func as is. Bridged ops (Julia,
-            finite differences, programs) may appear in it.
-        y0: initial state, any shape, PETSc's scalar dtype (float64), on the CPU.
+            finite differences, programs) may appear in it. On a grid, func receives this
+            rank's ghosted block and returns dy/dt on its owned block.
+        y0: initial state, any shape, PETSc's scalar dtype (float64), on the CPU; on a grid this
+            rank's owned block (``grid.owned_shape``).
         t: strictly increasing output times (1-D); t[0] is the initial time.
         method: one of ``beuler``, ``cn``, ``theta``, ``arkimex`` (implicit, for stiff
             problems), ``rk4``, ``bosh3``, ``dopri5`` (explicit Runge-Kutta), ``bdf`` (forward
@@ -383,18 +414,28 @@ def odeint_adjoint(func, y0, t, *, method="cn", step_size=None, steps_per_interv
             (``ts_trajectory_type memory``) unless options or the command line say otherwise.
         prefix: options prefix of this solver (e.g. ``"chem_"`` makes ``-chem_ts_type`` apply).
         adjoint_params: tensors func depends on that need gradients (default: func.parameters()).
-        jacobian: how implicit methods get dfunc/dy. ``"blocks"``: each row along the last
-            dimension of y0 is one sample whose n x n Jacobian block is assembled, and Newton
-            steps solve with LU. ``"matrix-free"``: a PETSc Mat of Jacobian products, solved by
-            GMRES (preconditioned by the blocks when n <= 64). ``"auto"`` (default): blocks when
-            n <= 64 and a check with one product at y0 shows func treats samples independently,
-            else matrix-free.
+        jacobian: how implicit methods get dfunc/dy. ``"assembled"`` (with sparsity or grid): the
+            exact sparse Jacobian from one product per colour, solved by GMRES with PETSc's
+            default PC (ILU on one rank, block Jacobi on many; any PC through options: gamg,
+            mg on a grid, lu, ...). ``"blocks"``: each row along the last dimension of y0 is one
+            sample whose n x n Jacobian block is assembled, and Newton steps solve with LU.
+            ``"matrix-free"``: a PETSc Mat of Jacobian products, solved by GMRES
+            (preconditioned by the blocks when n <= 64). ``"auto"`` (default): assembled with
+            sparsity or a grid, else blocks when n <= 64 and a check with one product at y0
+            shows func treats samples independently, else matrix-free.
         products: how Jacobian products are formed. ``"forward"``: forward-mode AD (needs every
             op in func to have one); ``"reverse"``: reverse-mode AD, which every bridged op has
             (assembled blocks only); ``"fd"``: the finite-difference action J v ~ (f(u + h v) -
             f(u)) / h with PETSc MFFD's default step, for matrix-free Newton when some op has no
             forward mode (the adjoint still uses reverse mode); ``"auto"`` (default): forward
             mode where every op has one, else reverse mode (blocks) or fd (matrix-free).
+        sparsity: the pattern of dfunc/dy for the full state: an N x N scipy sparse matrix or
+            boolean array (N = y0.numel()) or a ColouredJacobian such as
+            ``stencil_sparsity(y0.shape)`` (reuse it across solves).
+        grid: a `Grid` to integrate on, over all of its ranks (see func and y0); the Jacobian is
+            assembled from the grid's stencil. Each rank's parameter gradient is its share:
+            the shares of all ranks sum to the gradient of the total loss (see
+            `sum_gradients`).
     """
     if not callable(func):
         raise TypeError(f"{WHO}: func must be callable as func(t, y), got {type(func).__name__}")
@@ -436,6 +477,17 @@ def odeint_adjoint(func, y0, t, *, method="cn", step_size=None, steps_per_interv
         raise ValueError(f"{WHO}: unknown jacobian {jacobian!r}; valid: {', '.join(JACOBIANS)}")
     if products not in PRODUCTS:
         raise ValueError(f"{WHO}: unknown products {products!r}; valid: {', '.join(PRODUCTS)}")
+    assembler = _assembler(WHO, sparsity, grid, y0.numel())
+    if assembler is not None and grid is None:
+        grid = getattr(assembler, "grid", None)  # a stencil_sparsity's one-rank grid
+    if grid is not None:
+        grid._check_owned(y0, f"{WHO}: y0")
+    if jacobian == "assembled" and assembler is None:
+        raise ValueError(f"{WHO}: jacobian='assembled' needs sparsity= (the pattern of "
+                         f"dfunc/dy, e.g. stencil_sparsity(y0.shape)) or grid=")
+    if jacobian == "blocks" and grid is not None:
+        raise ValueError(f"{WHO}: jacobian='blocks' is for independent samples; on a grid use "
+                         f"'assembled' or 'matrix-free'")
     problem = _ODEProblem(func, params, method, step_size, steps_per_interval, rtol, atol, options,
-                          prefix, jacobian, products)
+                          prefix, jacobian, products, assembler, grid)
     return _ODEINT(y0, t, problem, *params)

@@ -1,174 +1,133 @@
 """Nonlinear solves F(x, params) = 0 with PETSc SNES for torch residuals, as one bridged op.
 
 The residual is a torch function; PETSc's SNES (Newton with line search) does the solving, with
-the Jacobian dF/dx taken from torch either matrix-free (a python Mat whose products are JVPs and
-VJPs) or assembled exactly from coloured JVPs of a known sparsity pattern, so that real
-preconditioners (GAMG, MG, ILU, LU) apply. The gradient comes from the implicit function theorem:
-one transposed linear solve J^T lam = g at the solution, then dL/dparams = -lam^T dF/dparams by
-torch autograd; no iteration is differentiated.
+the Jacobian dF/dx taken from torch either matrix-free (a python Mat of Jacobian products) or
+assembled exactly from coloured products of a known sparsity, so that real preconditioners
+(GAMG, MG, ILU, LU) apply. On a `Grid` the solve is distributed over the grid's ranks: the
+residual sees each rank's ghosted block and returns its owned block. The gradient comes from the
+implicit function theorem: one transposed linear solve J^T lam = g at the solution, then
+dL/dparams = -lam^T dF/dparams by torch autograd; no iteration is differentiated.
 """
 from __future__ import annotations
 
-import itertools
 import weakref
 
 import numpy as np
-import scipy.sparse
 import torch
 
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError
 from .._linearise import probe
+from ._grid import Grid, SerialLayout
 from ._jacobian import ColouredJacobian, TorchJacobian
 from ._options import SolverOptions, check_options
 from ._runtime import PETSc, destroy, diverged, petsc_errors, reason_name
-from ._vec import as_vec, check_tensor, vec_as_tensor
+from ._vec import check_tensor, vec_as_tensor
 
 JACOBIANS = ("auto", "assembled", "matrix-free")
 PRODUCTS = ("auto", "forward", "reverse", "fd")
 WHO = "solve"
 # PETSc defaults of each solve; options and the command line override them
 DEFAULTS = {"snes_rtol": 1e-10, "snes_atol": 1e-12, "snes_stol": 0.0, "snes_max_it": 50,
-            "ksp_rtol": 1e-10, "ksp_atol": 1e-50, "ksp_max_it": 10_000}
+            "ksp_rtol": 1e-10, "ksp_atol": 1e-50, "ksp_max_it": 10_000, "ksp_type": "gmres"}
 
 
-# -- sparsity of grid stencils --------------------------------------------------------------------
 def stencil_sparsity(shape, offsets=None):
-    """The Jacobian pattern of a stencil on a grid, ready for ``solve(..., sparsity=...)``.
+    """The Jacobian of a stencil on a grid held whole on this rank, for ``solve(...,
+    sparsity=...)`` or ``odeint_adjoint(..., sparsity=...)`` with functions of the full array.
 
     Args:
         shape: grid shape, e.g. (ny, nx); the unknowns are the grid values in C order.
         offsets: the stencil's neighbour offsets, each a tuple of len(shape) ints; default the
-            (2*ndim+1)-point star (5-point in 2-D). Entries outside the grid are dropped
-            (non-periodic).
+            (2*ndim+1)-point star (5-point in 2-D). Points beyond the edges are not unknowns.
 
-    Returns a ColouredJacobian whose columns are coloured by a closed formula
-    (colour = a . index mod m, the smallest m found), so that building it costs no greedy
-    colouring even for millions of unknowns; reuse it across solves.
+    Returns a ColouredJacobian on a one-rank `Grid` (PETSc's DMDA, no ghost points): its colouring
+    is DMCreateColoring's, and ``pc_type mg`` takes the DMDA's multigrid hierarchy. Reuse it across
+    solves. For the same code on many ranks, use ``grid=Grid(...)`` instead.
     """
-    shape = tuple(int(s) for s in shape)
+    shape = tuple(int(s) for s in shape) if isinstance(shape, (tuple, list)) else (int(shape),)
     d = len(shape)
-    if d == 0 or min(shape) < 1:
-        raise ValueError(f"stencil_sparsity: shape must be a non-empty grid shape, got {shape}")
-    if offsets is None:
-        offsets = [(0,) * d] + [tuple(s * (k == i) for k in range(d)) for i in range(d)
-                                for s in (-1, 1)]
-    offsets = [tuple(int(o) for o in off) for off in offsets]
+    if not 1 <= d <= 3 or min(shape) < 1:
+        raise ValueError(f"stencil_sparsity: shape must be a grid shape of 1 to 3 positive "
+                         f"sizes, got {shape}")
+    offsets = [(0,) * d] if offsets is None else [tuple(int(o) for o in off) for off in offsets]
     if any(len(o) != d for o in offsets):
         raise ValueError(f"stencil_sparsity: every offset needs {d} entries for a grid of shape "
                          f"{shape}, got {offsets}")
-    if (0,) * d not in offsets:
-        offsets.append((0,) * d)
-    n = int(np.prod(shape))
-    index = np.arange(n).reshape(shape)
-    rows, cols = [], []
-    for off in offsets:  # row = grid point, column = its neighbour at `off`
-        src = tuple(slice(max(0, -o), s - max(0, o)) for o, s in zip(off, shape))
-        dst = tuple(slice(max(0, o), s - max(0, -o) if o < 0 else s) for o, s in zip(off, shape))
-        rows.append(index[src].ravel())
-        cols.append(index[dst].ravel())
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
-    pattern = scipy.sparse.csc_matrix((np.ones(rows.size, dtype=bool), (rows, cols)),
-                                      shape=(n, n))
-    colour = _stencil_colour(np.indices(shape).reshape(d, -1).T, offsets)
-    groups = [np.flatnonzero(colour == c) for c in range(int(colour.max()) + 1)]
-    assembler = ColouredJacobian(pattern, groups=groups)
-    assembler.grid_shape = shape  # lets pc_type mg build its geometric hierarchy
-    return assembler
+    width = max(1, max(max(abs(o) for o in off) for off in offsets))
+    star = all(sum(o != 0 for o in off) <= 1 for off in offsets)
+    grid = Grid(shape, stencil="star" if star else "box", stencil_width=width, boundary="none",
+                comm=PETSc.COMM_SELF)
+    return ColouredJacobian.on_grid(grid)
 
 
-def _stencil_colour(points, offsets):
-    """colour = (a . point) mod m with no two columns sharing a row coloured alike: the
-    conflicting differences are o1 - o2 over stencil offsets; the smallest m that works wins."""
-    offs = np.array(offsets)
-    diffs = {tuple(x) for x in (offs[:, None, :] - offs[None, :, :]).reshape(-1, offs.shape[1])}
-    diffs.discard((0,) * offs.shape[1])
-    diffs = np.array(sorted(diffs))
-    width = int(2 * np.abs(offs).max() + 1)
-    for m in range(len(offsets), width ** offs.shape[1] + 1):
-        for a in itertools.product(range(m), repeat=offs.shape[1]):
-            if np.all((diffs @ np.array(a)) % m != 0):
-                return (points @ np.array(a)) % m
-    raise AssertionError("unreachable: the box colouring always works")  # pragma: no cover
+def mg_levels(grid) -> int:
+    """How many multigrid levels the DMDA hierarchy of `grid` allows: each coarsening halves
+    every axis (periodic: M -> M / 2; otherwise M -> (M - 1) / 2 + 1, so sizes 2^k m + 1) while
+    sizes stay divisible, each rank keeps a point, and the coarsest grid keeps at least 3 points
+    per axis."""
+    sizes = list(grid.shape)
+    procs = grid.dm.getProcSizes()[::-1]
+    levels = 1
+    while True:
+        coarse = []
+        for m, boundary in zip(sizes, grid.boundary):
+            if boundary != "periodic":
+                if (m - 1) % 2:
+                    return levels
+                coarse.append((m - 1) // 2 + 1)
+            else:
+                if m % 2:
+                    return levels
+                coarse.append(m // 2)
+        if min(coarse) < 3 or any(c < p for c, p in zip(coarse, procs)) or levels >= 12:
+            return levels
+        sizes, levels = coarse, levels + 1
 
 
-def _interpolation_1d(m):
-    """Linear interpolation from the m // 2 coarse points (fine points 1, 3, 5, ...) to the m
-    fine points of a line whose end values are fixed (Dirichlet: zero beyond the ends)."""
-    mc = m // 2
-    i = np.arange(m)
-    odd = i[i % 2 == 1]
-    even = i[i % 2 == 0]
-    rows = [odd, even, even]
-    cols = [(odd - 1) // 2, even // 2 - 1, even // 2]
-    vals = [np.ones(odd.size), np.full(even.size, 0.5), np.full(even.size, 0.5)]
-    rows, cols, vals = (np.concatenate(a) for a in (rows, cols, vals))
-    keep = (cols >= 0) & (cols < mc)
-    return scipy.sparse.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(m, mc))
-
-
-def _grid_hierarchy(shape, levels):
-    """Interpolation matrices (coarse to fine) of a grid, coarsest first, as PETSc AIJ."""
-    shapes = [tuple(shape)]
-    while len(shapes) < levels:
-        shapes.append(tuple(m // 2 for m in shapes[-1]))
-    mats = []
-    for fine in shapes[:-1]:
-        P = _interpolation_1d(fine[0])
-        for m in fine[1:]:
-            P = scipy.sparse.kron(P, _interpolation_1d(m), format="csr")
-        P.sort_indices()
-        mats.append(PETSc.Mat().createAIJ(P.shape, csr=(P.indptr.astype(PETSc.IntType),
-                                                         P.indices.astype(PETSc.IntType),
-                                                         P.data), comm=PETSc.COMM_SELF))
-    return mats[::-1]
-
-
-def _auto_levels(shape):
-    levels, m = 1, min(shape)
-    while m // 2 >= 8:
-        m //= 2
-        levels += 1
-    return levels
+def multigrid_levels(pc, layout, options) -> None:
+    """For pc_type mg on a grid without pc_mg_levels given: as many levels as `mg_levels`."""
+    if layout.dm is not None and pc.getType() == "mg" and options["pc_mg_levels"] is None:
+        pc.setMGLevels(mg_levels(layout))
+        pc.setFromOptions()
 
 
 # -- one solve and its pullback --------------------------------------------------------------------
 class _Problem:
-    def __init__(self, residual, options, prefix, jacobian, products, assembler, linear,
-                 symmetric, n_params):
+    def __init__(self, residual, options, prefix, jacobian, products, assembler, grid, linear,
+                 symmetric):
         self.residual, self.options, self.prefix = residual, options, prefix
         self.jacobian, self.products, self.assembler = jacobian, products, assembler
-        self.linear, self.symmetric = linear, symmetric
-        self.n_params = n_params
+        self.grid, self.linear, self.symmetric = grid, linear, symmetric
         self.stats = {}
 
 
 class _Solve:
-    """SNES, KSP, matrices and options of one forward solve; they live as long as the pullback
-    (PETSc holds this object's bound methods: `release` breaks that cycle)."""
+    """SNES, KSP, matrices, vectors and options of one forward solve; they live as long as the
+    pullback (PETSc holds this object's bound methods: `release` breaks that cycle)."""
 
     def __init__(self, problem, x0, params):
-        self.p, self.params, self.shape = problem, params, x0.shape
-        self.x = x0.detach().clone(memory_format=torch.contiguous_format)
+        self.p, self.params = problem, params
+        self.layout = problem.grid or SerialLayout(x0.shape)
         self.snes = self.x_vec = self.F = self.shell_mat = self.adjoint_ksp = None
         self.transposed = self.shell = None
-        grid = getattr(problem.assembler, "grid_shape", None) \
-            if problem.jacobian == "assembled" else None
-        defaults = {**DEFAULTS, "ksp_type": "gmres",
-                    "pc_type": "ilu" if problem.jacobian == "assembled" else "none"}
-        if grid:
-            defaults["pc_mg_galerkin"] = "both"
+        defaults = dict(DEFAULTS)
+        if problem.jacobian != "assembled":
+            defaults["pc_type"] = "none"
+        elif problem.grid is not None:
+            defaults["pc_mg_galerkin"] = "both"  # coarse operators from our fine matrix
         self.options = SolverOptions(WHO, problem.prefix, problem.options, defaults)
         try:
-            self._set_up()
+            self._set_up(x0)
         except BaseException:
             self.release()
             raise
 
-    def _set_up(self):
-        p = self.p
-        self.x_vec = as_vec(self.x)
-        self.F = PETSc.Vec().createSeq(self.x.numel(), comm=PETSc.COMM_SELF)
+    def _set_up(self, x0):
+        p, layout = self.p, self.layout
+        self.x_vec = layout.global_vec()
+        layout.owned_view(self.x_vec, "w").copy_(x0.detach())
+        self.F = layout.global_vec()
         if p.jacobian == "assembled":
             self.A = self.P = p.assembler.mat
             if p.symmetric:  # lets PCs such as SOR, ICC, Cholesky use the symmetry
@@ -178,80 +137,54 @@ class _Solve:
             if p.products == "reverse":
                 raise ValueError(f"{WHO}: a matrix-free Jacobian needs J v, which reverse mode "
                                  f"cannot give; use products 'forward', 'fd' or 'auto', or "
-                                 f"give sparsity= for an assembled Jacobian")
+                                 f"give sparsity= or grid= for an assembled Jacobian")
             products = p.products
             if products != "fd":
-                forward = probe(self._residual, self.x, WHO).forward
+                forward = probe(self._residual, self._ghosted(self.x_vec), WHO).forward
                 if products == "forward" and not forward:
                     raise ValueError(f"{WHO}: products='forward' needs a forward-mode rule for "
                                      f"every op in the residual; one has none. Use 'fd' or "
                                      f"'auto'")
                 products = "forward" if forward else "fd"
-            self.shell = TorchJacobian(self.shape, products=products)
+            self.shell = TorchJacobian(layout.ghosted_shape, products=products, layout=layout)
             self.A = self.P = self.shell_mat = self.shell.mat()
-        snes = self.snes = PETSc.SNES().create(comm=PETSc.COMM_SELF)
+        snes = self.snes = PETSc.SNES().create(comm=layout.comm)
         snes.setOptionsPrefix(self.options.prefix)
+        if layout.dm is not None:  # multigrid takes the grid's hierarchy
+            snes.setDM(layout.dm)
         snes.setType("newtonls")
         snes.setFunction(self._function, self.F)
         snes.setJacobian(self._jacobian, self.A, self.P)
         with petsc_errors(WHO, "setting up PETSc SNES from the options"):
             snes.setFromOptions()
-            self._grid_multigrid(snes.getKSP().getPC())
+            multigrid_levels(snes.getKSP().getPC(), layout, self.options)
 
-    def _grid_multigrid(self, pc):
-        """For pc_type mg on a grid stencil: the geometric hierarchy, coarse operators by
-        Galerkin products."""
-        grid = getattr(self.p.assembler, "grid_shape", None) \
-            if self.p.jacobian == "assembled" else None
-        if not grid or pc.getType() != "mg" or min(grid) < 16:
-            return
-        levels = pc.getMGLevels()
-        levels = levels if levels > 1 else _auto_levels(grid)
-        cache = self.p.assembler.__dict__.setdefault("_bridges_hierarchy", {})
-        if (grid, levels) not in cache:
-            cache[grid, levels] = _grid_hierarchy(grid, levels)
-        pc.setMGLevels(levels)
-        for level, P in enumerate(cache[grid, levels], start=1):
-            pc.setMGInterpolation(level, P)
-        pc.setFromOptions()
+    def _ghosted(self, vec):
+        return self.layout.exchange(vec).clone()
 
-    def _transposed_ksp(self, ksp):
-        """A KSP for the explicitly transposed assembled Jacobian, configured from the same
-        options, so that every PC applies (many, e.g. PCMG with SOR smoothing, have no
-        transpose)."""
-        destroy(self.adjoint_ksp, self.transposed)
-        self.transposed = self.A.transpose(PETSc.Mat())  # a new AIJ matrix (no arg: in place)
-        adjoint = self.adjoint_ksp = PETSc.KSP().create(comm=PETSc.COMM_SELF)
-        adjoint.setOptionsPrefix(self.options.prefix)
-        adjoint.setOperators(self.transposed)
-        adjoint.setType(ksp.getType())
-        adjoint.getPC().setType(ksp.getPC().getType())
-        with petsc_errors(WHO, "setting up the adjoint KSP from the options"):
-            adjoint.setFromOptions()
-            self._grid_multigrid(adjoint.getPC())
-        return adjoint
-
-    def _residual(self, x):
-        out = self.p.residual(x, *self.params)
+    def _residual(self, u):
+        out = self.p.residual(u, *self.params)
+        shape = self.layout.owned_shape
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"{WHO}: residual must return a torch.Tensor, got "
                             f"{type(out).__name__}")
-        if out.numel() != x.numel():
-            raise ValueError(f"{WHO}: residual returned {out.numel()} values for {x.numel()} "
-                             f"unknowns (shape {tuple(out.shape)} for x of shape "
-                             f"{tuple(x.shape)}); F must have one entry per unknown")
+        if out.numel() != int(np.prod(shape)):
+            raise ValueError(f"{WHO}: residual returned {out.numel()} values (shape "
+                             f"{tuple(out.shape)}) for {int(np.prod(shape))} unknowns (shape "
+                             f"{shape}){' of its ghosted block ' + str(tuple(u.shape)) if self.p.grid else ''}"
+                             f"; F must have one entry per unknown")
         return out
 
     # PETSc callbacks
     def _function(self, snes, X, F):
         with torch.no_grad():
-            value = self._residual(vec_as_tensor(X, "r").view(self.shape))
+            value = self._residual(self.layout.exchange(X))
             vec_as_tensor(F, "w").copy_(value.reshape(-1))
 
     def _jacobian(self, snes, X, A, P):
-        self._linearise(vec_as_tensor(X, "r").view(self.shape).clone())
+        self._linearise(self._ghosted(X))
 
-    def _linearise(self, x):
+    def _linearise(self, u):
         if self.p.jacobian == "assembled":
             assembler = self.p.assembler
             owner = getattr(assembler, "_bridges_owner", None)
@@ -259,15 +192,34 @@ class _Solve:
                 return  # F is linear in x: its Jacobian does not change (nor does the PC)
             # the matrix is shared by every solve with this sparsity: refill it for this one
             mode = None if self.p.products == "auto" else self.p.products
-            assembler.assemble(self._residual, x, mode=mode)
+            assembler.assemble(self._residual, u, mode=mode, out_shape=self.layout.owned_shape)
             assembler._bridges_owner = weakref.ref(self)
         else:
-            self.shell.at(self._residual, x)
+            self.shell.at(self._residual, u)
+
+    def _transposed_ksp(self, ksp):
+        """A KSP for the explicitly transposed assembled Jacobian, configured from the same
+        options, so that every PC applies (many, e.g. PCMG with SOR smoothing, have no
+        transpose)."""
+        destroy(self.adjoint_ksp, self.transposed)
+        self.transposed = self.A.transpose(PETSc.Mat())  # a new matrix (no argument: in place)
+        adjoint = self.adjoint_ksp = PETSc.KSP().create(comm=self.layout.comm)
+        adjoint.setOptionsPrefix(self.options.prefix)
+        if self.layout.dm is not None:
+            adjoint.setDM(self.layout.dm)
+            adjoint.setDMActive(PETSc.KSP.DMActive.ALL, False)
+        adjoint.setOperators(self.transposed)
+        with petsc_errors(WHO, "setting up the adjoint KSP from the options"):
+            adjoint.setFromOptions()
+            multigrid_levels(adjoint.getPC(), self.layout, self.options)
+        return adjoint
 
     # forward and backward
     def solve(self):
         snes = self.snes
-        with petsc_errors(WHO, f"the nonlinear solve (PETSc SNES '{snes.getType()}')"):
+        with petsc_errors(WHO, f"the nonlinear solve (PETSc SNES '{snes.getType()}')",
+                          "for pc_type mg on a grid, choose sizes that halve evenly (see "
+                          "bridges.petsc.mg_levels) or options {'pc_type': 'gamg'}"):
             snes.solve(None, self.x_vec)
         reason = snes.getConvergedReason()
         norm = snes.getFunctionNorm()
@@ -294,10 +246,11 @@ class _Solve:
                 "check that F(x, params) = 0 has a solution near x0, loosen or raise "
                 "snes_rtol, snes_atol, snes_max_it, or choose another ksp_type/pc_type through "
                 "options")
-        if not bool(torch.isfinite(self.x).all()):
+        x = self.layout.owned_view(self.x_vec, "r").clone()
+        if not bool(torch.isfinite(x).all()):
             raise ForeignError(f"{WHO}: the solution contains nan/inf; check the residual")
         self.options.report_unused()
-        return self.x.clone()
+        return x
 
     def pullback(self, grad_x, *, needs_input_grad):
         want = [needs_input_grad[2 + i] and isinstance(p, torch.Tensor)
@@ -306,11 +259,12 @@ class _Solve:
         if not any(want):
             return (None, None, *grads)
         ksp = self.snes.getKSP()
-        self._linearise(self.x)  # the operator (and PC) at the solution itself
+        u = self._ghosted(self.x_vec)
+        self._linearise(u)  # the operator (and PC) at the solution itself
         ksp.setOperators(self.A, self.P)
-        g = as_vec(grad_x.detach().to(self.x.dtype).contiguous().clone())
-        lam = PETSc.Vec().createSeq(self.x.numel(), comm=PETSc.COMM_SELF)
+        g, lam = self.layout.global_vec(), self.layout.global_vec()
         try:
+            self.layout.owned_view(g, "w").copy_(grad_x.detach())
             lam.zeroEntries()
             ksp.setInitialGuessNonzero(False)
             if self.p.symmetric:  # J^T = J: the forward's KSP and PC as they are
@@ -336,15 +290,16 @@ class _Solve:
                     f"{ksp.getResidualNorm():.3e}",
                     "choose a PC with a transpose (ilu, lu, gamg, jacobi) or raise ksp_max_it "
                     "through options")
-            lam_t = vec_as_tensor(lam, "r").view(self.shape).clone()
+            lam_t = self.layout.owned_view(lam, "r").clone()
         finally:
             destroy(g, lam)
+        # this rank's share of -lam^T dF/dparams (the shares of all ranks sum to the gradient)
         wanted = [p for p, w in zip(self.params, want) if w]
         with torch.enable_grad():
             leaves = [p.detach().requires_grad_() for p in wanted]
             it = iter(leaves)
             args = [next(it) if w else p for p, w in zip(self.params, want)]
-            value = self.p.residual(self.x, *args)
+            value = self.p.residual(u, *args)
             parts = torch.autograd.grad(value, leaves, -lam_t.view(value.shape),
                                         allow_unused=True)
         it = iter(parts)
@@ -361,7 +316,7 @@ class _Solve:
         destroy(self.snes, self.x_vec, self.F, self.shell_mat, self.adjoint_ksp,
                 self.transposed)
         self.snes = self.x_vec = self.F = self.shell_mat = self.adjoint_ksp = None
-        self.transposed = self.shell = None  # the shell's point holds this object's method
+        self.transposed = self.shell = None  # the shell's point holds our method
         self.options.close()
 
 
@@ -394,34 +349,67 @@ _SOLVE = foreign_function(_forward, name="petsc_solve", pass_needs_input_grad=Tr
                           protect_outputs=False)
 
 
+def _assembler(who, sparsity, grid, n):
+    """The ColouredJacobian for sparsity= (a pattern or a ColouredJacobian) or grid=."""
+    if grid is not None:
+        if not isinstance(grid, Grid):
+            raise TypeError(f"{who}: grid must be a bridges.petsc.Grid, got "
+                            f"{type(grid).__name__}")
+        if sparsity is not None:
+            raise ValueError(f"{who}: give sparsity= or grid=, not both (a grid brings its "
+                             f"stencil's sparsity)")
+        cache = grid.__dict__.setdefault("_bridges_jacobian", {})
+        if "assembler" not in cache:  # built once per grid, shared by its solves
+            cache["assembler"] = ColouredJacobian.on_grid(grid)
+        return cache["assembler"]
+    if sparsity is None:
+        return None
+    if isinstance(sparsity, ColouredJacobian):
+        size = (sparsity.n_out, sparsity.n_in)
+    else:
+        try:
+            size = sparsity.shape
+        except AttributeError:
+            raise TypeError(f"{who}: sparsity must be an N x N scipy sparse matrix, boolean array "
+                            f"or ColouredJacobian, got {type(sparsity).__name__}") from None
+    if tuple(size) != (n, n):
+        raise ValueError(f"{who}: sparsity has shape {tuple(size)}, but the unknowns are {n}: it "
+                         f"must be {n} x {n} (one row and column per unknown, flattened in C "
+                         f"order)")
+    return sparsity if isinstance(sparsity, ColouredJacobian) else ColouredJacobian(sparsity)
+
+
 @eager_under_compile(WHO)
-def solve(residual, x0, *params, options=None, sparsity=None, prefix=None, jacobian="auto",
-          products="auto", linear=False, symmetric=False, stats=None):
+def solve(residual, x0, *params, options=None, sparsity=None, grid=None, prefix=None,
+          jacobian="auto", products="auto", linear=False, symmetric=False, stats=None):
     """Find x with residual(x, *params) = 0 by PETSc SNES; differentiable w.r.t. the params.
 
     Args:
-        residual: ``residual(x, *params) -> F`` in torch, F with one entry per entry of x.
-        x0: initial guess (any shape, float64, CPU). The solution does not depend on it, so it
-            gets no gradient.
+        residual: ``residual(x, *params) -> F`` in torch, F with one entry per entry of x. On a
+            grid it receives this rank's ghosted block and returns F on its owned block.
+        x0: initial guess (float64, CPU): any shape, or on a grid this rank's owned block
+            (``grid.owned_shape``). The solution does not depend on it, so it gets no gradient.
         params: tensors (gradients flow to them) or other values, passed to residual as is.
         options: PETSc options of this solve, keyed without the dash, e.g.
             ``{"ksp_type": "cg", "pc_type": "gamg", "snes_monitor": True}``; they stay in force
             for the solve's whole life, its backward included, and options PETSc never reads
-            are reported (``bridges.petsc.set_unused_options``). They override the
-            command line, which overrides the defaults: Newton with line search (newtonls),
+            are reported (``bridges.petsc.set_unused_options``). They override the command
+            line, which overrides the defaults: Newton with line search (newtonls),
             snes_rtol 1e-10, snes_atol 1e-12 (absolute 2-norm of F), snes_max_it 50,
-            ksp_rtol 1e-10; KSP gmres with PC ilu (assembled) or none (matrix-free).
-        sparsity: the pattern of dF/dx: an N x N scipy sparse matrix or boolean array
-            (N = x0.numel(), coloured greedily, fine up to ~1e5 unknowns), or a ColouredJacobian
-            (e.g. from ``stencil_sparsity(shape)`` for grid stencils; reuse it across solves).
-            With a stencil_sparsity, ``pc_type mg`` gets a geometric hierarchy (linear
-            interpolation, Galerkin coarse operators, levels down to ~8 points per side or
-            ``pc_mg_levels``); gamg needs nothing extra.
+            ksp_rtol 1e-10; KSP gmres with PETSc's default PC for an assembled Jacobian (ILU on
+            one rank, block Jacobi with ILU on many) or none (matrix-free).
+        sparsity: the pattern of dF/dx for a residual of the full array: an N x N scipy sparse
+            matrix or boolean array (N = x0.numel(), coloured greedily), or a ColouredJacobian
+            (e.g. ``stencil_sparsity(shape)``; reuse it across solves).
+        grid: a `Grid` to solve on, over all of its ranks: the Jacobian is assembled from the
+            grid's stencil, colouring and matrix, and ``pc_type mg`` uses the grid's multigrid
+            hierarchy (levels from `mg_levels`, Galerkin coarse operators), as with a
+            stencil_sparsity.
         prefix: options prefix of this solve (``"heat_"`` makes ``-heat_ksp_type`` apply).
-        jacobian: ``"assembled"`` (needs sparsity): the exact sparse Jacobian from one product
-            per colour, so preconditioners such as gamg, mg, ilu, lu apply. ``"matrix-free"``: a
-            PETSc Mat of Jacobian products (PCs that need matrix entries do not apply).
-            ``"auto"``: assembled when sparsity is given.
+        jacobian: ``"assembled"`` (needs sparsity or grid): the exact sparse Jacobian from one
+            product per colour, so preconditioners such as gamg, mg, ilu, lu apply.
+            ``"matrix-free"``: a PETSc Mat of Jacobian products (PCs that need matrix entries do
+            not apply). ``"auto"``: assembled when sparsity or a grid is given.
         products: how Jacobian products are formed. ``"forward"``: forward-mode AD (every op in
             the residual needs one); ``"reverse"``: reverse-mode AD, which every bridged op has
             (assembled Jacobians: rows are coloured instead of columns); ``"fd"``: the
@@ -433,14 +421,16 @@ def solve(residual, x0, *params, options=None, sparsity=None, prefix=None, jacob
         symmetric: dF/dx is symmetric: the matrix is marked so (SOR, ICC, Cholesky may use it)
             and backward reuses the forward's KSP and PC as they are. Otherwise backward solves
             with the explicitly transposed matrix and a KSP/PC set up from the same options
-            (assembled), or KSP solveTranspose with VJPs (matrix-free).
+            (assembled), or KSP solveTranspose with reverse-mode products (matrix-free).
         stats: a dict to receive the solve's SNES/KSP/PC types, Newton and linear iterations,
             final residual norm and converged reason (after backward also the transposed
             solve's iterations).
 
     Returns:
         x with residual(x, *params) ~= 0, shaped like x0. Its gradient solves J^T lam = g once at
-        x (see ``symmetric``) and returns -lam^T dF/dparams by torch autograd.
+        x (see ``symmetric``) and returns -lam^T dF/dparams by torch autograd. On a grid, each
+        rank's x is its owned block, and each rank's parameter gradient is its share: the
+        shares of all ranks sum to the gradient of the total loss (see `sum_gradients`).
 
     Raises:
         ForeignError: SNES did not converge (the reason and residual norm reached are named), or
@@ -464,37 +454,24 @@ def solve(residual, x0, *params, options=None, sparsity=None, prefix=None, jacob
         raise ValueError(f"{who}: unknown jacobian {jacobian!r}; valid: {', '.join(JACOBIANS)}")
     if products not in PRODUCTS:
         raise ValueError(f"{who}: unknown products {products!r}; valid: {', '.join(PRODUCTS)}")
-    n = x0.numel()
-    assembler = None
-    if sparsity is not None:
-        if isinstance(sparsity, ColouredJacobian):
-            assembler = sparsity
-            size = sparsity.pattern.shape
-        else:
-            try:
-                size = sparsity.shape
-            except AttributeError:
-                raise TypeError(f"{who}: sparsity must be an N x N scipy sparse matrix, boolean "
-                                f"array or ColouredJacobian, got {type(sparsity).__name__}") \
-                    from None
-        if tuple(size) != (n, n):
-            raise ValueError(f"{who}: sparsity has shape {tuple(size)}, but x0 has {n} entries: "
-                             f"it must be {n} x {n} (one row and column per unknown, x0 "
-                             f"flattened in C order)")
-        if assembler is None:
-            assembler = ColouredJacobian(sparsity)
+    assembler = _assembler(who, sparsity, grid, x0.numel())
+    if assembler is not None and grid is None:
+        grid = getattr(assembler, "grid", None)  # a stencil_sparsity's one-rank grid
+    if grid is not None:
+        grid._check_owned(x0, f"{who}: x0")
     if jacobian == "auto":
         jacobian = "assembled" if assembler is not None else "matrix-free"
     if jacobian == "assembled" and assembler is None:
         raise ValueError(f"{who}: jacobian='assembled' needs sparsity= (the pattern of dF/dx, "
-                         f"e.g. stencil_sparsity(x0.shape)); or use jacobian='matrix-free'")
+                         f"e.g. stencil_sparsity(x0.shape)) or grid=; or use "
+                         f"jacobian='matrix-free'")
     if stats is not None and not isinstance(stats, dict):
         raise TypeError(f"{who}: stats must be a dict or None, got {type(stats).__name__}")
     if jacobian == "assembled" and products == "fd":
         raise ValueError(f"{who}: products='fd' is a matrix-free action; an assembled "
                          f"Jacobian takes products 'forward', 'reverse' or 'auto'")
-    problem = _Problem(residual, options, prefix, jacobian, products, assembler, bool(linear),
-                       bool(symmetric), len(params))
+    problem = _Problem(residual, options, prefix, jacobian, products, assembler, grid,
+                       bool(linear), bool(symmetric))
     if stats is not None:
         problem.stats = stats
     return _SOLVE(x0, problem, *params)

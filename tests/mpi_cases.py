@@ -1,0 +1,161 @@
+"""Distributed cases for tests/test_petsc_grid.py, run as ``mpiexec -n N python mpi_cases.py OUT``.
+
+The same code runs on any number of ranks; rank 0 gathers every solution and gradient (the
+parameter gradients summed over the ranks' shares) and saves them to OUT (.npz), which the test
+compares across rank counts. Tolerances are tight (rtol 1e-13) so that the comparison to 1e-10
+measures the distribution, not the solvers' stopping tests.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+
+from bridges.petsc import Grid, PETSc, odeint_adjoint, solve, sum_gradients
+
+F64 = torch.float64
+TIGHT = {"ksp_rtol": 1e-13, "ksp_atol": 1e-50, "snes_rtol": 1e-13, "snes_atol": 1e-50}
+
+
+def _field(shape, phase=0.0):
+    """A smooth, non-symmetric global field: the same on every rank."""
+    axes = [torch.linspace(0, 1, n, dtype=F64) for n in shape]
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    return sum(torch.sin((3 + k) * m + phase + k) for k, m in enumerate(mesh))
+
+
+def _laplacian(grid, u):
+    """5-point Laplacian of the owned block, read from the ghosted block."""
+    i = grid.interior
+    return 4 * u[i] - u[:-2, 1:-1] - u[2:, 1:-1] - u[1:-1, :-2] - u[1:-1, 2:]
+
+
+def poisson(results):
+    """Linear solve, CG + the grid's geometric multigrid: x, dL/dkappa and dL/dsource."""
+    grid = Grid((33, 33))
+    kappa = torch.tensor(1.3, dtype=F64, requires_grad=True)
+    source = _field(grid.shape).requires_grad_()
+
+    def residual(u, kappa, source):
+        return kappa * _laplacian(grid, u) - source[grid.owned]
+    x = solve(residual, grid.zeros(), kappa, source, grid=grid, linear=True, symmetric=True,
+              options={**TIGHT, "ksp_type": "cg", "pc_type": "mg", "snes_type": "ksponly"})
+    weights = _field(grid.shape, 1.0)[grid.owned]
+    ((weights * x).sum() + (x ** 2).sum()).backward()
+    sum_gradients([kappa, source])
+    results.update(poisson_x=grid.gather(x.detach()), poisson_kappa=kappa.grad,
+                   poisson_source=source.grad)
+
+
+def nonlinear(results):
+    """Newton on a cubic reaction term, GMRES + GAMG: x and dL/dkappa."""
+    grid = Grid((20, 28))
+    kappa = torch.tensor([0.8, 2.0], dtype=F64, requires_grad=True)
+    source = _field(grid.shape)[grid.owned]
+
+    def residual(u, kappa):
+        c = u[grid.interior]
+        return _laplacian(grid, u) + kappa[0] * c ** 3 + kappa[1] * c - source
+    x = solve(residual, grid.zeros(), kappa, grid=grid, options={**TIGHT, "pc_type": "gamg"})
+    (x.sin().sum()).backward()
+    sum_gradients([kappa])
+    results.update(nonlinear_x=grid.gather(x.detach()), nonlinear_kappa=kappa.grad)
+
+
+def heat_ode(results):
+    """Implicit (CN) reaction-diffusion with TSAdjoint: y(T), dL/dy0 and dL/dkappa."""
+    grid = Grid((24, 16))
+    kappa = torch.tensor([0.7, 0.3], dtype=F64, requires_grad=True)
+
+    def rhs(t, u):
+        c = u[grid.interior]
+        return -40 * kappa[0] * _laplacian(grid, u) - kappa[1] * c ** 3
+    y0 = (0.5 * _field(grid.shape))[grid.owned].clone().requires_grad_()
+    ys = odeint_adjoint(rhs, y0, torch.tensor([0.0, 0.02, 0.05], dtype=F64), method="cn",
+                        step_size=0.005, grid=grid, adjoint_params=(kappa,), options=TIGHT)
+    weights = _field(grid.shape, 2.0)[grid.owned]
+    ((weights * ys[-1]).sum() + ys[1].square().sum()).backward()
+    sum_gradients([kappa])
+    results.update(ode_y=grid.gather(ys[-1].detach()), ode_y0=grid.gather(y0.grad),
+                   ode_kappa=kappa.grad)
+
+
+def wide_stencil(results):
+    """A fourth-order Laplacian (stencil width 2) with a manufactured solution, solved by one
+    linear solve with the assembled Jacobian: the solution is exact only if halo exchange and
+    colouring are right across rank boundaries."""
+    grid = Grid((21, 18), stencil_width=2)
+    exact = _field(grid.shape)
+
+    def apply(u):  # -u[-2] + 16 u[-1] - 30 u + 16 u[+1] - u[+2], along both axes
+        i, w = grid.interior, 2
+        c = u[i]
+        out = 60 * c
+        for axis in (0, 1):
+            for shift, weight in ((-2, 1.0), (-1, -16.0), (1, -16.0), (2, 1.0)):
+                index = [slice(w, -w), slice(w, -w)]
+                index[axis] = slice(w + shift, u.shape[axis] - w + shift)
+                out = out + weight * u[tuple(index)]
+        return out + 0.5 * c * torch.arange(c.numel(), dtype=F64).view(c.shape).cos()
+
+    rhs = grid.global_vec()  # apply(exact) on every rank's block
+    grid.owned_view(rhs, "w").copy_(exact[grid.owned])
+    target = apply(grid.exchange(rhs).clone())
+    rhs.destroy()
+    x = solve(lambda u: apply(u) - target, grid.zeros(), grid=grid, linear=True,
+              options={**TIGHT, "snes_type": "ksponly", "pc_type": "bjacobi"})
+    results.update(wide_x=grid.gather(x), wide_exact=exact)
+
+
+def ddp(results):
+    """Three SGD steps of a model trained through a distributed solve, under torch's
+    DistributedDataParallel (gloo); each rank's loss is scaled by the world size, so DDP's
+    average is the gradient of the total loss."""
+    import torch.distributed as dist
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    port = comm.bcast(29500 + os.getpid() % 2000 if comm.rank == 0 else None)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank,
+                            world_size=comm.size)
+    try:
+        grid = Grid((17, 17))
+        coords = torch.stack([m.to(F64) / 16 for m in torch.meshgrid(
+            torch.arange(17), torch.arange(17), indexing="ij")], -1)[grid.owned]
+
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(),
+                                               torch.nn.Linear(8, 1)).double()
+
+            def forward(self, coords):
+                source = self.net(coords)[..., 0]  # rank-local work
+                return solve(lambda u, s: _laplacian(grid, u) - s, grid.zeros(), source,
+                             grid=grid, linear=True, symmetric=True,
+                             options={**TIGHT, "ksp_type": "cg", "pc_type": "gamg"})
+        model = torch.nn.parallel.DistributedDataParallel(Model())
+        optimiser = torch.optim.SGD(model.parameters(), lr=0.001)
+        target = _field(grid.shape)[grid.owned]
+        losses = []
+        for _ in range(3):
+            optimiser.zero_grad()
+            loss = ((model(coords) - target) ** 2).sum() / 17 ** 2  # this rank's part
+            (loss * comm.size).backward()
+            optimiser.step()
+            losses.append(comm.allreduce(loss.item()))
+        results.update(ddp_params=torch.cat([p.detach().reshape(-1)
+                                             for p in model.parameters()]),
+                       ddp_losses=torch.tensor(losses))
+    finally:
+        dist.destroy_process_group()
+
+
+CASES = [poisson, nonlinear, heat_ode, wide_stencil, ddp]
+
+if __name__ == "__main__":
+    out = {}
+    for case in CASES:
+        case(out)
+    if PETSc.COMM_WORLD.getRank() == 0:
+        np.savez(sys.argv[1], **{k: torch.as_tensor(v).numpy() for k, v in out.items()})

@@ -1,0 +1,186 @@
+"""Grids on PETSc's DMDA: blocks and halos, DMDA colourings in Jacobians, multigrid levels, and
+distributed solves and ODE adjoints that agree with one rank (mpiexec -n 2 and -n 4)."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bridges.petsc import ColouredJacobian, Grid, mg_levels, solve, stencil_sparsity, sum_gradients
+
+F64 = torch.float64
+HERE = Path(__file__).resolve().parent
+
+
+# -- one rank -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,dof,width", [((7,), 1, 1), ((5, 8), 1, 2), ((4, 5, 6), 3, 1)])
+def test_blocks_shapes_and_a_gather_scatter_round_trip(shape, dof, width):
+    grid = Grid(shape, dof=dof, stencil_width=width)
+    point = (dof,) if dof > 1 else ()
+    assert grid.owned_shape == shape + point and grid.size == 1
+    assert grid.ghosted_shape == tuple(n + 2 * width for n in shape) + point
+    assert all(s == slice(width, width + n) for s, n in zip(grid.interior, shape))
+    full = torch.randn(shape + point, dtype=F64)
+    owned = grid.scatter(full)
+    torch.testing.assert_close(grid.gather(owned), full)
+    with pytest.raises(ValueError, match="expected this rank's owned block of shape"):
+        grid.gather(owned[:1])
+
+
+def test_halo_exchange_wraps_periodic_axes_and_zeroes_the_exterior():
+    grid = Grid((4, 5), boundary=("periodic", "ghosted"))
+    values = torch.arange(20, dtype=F64).view(4, 5)
+    vec = grid.global_vec()
+    grid.owned_view(vec, "w").copy_(values)
+    ghosted = grid.exchange(vec).clone()
+    torch.testing.assert_close(ghosted[1:-1, 1:-1], values)
+    torch.testing.assert_close(ghosted[0, 1:-1], values[-1])   # periodic in y
+    torch.testing.assert_close(ghosted[-1, 1:-1], values[0])
+    assert bool((ghosted[:, 0] == 0).all() and (ghosted[:, -1] == 0).all())  # ghosted in x
+    assert grid.exterior()[:, 0].all() and not grid.exterior()[1:-1, 1:-1].any()
+    grid.exchange(vec)[:, 0] = 7.0  # a careless caller writes into the exterior ...
+    assert bool((grid.exchange(vec)[:, 0] == 0).all())  # ... the next exchange restores it
+    vec.destroy()
+
+
+def _stencil_function(grid, u):
+    i, w = grid.interior, grid.stencil_width
+    c = u[i]
+    out = c ** 3 - 4 * c
+    for axis in range(len(grid.shape)):
+        for shift in range(1, w + 1):
+            for sign in (-1, 1):
+                index = [slice(w, u.shape[k] - w) for k in range(len(grid.shape))]
+                index[axis] = slice(w + sign * shift, u.shape[axis] - w + sign * shift)
+                out = out + (1.0 + 0.3 * shift * sign) * u[tuple(index)] * (1 + 0.1 * c)
+    if grid.stencil == "box":
+        out = out + 0.2 * u[:-2, :-2] * u[2:, 2:]
+    if grid.dof > 1:
+        out = out + 0.5 * torch.flip(c, dims=[-1]) ** 2
+    return out
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize("boundary,dof,stencil,width", [("ghosted", 1, "star", 1),
+                                                        ("periodic", 2, "star", 1),
+                                                        ("ghosted", 2, "box", 1),
+                                                        ("periodic", 1, "star", 2)])
+def test_grid_jacobian_from_dmda_colouring_is_exact(boundary, dof, stencil, width, mode):
+    grid = Grid((10, 15), dof=dof, stencil=stencil, stencil_width=width, boundary=boundary)
+    u = torch.randn(grid.ghosted_shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    u[grid.exterior()] = 0.0
+    assembler = ColouredJacobian.on_grid(grid, mode=mode)
+
+    def fn(v):
+        return _stencil_function(grid, v)
+    mat = assembler.assemble(fn, u, diag_shift=0.5, factor=2.0, out_shape=grid.owned_shape)
+    got = torch.from_numpy(mat.convert("dense").getDenseArray().copy())
+    # reference: the Jacobian w.r.t. the ghosted block, ghost columns folded onto their owners
+    jac = torch.func.jacrev(fn)(u).reshape(int(np.prod(grid.owned_shape)), -1)
+    owner = grid.dm.getLGMap().getIndices()
+    expected = 0.5 * torch.eye(jac.shape[0], dtype=F64)
+    for j in np.flatnonzero(owner >= 0):
+        expected[:, owner[j]] += 2.0 * jac[:, j]
+    torch.testing.assert_close(got, expected)
+    owned_colours, _ = grid.colours()
+    assert assembler.evaluations == owned_colours.max() + 1  # one product per colour
+
+
+def test_stencil_sparsity_is_a_dmda_with_pcmg_levels():
+    assembler = stencil_sparsity((9, 17))
+    assert assembler.grid.dm.getStencil() == ("star", 1) and assembler.n == 9 * 17
+    assert mg_levels(assembler.grid) == 3   # 9 x 17 -> 5 x 9 -> 3 x 5
+    assert stencil_sparsity((8, 8), offsets=[(1, 1), (-1, -1)]).grid.stencil == "box"
+    assert mg_levels(Grid((64, 64), boundary="periodic")) == 5  # down to 4 x 4
+    with pytest.raises(ValueError, match="every offset needs 2 entries"):
+        stencil_sparsity((4, 4), offsets=[(1,)])
+
+
+def test_a_solve_on_a_grid_matches_the_full_array_solve():
+    n = 17
+    grid = Grid((n, n))
+    kappa = torch.tensor(1.4, dtype=F64, requires_grad=True)
+    source = torch.rand(n, n, dtype=F64, generator=torch.Generator().manual_seed(3))
+
+    def on_grid(u, kappa):
+        i = grid.interior
+        lap = 4 * u[i] - u[:-2, 1:-1] - u[2:, 1:-1] - u[1:-1, :-2] - u[1:-1, 2:]
+        return kappa * lap + u[i] ** 3 - source
+
+    def full(x, kappa):  # the same equations, zero outside
+        return on_grid(torch.nn.functional.pad(x, (1, 1, 1, 1)), kappa)
+    xs, grads = [], []
+    for fn, kwargs in ((on_grid, {"grid": grid}), (full, {"sparsity": stencil_sparsity((n, n))})):
+        x = solve(fn, torch.zeros(n, n, dtype=F64), kappa, **kwargs)
+        (grad,) = torch.autograd.grad(x.square().sum(), kappa)
+        xs.append(x)
+        grads.append(grad)
+    torch.testing.assert_close(xs[0], xs[1], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=0)
+
+
+def test_bad_grid_arguments_are_named():
+    with pytest.raises(ValueError, match="Grid: shape must give 1 to 3 positive sizes"):
+        Grid((2, 2, 2, 2))
+    with pytest.raises(ValueError, match="Grid: unknown stencil 'cross'; valid: star, box"):
+        Grid((4, 4), stencil="cross")
+    with pytest.raises(ValueError, match="boundary must be one of ghosted, periodic, none"):
+        Grid((4, 4), boundary="wrap")
+    with pytest.raises(ValueError, match="solve: x0: expected this rank's owned block"):
+        solve(lambda u: u[1:-1, 1:-1], torch.zeros(3, 3, dtype=F64), grid=Grid((4, 4)))
+    with pytest.raises(ValueError, match="give sparsity= or grid=, not both"):
+        solve(lambda u: u, torch.zeros(4, 4, dtype=F64), grid=Grid((4, 4)),
+              sparsity=stencil_sparsity((4, 4)))
+
+
+def test_sum_gradients_is_the_identity_on_one_rank():
+    p = torch.nn.Parameter(torch.ones(3, dtype=F64))
+    p.grad = torch.full((3,), 2.0, dtype=F64)
+    sum_gradients([p])
+    torch.testing.assert_close(p.grad, torch.full((3,), 2.0, dtype=F64))
+
+
+# -- many ranks -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def distributed(tmp_path_factory):
+    """Every case of tests/mpi_cases.py on 1, 2 and 4 ranks (4 oversubscribe these 2 cores)."""
+    mpiexec = shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec is not on PATH: install MPICH (bash .ci/setup does) to run the "
+                    "distributed tests")
+    results = {}
+    for ranks in (1, 2, 4):
+        out = tmp_path_factory.mktemp("mpi") / f"ranks{ranks}.npz"
+        run = subprocess.run([mpiexec, "-n", str(ranks), sys.executable,
+                              str(HERE / "mpi_cases.py"), str(out)],
+                             capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, f"mpiexec -n {ranks} failed:\n{run.stdout}\n{run.stderr}"
+        results[ranks] = dict(np.load(out))
+    return results
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_distributed_results_match_one_rank(distributed, ranks):
+    one, many = distributed[1], distributed[ranks]
+    assert set(one) == set(many)
+    for key in sorted(one):
+        scale = max(np.abs(one[key]).max(), 1e-300)
+        error = np.abs(many[key] - one[key]).max() / scale
+        assert error < 1e-10, f"{key}: {ranks} ranks differ from 1 by {error:.2e} (relative)"
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_wide_stencil_halos_and_colouring_reproduce_the_manufactured_solution(distributed,
+                                                                               ranks):
+    result = distributed[ranks]
+    error = np.abs(result["wide_x"] - result["wide_exact"]).max()
+    assert error < 1e-10 * np.abs(result["wide_exact"]).max(), error
+
+
+def test_ddp_training_through_a_distributed_solve_reduces_the_loss(distributed):
+    for ranks in (1, 2, 4):
+        losses = distributed[ranks]["ddp_losses"]
+        assert losses[-1] < losses[0], losses
