@@ -64,12 +64,12 @@ def _stencil_function(grid, u):
 
 
 @pytest.mark.parametrize("mode", ["forward", "reverse"])
-@pytest.mark.parametrize("boundary,dof,stencil,width", [("ghosted", 1, "star", 1),
-                                                        ("periodic", 2, "star", 1),
-                                                        ("ghosted", 2, "box", 1),
-                                                        ("periodic", 1, "star", 2)])
-def test_grid_jacobian_from_dmda_colouring_is_exact(boundary, dof, stencil, width, mode):
-    grid = Grid((10, 15), dof=dof, stencil=stencil, stencil_width=width, boundary=boundary)
+@pytest.mark.parametrize("shape,boundary,dof,stencil,width", [
+    ((10, 15), "ghosted", 1, "star", 1), ((10, 15), "periodic", 2, "star", 1),
+    ((10, 15), "ghosted", 2, "box", 1), ((10, 15), "periodic", 1, "star", 2),
+    ((16, 16), "periodic", 1, "star", 1), ((16, 8), "periodic", 1, "box", 1)])
+def test_grid_jacobian_from_dmda_colouring_is_exact(shape, boundary, dof, stencil, width, mode):
+    grid = Grid(shape, dof=dof, stencil=stencil, stencil_width=width, boundary=boundary)
     u = torch.randn(grid.ghosted_shape, dtype=F64, generator=torch.Generator().manual_seed(1))
     u[grid.exterior()] = 0.0
     assembler = ColouredJacobian.on_grid(grid, mode=mode)

@@ -95,10 +95,11 @@ def multigrid_levels(pc, layout, options) -> None:
 # -- one solve and its pullback --------------------------------------------------------------------
 class _Problem:
     def __init__(self, residual, options, prefix, jacobian, products, assembler, grid, linear,
-                 symmetric):
+                 symmetric, nullspace):
         self.residual, self.options, self.prefix = residual, options, prefix
         self.jacobian, self.products, self.assembler = jacobian, products, assembler
         self.grid, self.linear, self.symmetric = grid, linear, symmetric
+        self.nullspace = nullspace
         self.stats = {}
 
 
@@ -110,7 +111,7 @@ class _Solve:
         self.p, self.params = problem, params
         self.layout = problem.grid or SerialLayout(x0.shape)
         self.snes = self.x_vec = self.F = self.shell_mat = self.adjoint_ksp = None
-        self.transposed = self.shell = None
+        self.transposed = self.shell = self.nullspace = None
         defaults = dict(DEFAULTS)
         if problem.jacobian != "assembled":
             defaults["pc_type"] = "none"
@@ -148,6 +149,10 @@ class _Solve:
                 products = "forward" if forward else "fd"
             self.shell = TorchJacobian(layout.ghosted_shape, products=products, layout=layout)
             self.A = self.P = self.shell_mat = self.shell.mat()
+        if p.nullspace:  # dF/dx is singular: constants are its null space (periodic Poisson)
+            self.nullspace = PETSc.NullSpace().create(constant=True, comm=layout.comm)
+            self.A.setNullSpace(self.nullspace)
+            self.A.setTransposeNullSpace(self.nullspace)
         snes = self.snes = PETSc.SNES().create(comm=layout.comm)
         snes.setOptionsPrefix(self.options.prefix)
         if layout.dm is not None:  # multigrid takes the grid's hierarchy
@@ -203,6 +208,9 @@ class _Solve:
         transpose)."""
         destroy(self.adjoint_ksp, self.transposed)
         self.transposed = self.A.transpose(PETSc.Mat())  # a new matrix (no argument: in place)
+        if self.nullspace is not None:
+            self.transposed.setNullSpace(self.nullspace)
+            self.transposed.setTransposeNullSpace(self.nullspace)
         adjoint = self.adjoint_ksp = PETSc.KSP().create(comm=self.layout.comm)
         adjoint.setOptionsPrefix(self.options.prefix)
         if self.layout.dm is not None:
@@ -313,10 +321,15 @@ class _Solve:
     def release(self):
         """Free this solve's PETSc objects (idempotent; the assembler's matrix is the
         caller's)."""
+        if self.nullspace is not None and self.p.jacobian == "assembled":  # a shared matrix
+            empty = PETSc.NullSpace().create(constant=False, vectors=[], comm=self.layout.comm)
+            self.A.setNullSpace(empty)
+            self.A.setTransposeNullSpace(empty)
+            empty.destroy()
         destroy(self.snes, self.x_vec, self.F, self.shell_mat, self.adjoint_ksp,
-                self.transposed)
+                self.transposed, self.nullspace)
         self.snes = self.x_vec = self.F = self.shell_mat = self.adjoint_ksp = None
-        self.transposed = self.shell = None  # the shell's point holds our method
+        self.transposed = self.shell = self.nullspace = None  # the shell holds our method
         self.options.close()
 
 
@@ -381,7 +394,8 @@ def _assembler(who, sparsity, grid, n):
 
 @eager_under_compile(WHO)
 def solve(residual, x0, *params, options=None, sparsity=None, grid=None, prefix=None,
-          jacobian="auto", products="auto", linear=False, symmetric=False, stats=None):
+          jacobian="auto", products="auto", linear=False, symmetric=False, nullspace=None,
+          stats=None):
     """Find x with residual(x, *params) = 0 by PETSc SNES; differentiable w.r.t. the params.
 
     Args:
@@ -422,6 +436,10 @@ def solve(residual, x0, *params, options=None, sparsity=None, grid=None, prefix=
             and backward reuses the forward's KSP and PC as they are. Otherwise backward solves
             with the explicitly transposed matrix and a KSP/PC set up from the same options
             (assembled), or KSP solveTranspose with reverse-mode products (matrix-free).
+        nullspace: ``"constant"`` when dF/dx is singular with the constants as its null space
+            (e.g. a pressure Poisson equation with periodic or Neumann boundaries): the linear
+            solves project it out, so x has zero mean and the gradient is that of the zero-mean
+            solution; the residual's right-hand side must then have zero mean. Default None.
         stats: a dict to receive the solve's SNES/KSP/PC types, Newton and linear iterations,
             final residual norm and converged reason (after backward also the transposed
             solve's iterations).
@@ -470,8 +488,10 @@ def solve(residual, x0, *params, options=None, sparsity=None, grid=None, prefix=
     if jacobian == "assembled" and products == "fd":
         raise ValueError(f"{who}: products='fd' is a matrix-free action; an assembled "
                          f"Jacobian takes products 'forward', 'reverse' or 'auto'")
+    if nullspace not in (None, "constant"):
+        raise ValueError(f"{who}: nullspace must be None or 'constant', got {nullspace!r}")
     problem = _Problem(residual, options, prefix, jacobian, products, assembler, grid,
-                       bool(linear), bool(symmetric))
+                       bool(linear), bool(symmetric), nullspace)
     if stats is not None:
         problem.stats = stats
     return _SOLVE(x0, problem, *params)
