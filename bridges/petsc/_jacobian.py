@@ -93,6 +93,11 @@ class TorchJacobian:
         self.diag_shift += a
 
 
+def _distinct(keys, colours) -> bool:
+    """Whether no two entries with the same key (row or column) have the same colour."""
+    return np.unique(np.stack([keys, colours]), axis=1).shape[1] == len(keys)
+
+
 def _groups_to_colours(groups, n):
     colour = np.full(n, -1, dtype=np.int64)
     for c, cols in enumerate(groups):
@@ -167,9 +172,22 @@ class ColouredJacobian:
         cols = (col_point[:, None, None] * dof + k[None, None, :]).repeat(dof, axis=1).reshape(-1)
         owned_colour, ghosted_colour = grid.colours()
         owned_entries = (owned_points[:, None] * dof + k[None, :]).reshape(-1)
+        # each mode needs the colours of what one product mixes to differ: columns of a row
+        # (forward) or rows sharing a column (reverse); PETSc's colouring does not check, and
+        # periodic wrap-around on one rank can break it for forward mode only
+        valid = {"forward": _distinct(rows, ghosted_colour[cols]),
+                 "reverse": _distinct(cols, owned_colour[rows])}
         mat = grid.dm.createMat()
         self._configure(rows, cols, owned_entries, ghosted_colour, owned_colour, mat, mode,
                         local=True)
+        self.valid = valid
+        if not any(valid.values()) or (mode != "auto" and not valid[mode]):
+            raise ValueError(
+                f"Grid{grid.shape}: PETSc's DMDA colouring does not separate what "
+                f"{'either mode' if mode == 'auto' else mode + ' mode'} needs on this rank, so "
+                f"the Jacobian cannot be assembled from coloured products; on periodic axes use "
+                f"sizes divisible by {2 * grid.stencil_width + 1}, "
+                f"{'or mode auto, ' if mode != 'auto' else ''}or jacobian='matrix-free'")
         return self
 
     def _configure(self, rows, cols, owned_in, col_colour, row_colour, mat, mode, local):
@@ -184,6 +202,7 @@ class ColouredJacobian:
         self.rows, self.cols = rows, cols
         self.n_out, self.n_in = len(owned_in), len(col_colour)
         self.col_colour, self._row_colour = col_colour, row_colour
+        self.valid = {"forward": True, "reverse": True}
         self._diagonal = np.flatnonzero(owned_in[rows] == cols)
         self.mat = mat
         coo = (owned_in[rows].astype(PETSc.IntType), cols.astype(PETSc.IntType))
@@ -217,6 +236,8 @@ class ColouredJacobian:
             if self.mode is None:  # decided once, at the first assembly
                 self.mode = choose("auto", probe(fn, u, "ColouredJacobian"), self.n_in,
                                    "ColouredJacobian")
+                if not self.valid[self.mode]:
+                    self.mode = "reverse" if self.mode == "forward" else "forward"
             mode = self.mode
         elif mode not in ("forward", "reverse"):
             raise ValueError(f"ColouredJacobian: unknown mode {mode!r}; valid: auto, forward, "
