@@ -79,7 +79,9 @@ class Linearisation:
         self.fn, self.u = fn, u.detach()
         self._graph = self._f0 = None
 
-    def _value_graph(self):
+    def graph(self):
+        """(leaf, fn(leaf)) with leaf = u requiring grad: one evaluation, kept; anything else
+        fn depends on that requires grad (parameters) is in the graph too."""
         if self._graph is None:
             with torch.enable_grad():
                 leaf = self.u.clone().requires_grad_()
@@ -88,15 +90,21 @@ class Linearisation:
 
     def vjp(self, w):
         """J^T w."""
-        leaf, value = self._value_graph()
+        leaf, value = self.graph()
         (g,) = torch.autograd.grad(value, leaf, w.reshape(value.shape), retain_graph=True,
                                    allow_unused=True)
         return torch.zeros_like(leaf) if g is None else g
 
-    def vjps(self, W):
-        """J^T W[k] for every row k of W (one backward pass each through the same graph: it
-        measured as fast as batched backward, and it passes through bridged ops)."""
-        return torch.stack([self.vjp(w) for w in W])
+    def vjps(self, W, batched=False):
+        """J^T W[k] for every row k of W: one backward pass each through the same graph, which
+        passes through bridged ops and measured as fast as a batched backward at large sizes;
+        `batched` (plain torch functions only) makes it one call, faster for small ones."""
+        if not batched:
+            return torch.stack([self.vjp(w) for w in W])
+        leaf, value = self.graph()
+        (g,) = torch.autograd.grad(value, leaf, W.reshape(-1, *value.shape), retain_graph=True,
+                                   allow_unused=True, is_grads_batched=True)
+        return torch.zeros(W.shape[0], *leaf.shape, dtype=leaf.dtype) if g is None else g
 
     def jvp(self, v):
         """J v."""

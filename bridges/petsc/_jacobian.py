@@ -203,6 +203,7 @@ class ColouredJacobian:
         self.n_out, self.n_in = len(owned_in), len(col_colour)
         self.col_colour, self._row_colour = col_colour, row_colour
         self.valid = {"forward": True, "reverse": True}
+        self.bridged = True  # until a probe shows otherwise: no batched backward
         self._diagonal = np.flatnonzero(owned_in[rows] == cols)
         self.mat = mat
         coo = (owned_in[rows].astype(PETSc.IntType), cols.astype(PETSc.IntType))
@@ -228,34 +229,48 @@ class ColouredJacobian:
         seeds[torch.from_numpy(colour[real]), torch.from_numpy(real)] = 1.0
         return seeds.view(k, *shape)
 
-    def values(self, fn, u, mode=None, out_shape=None):
+    def values(self, fn, u, mode=None, out_shape=None, linearisation=None):
         """The pattern's entries of dfn/du at u (in COO order), by coloured products; `mode`
-        overrides the one given at construction. `out_shape`: fn's output shape (default u's)."""
+        overrides the one given at construction. `out_shape`: fn's output shape (default u's);
+        `linearisation`: a `Linearisation` of fn at u to reuse."""
         mode = mode or self.requested_mode
+        if self.mode is None:  # decided once, at the first assembly
+            caps = probe(fn, u, "ColouredJacobian")
+            self.bridged = caps.bridged
+            self.mode = choose("auto", caps, self.n_in, "ColouredJacobian")
+            if not self.valid[self.mode]:
+                self.mode = "reverse" if self.mode == "forward" else "forward"
         if mode == "auto":
-            if self.mode is None:  # decided once, at the first assembly
-                self.mode = choose("auto", probe(fn, u, "ColouredJacobian"), self.n_in,
-                                   "ColouredJacobian")
-                if not self.valid[self.mode]:
-                    self.mode = "reverse" if self.mode == "forward" else "forward"
             mode = self.mode
         elif mode not in ("forward", "reverse"):
             raise ValueError(f"ColouredJacobian: unknown mode {mode!r}; valid: auto, forward, "
                              f"reverse")
-        lin = Linearisation(fn, u)
+        lin = linearisation or Linearisation(fn, u)
         if mode == "forward":
             products = lin.jvps(self._seeds(self.col_colour, u.dtype, u.shape))
             take = (self.col_colour[self.cols], self.rows)
         else:
-            products = lin.vjps(self._seeds(self.row_colour, u.dtype, out_shape or u.shape))
+            products = lin.vjps(self._seeds(self.row_colour, u.dtype, out_shape or u.shape),
+                                batched=not self.bridged)
             take = (self.row_colour[self.rows], self.cols)
         self.evaluations += products.shape[0]
         products = products.reshape(products.shape[0], -1)
         return products[torch.from_numpy(take[0]), torch.from_numpy(take[1])]
 
-    def assemble(self, fn, u, diag_shift=0.0, factor=1.0, mode=None, out_shape=None):
+    def assemble(self, fn, u, diag_shift=0.0, factor=1.0, mode=None, out_shape=None,
+                 linearisation=None):
         """Fill the matrix with diag_shift*I + factor*dfn/du at u; returns the PETSc Mat."""
-        values = (self.values(fn, u, mode, out_shape) * factor).numpy()
+        values = (self.values(fn, u, mode, out_shape, linearisation) * factor).numpy()
+        values[self._diagonal] += diag_shift
+        self.mat.setValuesCOO(values.astype(PETSc.ScalarType, copy=False))
+        self.mat.assemble()
+        return self.mat
+
+    def set_dense(self, jacobian, diag_shift=0.0, factor=1.0):
+        """Fill the matrix with diag_shift*I + factor*J for a dense J (n_out x n_in) computed
+        elsewhere; returns the PETSc Mat."""
+        values = (jacobian[torch.from_numpy(self.rows), torch.from_numpy(self.cols)]
+                  * factor).numpy()
         values[self._diagonal] += diag_shift
         self.mat.setValuesCOO(values.astype(PETSc.ScalarType, copy=False))
         self.mat.assemble()

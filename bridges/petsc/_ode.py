@@ -42,6 +42,7 @@ ADJOINT_TS_TYPES = ("beuler", "cn", "theta", "arkimex", "rk")  # TS types with T
 JACOBIANS = ("auto", "assembled", "blocks", "matrix-free")
 PRODUCTS = ("auto", "forward", "reverse", "fd")
 BLOCK_LIMIT = 64  # largest per-sample system whose Jacobian blocks are assembled by default
+NEWTON_TOLERANCE = 1e-3  # adaptive steps: Newton's last update, in units of the tolerances
 WHO = "odeint_adjoint"
 
 
@@ -73,9 +74,10 @@ class _ODEProblem:
         if self.scheme:
             values[self.scheme[0]] = self.scheme[1]
         if self.ts_type == "arkimex":  # the whole F is implicit: a stiffly accurate ESDIRK
-            values["ts_arkimex_fully_implicit"] = True
-        if not self.fixed:
-            values.update(ts_rtol=self.rtol, ts_atol=self.atol)
+            values.update(ts_arkimex_fully_implicit=True,
+                          ts_arkimex_initial_guess_extrapolate=True)  # fewer Newton iterations
+        if not self.fixed:  # a step whose Newton solve fails is retried smaller
+            values.update(ts_rtol=self.rtol, ts_atol=self.atol, ts_max_snes_failures=-1)
         if record:  # PETSc's default trajectory writes files
             values["ts_trajectory_type"] = "memory"
         if self.form == "implicit":
@@ -98,6 +100,8 @@ class _ODESolve:
         self.y0 = y0.clone(memory_format=torch.contiguous_format)
         self.steps = None
         self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = self.jac = None
+        self._last_linearisation = self._jacp_point = None
+        self.dense = self.chord = False
         self.options = SolverOptions(WHO, problem.prefix, problem.options,
                                      problem.defaults(times, record))
         try:
@@ -130,12 +134,58 @@ class _ODESolve:
             ts.setIFunction(self._ifunction, self.F)
             self._set_ijacobian(ts)
             ts.setIJacobianP(self._jacobian_p, self.jacp_mat)
+            # adaptive steps: one Jacobian per step (chord Newton; a step whose Newton solve
+            # fails is retried smaller, with a fresh Jacobian), converged in the tolerances'
+            # norm; fixed steps: full Newton to snes_rtol
+            self.chord, self._new_step, self._shift = not p.fixed, True, None
+            ts.setPreStep(self._pre_step)
+            if not p.fixed:
+                ts.getSNES().setConvergenceTest(self._newton_converged)
+        self.outputs = _Outputs(self.layout.owned_view)
+        ts.setPostStep(self.outputs)
         if self.record:
             ts.setSaveTrajectory()
             trajectory_prefix(ts, self.options.prefix)
         with petsc_errors(WHO, "setting up PETSc TS from the options"):
             ts.setFromOptions()
-        self.dt0 = ts.getTimeStep()  # the first step in force (options win over defaults)
+        user_step = self.options.given.keys() & {"ts_time_step", "ts_dt"} or \
+            self.options.inherited.keys() & {"ts_time_step", "ts_dt"}
+        if p.fixed or user_step:
+            self.dt0 = ts.getTimeStep()  # the first step in force (options win over defaults)
+        else:
+            self.dt0 = self._starting_step()
+
+    def _starting_step(self, order=2):
+        """A first step for adaptive integration (Hairer, Norsett and Wanner's estimate from two
+        evaluations of func): small where the solution changes fast in the tolerance's norm."""
+        t0, interval = float(self.times[0]), float(self.times[1] - self.times[0])
+        scale = self.p.atol + self.p.rtol * self.y0.abs()
+        comm = self.layout.comm.tompi4py() if self.layout.size > 1 else None
+
+        def rms(x):
+            total, count = float(x.square().sum()), x.numel()
+            if comm is not None:
+                total, count = comm.allreduce(total), comm.allreduce(count)
+            return (total / count) ** 0.5
+
+        def f(t, y):
+            self._owned(self.u, "w").copy_(y)
+            with torch.no_grad():
+                return self.p.rhs(t, self._ghosted(self.u)).reshape(y.shape).clone()
+        f0 = f(t0, self.y0)
+        d0, d1 = rms(self.y0 / scale), rms(f0 / scale)
+        h0 = 1e-6 * interval if min(d0, d1) < 1e-5 else 0.01 * d0 / d1
+        h0 = min(h0, interval)
+        d2 = rms((f(t0 + h0, self.y0 + h0 * f0) - f0) / scale) / h0
+        largest = max(d1, d2)
+        h1 = max(1e-6 * h0, 1e-3 * h0) if largest <= 1e-15 else \
+            (0.01 / largest) ** (1.0 / (order + 1))
+        step = min(100 * h0, h1, interval)
+        if not np.isfinite(step) or step <= 0:
+            raise ForeignError(f"{WHO}: func gave non-finite values at t = {t0:g} or just after; "
+                               f"cannot choose a first step (give options "
+                               f"{{'ts_time_step': ...}} or check func)")
+        return step
 
     def _set_ijacobian(self, ts):
         """Jacobian structure and product mode of an implicit method (see odeint_adjoint)."""
@@ -158,10 +208,18 @@ class _ODESolve:
             if p.jacobian == "auto" and not self._rows_independent(fn):
                 jacobian = "matrix-free"  # samples are coupled: blocks would be inexact
         self.assembled = jacobian in ("assembled", "blocks")
+        # one small system of plain torch: its whole Jacobian and parameter Jacobian come from
+        # one batched backward pass per point, and parameter products are matrix products
+        n = self.y0.numel()
+        self.dense = (jacobian == "blocks" and n == self.blocks.n_in and products != "forward"
+                      and n <= BLOCK_LIMIT and n * self.n_params <= 1 << 16
+                      and not probe(fn, u0, WHO).bridged)
         if self.assembled:
             ts.setIJacobian(self._ijacobian, self.blocks.mat, self.blocks.mat)
-            # small blocks: a direct solve; a sparse Jacobian: GMRES with PETSc's default PC
-            defaults = {"ksp_type": "preonly", "pc_type": "lu"} if jacobian == "blocks" else \
+            # blocks: each inverted exactly, with partial pivoting (PETSc's sparse LU does not pivot:
+            # it loses ROBER at late times, where the shifted Jacobian has a near-zero diagonal);
+            # a sparse Jacobian: GMRES with PETSc's default PC
+            defaults = {"ksp_type": "preonly", "pc_type": "pbjacobi"} if jacobian == "blocks" else \
                 {"ksp_type": "gmres"}
         else:
             if products == "reverse":
@@ -223,30 +281,75 @@ class _ODESolve:
             torch.sub(self._owned(Udot), self.p.rhs(t, self._ghosted(U)), out=self._owned(F, "w"))
 
     def _ijacobian(self, ts, t, U, Udot, shift, A, P):
-        u = self._ghosted(U).clone()
+        if self.chord and not self._new_step and shift == self._shift:
+            return  # the chord method: this step's Jacobian, for every stage and iteration
+        self._new_step, self._shift = False, shift
+        lin = self._linearisation(t, self._ghosted(U))
+        if self.dense:
+            self.blocks.set_dense(lin.jacobian, diag_shift=shift, factor=-1.0)
+            return
         if not self.assembled:
-            self.jac.at(self._rhs_at(t), u, diag_shift=shift, factor=-1.0)
+            self.jac.at(lin.fn, lin.u, diag_shift=shift, factor=-1.0)
         if self.blocks is not None:
-            self.blocks.assemble(self._rhs_at(t), u, diag_shift=shift, factor=-1.0,
-                                 out_shape=self.shape)
+            self.blocks.assemble(lin.fn, lin.u, diag_shift=shift, factor=-1.0,
+                                 out_shape=self.shape, linearisation=lin)
+
+    def _linearisation(self, t, u):
+        """func linearised at (t, u), shared by the Jacobian and parameter-Jacobian products
+        PETSc asks for at the same point (one evaluation of func for both)."""
+        last = self._last_linearisation
+        if last is None or last[0] != t or not torch.equal(last[1].u, u):
+            point = _DensePoint(self._rhs_at(t), u.clone(), self.p.params) if self.dense \
+                else Linearisation(self._rhs_at(t), u.clone())
+            last = self._last_linearisation = (t, point)
+        return last[1]
+
+    def _pre_step(self, ts):
+        self._new_step = True
+
+    def _newton_converged(self, snes, it, norms):
+        """Newton has converged when its last update is small in the integrator's own norm,
+        RMS(dx / (atol + rtol |x|)) <= NEWTON_TOLERANCE (a norm of the whole vector would
+        leave small components, y ~ 1e-8 beside y ~ 1, unconverged), or when it is down to
+        rounding, |dx| <= 1e-14 |x|, beyond which no iteration can get (a tiny atol)."""
+        xnorm, step, fnorm = norms
+        if not np.isfinite(fnorm):
+            return PETSc.SNES.ConvergedReason.DIVERGED_FNORM_NAN
+        if fnorm == 0.0:
+            return PETSc.SNES.ConvergedReason.CONVERGED_FNORM_ABS
+        if it == 0:
+            return 0
+        if step <= 1e-14 * xnorm:
+            return PETSc.SNES.ConvergedReason.CONVERGED_SNORM_RELATIVE
+        x, dx = self._owned(snes.getSolution()), self._owned(snes.getSolutionUpdate())
+        scaled = float((dx / (self.p.atol + self.p.rtol * x.abs())).square().sum())
+        count = dx.numel()
+        if self.layout.size > 1:
+            scaled, count = (self.layout.comm.tompi4py().allreduce(v) for v in (scaled, count))
+        if (scaled / count) ** 0.5 <= NEWTON_TOLERANCE:
+            return PETSc.SNES.ConvergedReason.CONVERGED_SNORM_RELATIVE
+        return 0
 
     def _jacobian_p(self, ts, t, U, *rest):  # RHS form: (A); implicit form: (Udot, shift, A)
-        self._jacp_point = (t, self._ghosted(U).clone())
+        self._jacp_point = self._linearisation(t, self._ghosted(U))
 
     def multTranspose(self, mat, x, y):
         """This rank's share of (d func / d params)^T x at the state PETSc passed to the
-        JacobianP callback, recomputed here (a value saved from another callback is wrong for
-        implicit methods)."""
-        t, u = self._jacp_point
+        JacobianP callback (not a value saved from another callback: wrong for implicit
+        methods)."""
         out = vec_as_tensor(y, "w")
         if not self.p.params:
             out.zero_()
             return
-        with torch.enable_grad():
-            value = self.p.rhs(t, u)
-            grads = torch.autograd.grad(value, self.p.params, self._owned(x).view(value.shape),
-                                        allow_unused=True)
         sign = 1.0 if self.p.form == "explicit" else -1.0  # implicit: dF/dp = -dfunc/dp
+        if self.dense:
+            torch.matmul(self._jacp_point.parameter_jacobian.T, self._owned(x).reshape(-1),
+                         out=out)
+            out.mul_(sign)
+            return
+        _, value = self._jacp_point.graph()
+        grads = torch.autograd.grad(value, self.p.params, self._owned(x).view(value.shape),
+                                    retain_graph=True, allow_unused=True)
         offset = 0
         for param, g in zip(self.p.params, grads):
             part = out[offset:offset + param.numel()]
@@ -260,31 +363,19 @@ class _ODESolve:
         self._owned(self.u, "w").copy_(self.y0)
         ts.setTime(float(times[0]))
         ts.setStepNumber(0)
-        ts.setTimeSpan(times.tolist())
-        ts.setTimeStep(self.dt0)
-        per_interval = self.p.steps_per_interval
-        intervals = np.diff(times)
-        recorded = [0]
-
-        def record_output_steps(ts):
-            k = len(recorded)
-            if k < len(times) and abs(ts.getTime() - times[k]) <= 1e-10 * max(abs(times[k]), 1):
-                recorded.append(ts.getStepNumber())
-                if per_interval and k < len(intervals):
-                    ts.setTimeStep(intervals[k] / per_interval)
-        ts.setPostStep(record_output_steps)
-        try:
-            with petsc_errors(WHO, f"the forward solve (PETSc TS '{ts.getType()}')"):
-                ts.solve(self.u)
-        finally:
-            ts.setPostStep(None)
+        ts.setMaxTime(float(times[-1]))
+        self.outputs.start(ts, times, self.y0, self.p.steps_per_interval, self.dt0)
+        with petsc_errors(WHO, f"the forward solve (PETSc TS '{ts.getType()}')"):
+            ts.solve(self.u)
         self._check(ts.getConvergedReason(), "the forward solve")
-        _, solutions = ts.getEvaluationSolutions()
-        if len(recorded) != len(times) or len(solutions) != len(times):
+        recorded, values = self.outputs.steps, self.outputs.values
+        self.outputs.values = []
+        if len(recorded) != len(times):
             raise ForeignError(f"{WHO}: PETSc TS reached {len(recorded)} of {len(times)} output "
-                               f"times; check the times and step options")
+                               f"times (stopped at t = {ts.getTime():.6g}); check the times and "
+                               f"step options")
         self.steps = recorded
-        ys = torch.stack([self._owned(s).clone() for s in solutions])
+        ys = torch.stack(values)
         finite = torch.isfinite(ys.reshape(len(times), -1)).all(dim=1)
         if not bool(finite.all()):
             k = int(torch.nonzero(~finite)[0])
@@ -302,6 +393,7 @@ class _ODESolve:
                                f"of the methods {', '.join(m for m in METHODS if m != 'bdf')}")
         if self.steps is None:  # the trajectory went with an earlier adjoint: solve again
             self.solve()
+        chord, self.chord = self.chord, False  # the adjoint: exact Jacobians
         lam = self.layout.global_vec()
         mu = PETSc.Vec().createMPI((self.n_params, None), comm=self.layout.comm)
         try:
@@ -326,6 +418,7 @@ class _ODESolve:
             grad_y0 = self._owned(lam).clone()
         finally:
             destroy(lam, mu)  # TS does not own its cost gradients
+        self.chord = chord
         self.options.report_unused(final=True)
         return (grad_y0, None, None, *grad_params)
 
@@ -346,8 +439,81 @@ class _ODESolve:
                 None if self.blocks is None or self.blocks is self.p.assembler else
                 self.blocks.mat)
         self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = None
-        self.jac = None  # its linearisation point holds a closure over this object
+        self.jac = self._last_linearisation = self._jacp_point = None  # closures over self
         self.options.close()
+
+
+class _Outputs:
+    """The TS post-step hook that lands steps on the output times and keeps the solution at
+    each. (PETSc's evaluation times are not used: PETSc 3.26 passes its closeness tolerance,
+    1e-6 of the step, as a relative one, so with steps beyond about 1e4 it stores a solution
+    far from the time asked for.) It holds no reference to the TS or the solve."""
+
+    def __init__(self, owned):
+        self.owned = owned  # Vec -> torch view of this rank's part
+        self.values = []
+
+    def start(self, ts, times, y0, per_interval, dt):
+        self.times, self.per_interval = times, per_interval
+        self.steps, self.values = [0], [y0.clone()]
+        ts.setTimeStep(self._toward(1, float(times[0]), dt))
+
+    def _toward(self, k, t, dt):
+        """The next step from t: never past output k, nor leaving a sliver before it."""
+        gap = float(self.times[k]) - t
+        if dt >= gap * (1 - 1e-8):
+            return gap
+        return gap / 2 if dt > gap / 2 else dt
+
+    def __call__(self, ts):
+        k, times = len(self.steps), self.times
+        if k >= len(times):
+            return
+        t, dt = ts.getTime(), ts.getTimeStep()
+        if abs(t - times[k]) <= 1e-12 * max(abs(times[k]), times[k] - times[k - 1]):
+            ts.setTime(float(times[k]))  # rounding off the last step; ends the solve exactly
+            self.steps.append(ts.getStepNumber())
+            self.values.append(self.owned(ts.getSolution()).clone())
+            if k + 1 == len(times):
+                return
+            k, t = k + 1, float(times[k])
+            if self.per_interval:
+                dt = (times[k] - times[k - 1]) / self.per_interval
+        ts.setTimeStep(self._toward(k, t, dt))
+
+
+class _DensePoint:
+    """func at one point of a small system, with its Jacobians in the state and the parameters
+    from one batched backward pass (made on first use)."""
+
+    def __init__(self, fn, u, params):
+        self.fn, self.u, self.params = fn, u, params
+        self._jacobians = None
+
+    def _all(self):
+        if self._jacobians is None:
+            with torch.enable_grad():
+                leaf = self.u.clone().requires_grad_()
+                value = self.fn(leaf)
+                seeds = torch.eye(value.numel(), dtype=value.dtype).view(-1, *value.shape)
+                grads = torch.autograd.grad(value, (leaf, *self.params), seeds,
+                                            allow_unused=True, is_grads_batched=True)
+            n = value.numel()
+            parts = [torch.zeros(n, q.numel(), dtype=value.dtype) if g is None else
+                     g.reshape(n, -1) for q, g in zip(self.params, grads[1:])]
+            self._jacobians = (grads[0].reshape(n, -1),
+                               torch.cat(parts, dim=1) if parts else torch.zeros(n, 1))
+        return self._jacobians
+
+    @property
+    def jacobian(self):
+        """d func / d u, (n, n)."""
+        return self._all()[0]
+
+    @property
+    def parameter_jacobian(self):
+        """d func / d params, (n, number of parameters)."""
+        return self._all()[1]
 
 
 class _Pullback:
