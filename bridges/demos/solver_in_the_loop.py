@@ -20,7 +20,7 @@ Errors are relative L2 velocity errors against the reference on held-out flows, 
 10x the unroll length (5x with --quick). Writes the error-over-time plot, vorticity snapshots and training curves.
 
     python -m bridges.demos.solver_in_the_loop [--quick] [--iterations N] [--unroll T]
-        [--pressure petsc|fft] [--out DIR]
+        [--pressure petsc|fft] [--petsc-option KEY=VALUE ...] [--out DIR]
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ VARIANTS = ("none", "option 1", "option 2", "residual")
 # the physics: decaying turbulence, RMS velocity 1, energy peak at wavenumber 3, in a 2 pi box
 PHYSICS = {"n": 32, "factor": 4, "viscosity": 2e-3, "dt": 0.03, "peak": 3.0}
 SETTINGS = {
-    "full": {"unroll": 8, "horizon": 80, "train_flows": 16, "test_flows": 4, "iterations": 600,
+    "full": {"unroll": 8, "horizon": 80, "train_flows": 16, "test_flows": 4, "iterations": 400,
              "batch": 4, "lr": 1e-3, "width": 16},
     "quick": {"unroll": 4, "horizon": 20, "train_flows": 4, "test_flows": 2, "iterations": 40,
               "batch": 2, "lr": 3e-3, "width": 8},
@@ -284,10 +284,11 @@ def plot_training(histories, path):
 
 
 # -- command line ----------------------------------------------------------------------------------
-def run(cfg, *, pressure="petsc", seed=0, out=None, show_progress=True, cache=True):
+def run(cfg, *, pressure="petsc", options=None, seed=0, out=None, show_progress=True,
+        cache=True):
     """The whole comparison; returns a dict with the table rows, timings and figure paths."""
     start = time.perf_counter()
-    flow = coarse_flow(pressure)
+    flow = coarse_flow(pressure, options)
     data = load_data(cfg, out if cache else None, show_progress)
     data_s = time.perf_counter() - start
     nets, histories, per_iteration = {}, {}, {}
@@ -319,6 +320,9 @@ def main(argv=None):
     parser.add_argument("--pressure", default="petsc", choices=["petsc", "fft"],
                         help="pressure solver of the coarse flow: PETSc CG + multigrid, or the "
                              "pure-torch FFT solve")
+    parser.add_argument("--petsc-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a PETSc option of the coarse pressure solves, without the dash, "
+                             "e.g. pc_type=gamg or ksp_rtol=1e-8 (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the network initialisation")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1 is fastest for these small grids)")
@@ -333,9 +337,18 @@ def main(argv=None):
             cfg[key] = getattr(args, key)
     if cfg["iterations"] < 1 or cfg["unroll"] < 1:
         parser.error("--iterations and --unroll must be positive")
+    options = {}
+    for item in args.petsc_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key or key.startswith("-"):
+            parser.error(f"--petsc-option expects KEY=VALUE without the dash, e.g. "
+                         f"pc_type=gamg; got {item!r}")
+        options[key] = value
+    if options and args.pressure != "petsc":
+        parser.error("--petsc-option needs --pressure petsc")
     cfg["horizon"] = cfg["unroll"] * (5 if args.quick else 10)
     torch.set_num_threads(args.threads)
-    res = run(cfg, pressure=args.pressure, seed=args.seed, out=args.out,
+    res = run(cfg, pressure=args.pressure, options=options or None, seed=args.seed, out=args.out,
               cache=not args.no_cache)
 
     print(f"coarse {PHYSICS['n']}^2 vs reference {PHYSICS['n'] * PHYSICS['factor']}^2, "
