@@ -63,7 +63,6 @@ class PetscPoisson:
         self.grid = Grid((self.n, self.n), boundary="periodic", comm=PETSc.COMM_SELF)
         self.options = {**OPTIONS, **(options or {})}
         self.stats = {}
-        self._nullspace = PETSc.NullSpace().create(constant=True, comm=PETSc.COMM_SELF)
 
     def residual(self, phi, b):
         i = self.grid.interior
@@ -77,21 +76,7 @@ class PetscPoisson:
         out = []
         for field in flat:
             field = field.to(torch.float64)
-            phi = solve(self.residual, self.grid.zeros(), field - field.mean(), grid=self.grid,
-                        linear=True, symmetric=True, nullspace="constant",
-                        options=self.options, stats=self.stats)
-            if phi.requires_grad:
-                phi.register_hook(self._restore_nullspace)
-            out.append(phi)
+            out.append(solve(self.residual, self.grid.zeros(), field - field.mean(),
+                             grid=self.grid, linear=True, symmetric=True, nullspace="constant",
+                             options=self.options, stats=self.stats))
         return torch.stack(out).reshape(b.shape).to(b.dtype)
-
-    def _restore_nullspace(self, grad):
-        # Work-around: every solve on this grid shares the grid's assembled matrix, and a solve
-        # that is released (after its backward, or when its output dies) removes the constant
-        # null space from it, even while other solves on the grid still await their backward.
-        # Put it back just before each solve's backward (an autograd hook on its output).
-        assembler = self.grid.__dict__.get("_bridges_jacobian", {}).get("assembler")
-        if assembler is not None:
-            assembler.mat.setNullSpace(self._nullspace)
-            assembler.mat.setTransposeNullSpace(self._nullspace)
-        return grad

@@ -42,7 +42,8 @@ ADJOINT_TS_TYPES = ("beuler", "cn", "theta", "arkimex", "rk")  # TS types with T
 JACOBIANS = ("auto", "assembled", "blocks", "matrix-free")
 PRODUCTS = ("auto", "forward", "reverse", "fd")
 BLOCK_LIMIT = 64  # largest per-sample system whose Jacobian blocks are assembled by default
-NEWTON_TOLERANCE = 1e-3  # adaptive steps: Newton's last update, in units of the tolerances
+NEWTON_TOLERANCE = 1e-3  # adaptive steps: Newton's first update, in units of the tolerances,
+NEWTON_REMAINDER = 3e-2  # and its estimated remaining error after later ones
 WHO = "odeint_adjoint"
 
 
@@ -76,8 +77,12 @@ class _ODEProblem:
         if self.ts_type == "arkimex":  # the whole F is implicit: a stiffly accurate ESDIRK
             values.update(ts_arkimex_fully_implicit=True,
                           ts_arkimex_initial_guess_extrapolate=True)  # fewer Newton iterations
-        if not self.fixed:  # a step whose Newton solve fails is retried smaller
-            values.update(ts_rtol=self.rtol, ts_atol=self.atol, ts_max_snes_failures=-1)
+        if not self.fixed:  # a step whose Newton solve fails is retried smaller; a line search
+            # only costs evaluations (and failures) where the step size already controls Newton
+            values.update(ts_rtol=self.rtol, ts_atol=self.atol, ts_max_snes_failures=-1,
+                          ts_max_step_rejections=-1)
+            if self.form == "implicit":
+                values["snes_linesearch_type"] = "basic"
         if record:  # PETSc's default trajectory writes files
             values["ts_trajectory_type"] = "memory"
         if self.form == "implicit":
@@ -102,6 +107,7 @@ class _ODESolve:
         self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = self.jac = None
         self._last_linearisation = self._jacp_point = None
         self.dense = self.chord = False
+        self._states, self._newton_size = None, 0.0
         self.options = SolverOptions(WHO, problem.prefix, problem.options,
                                      problem.defaults(times, record))
         try:
@@ -281,18 +287,23 @@ class _ODESolve:
             torch.sub(self._owned(Udot), self.p.rhs(t, self._ghosted(U)), out=self._owned(F, "w"))
 
     def _ijacobian(self, ts, t, U, Udot, shift, A, P):
-        if self.chord and not self._new_step and shift == self._shift:
-            return  # the chord method: this step's Jacobian, for every stage and iteration
+        # the chord method: this step's Jacobian for every stage and iteration, unless PETSc
+        # changed the matrices since (ARKIMEX rescales them when it solves for the first
+        # stage's derivative)
+        if self.chord and not self._new_step and shift == self._shift and \
+                self._states == (A.stateGet(), P.stateGet()):
+            return
         self._new_step, self._shift = False, shift
         lin = self._linearisation(t, self._ghosted(U))
         if self.dense:
             self.blocks.set_dense(lin.jacobian, diag_shift=shift, factor=-1.0)
-            return
-        if not self.assembled:
-            self.jac.at(lin.fn, lin.u, diag_shift=shift, factor=-1.0)
-        if self.blocks is not None:
-            self.blocks.assemble(lin.fn, lin.u, diag_shift=shift, factor=-1.0,
-                                 out_shape=self.shape, linearisation=lin)
+        else:
+            if not self.assembled:
+                self.jac.at(lin.fn, lin.u, diag_shift=shift, factor=-1.0)
+            if self.blocks is not None:
+                self.blocks.assemble(lin.fn, lin.u, diag_shift=shift, factor=-1.0,
+                                     out_shape=self.shape, linearisation=lin)
+        self._states = (A.stateGet(), P.stateGet())
 
     def _linearisation(self, t, u):
         """func linearised at (t, u), shared by the Jacobian and parameter-Jacobian products
@@ -308,26 +319,36 @@ class _ODESolve:
         self._new_step = True
 
     def _newton_converged(self, snes, it, norms):
-        """Newton has converged when its last update is small in the integrator's own norm,
-        RMS(dx / (atol + rtol |x|)) <= NEWTON_TOLERANCE (a norm of the whole vector would
-        leave small components, y ~ 1e-8 beside y ~ 1, unconverged), or when it is down to
-        rounding, |dx| <= 1e-14 |x|, beyond which no iteration can get (a tiny atol)."""
+        """Newton's convergence in the integrator's own norm: s_k = RMS(dx_k / (atol + rtol
+        |x|)) of the k-th update (a norm of the whole vector would leave small components,
+        y ~ 1e-8 beside y ~ 1, unconverged). Converged when s_1 <= NEWTON_TOLERANCE, or, with
+        the observed rate q = s_k / s_(k-1) < 1, when the remaining error q / (1 - q) s_k is
+        below NEWTON_REMAINDER, or when updates are down to rounding (|dx| <= 1e-14 |x|).
+        Diverged when q >= 1: the step is then retried smaller, with a fresh Jacobian."""
         xnorm, step, fnorm = norms
+        reason = PETSc.SNES.ConvergedReason
         if not np.isfinite(fnorm):
-            return PETSc.SNES.ConvergedReason.DIVERGED_FNORM_NAN
+            return reason.DIVERGED_FNORM_NAN
         if fnorm == 0.0:
-            return PETSc.SNES.ConvergedReason.CONVERGED_FNORM_ABS
+            return reason.CONVERGED_FNORM_ABS
         if it == 0:
             return 0
         if step <= 1e-14 * xnorm:
-            return PETSc.SNES.ConvergedReason.CONVERGED_SNORM_RELATIVE
+            return reason.CONVERGED_SNORM_RELATIVE
         x, dx = self._owned(snes.getSolution()), self._owned(snes.getSolutionUpdate())
         scaled = float((dx / (self.p.atol + self.p.rtol * x.abs())).square().sum())
         count = dx.numel()
         if self.layout.size > 1:
             scaled, count = (self.layout.comm.tompi4py().allreduce(v) for v in (scaled, count))
-        if (scaled / count) ** 0.5 <= NEWTON_TOLERANCE:
-            return PETSc.SNES.ConvergedReason.CONVERGED_SNORM_RELATIVE
+        size, previous = (scaled / count) ** 0.5, self._newton_size
+        self._newton_size = size
+        if it == 1:
+            return reason.CONVERGED_SNORM_RELATIVE if size <= NEWTON_TOLERANCE else 0
+        rate = size / previous
+        if rate >= 1.0:
+            return reason.DIVERGED_DTOL
+        if rate / (1.0 - rate) * size <= NEWTON_REMAINDER:
+            return reason.CONVERGED_SNORM_RELATIVE
         return 0
 
     def _jacobian_p(self, ts, t, U, *rest):  # RHS form: (A); implicit form: (Udot, shift, A)
@@ -371,9 +392,12 @@ class _ODESolve:
         recorded, values = self.outputs.steps, self.outputs.values
         self.outputs.values = []
         if len(recorded) != len(times):
+            steps, limit = ts.getStepNumber(), ts.getMaxSteps()
+            why = (f"after its maximum of {limit} steps; raise it with options "
+                   f"{{'ts_max_steps': ...}}, or loosen rtol/atol" if steps >= limit else
+                   f"after {steps} steps; check the step options")
             raise ForeignError(f"{WHO}: PETSc TS reached {len(recorded)} of {len(times)} output "
-                               f"times (stopped at t = {ts.getTime():.6g}); check the times and "
-                               f"step options")
+                               f"times: it stopped at t = {ts.getTime():.6g} {why}")
         self.steps = recorded
         ys = torch.stack(values)
         finite = torch.isfinite(ys.reshape(len(times), -1)).all(dim=1)
@@ -547,7 +571,7 @@ _ODEINT = foreign_function(_forward, name="petsc_odeint", pass_needs_input_grad=
 
 
 @eager_under_compile(WHO)
-def odeint_adjoint(func, y0, t, *, method="cn", step_size=None, steps_per_interval=None,
+def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_interval=None,
                    rtol=1e-6, atol=1e-8, options=None, prefix=None, adjoint_params=None,
                    jacobian="auto", products="auto", sparsity=None, grid=None):
     """Solve dy/dt = func(t, y) with PETSc TS; gradients by TSAdjoint (discrete adjoint).
@@ -563,9 +587,13 @@ def odeint_adjoint(func, y0, t, *, method="cn", step_size=None, steps_per_interv
         y0: initial state, any shape, PETSc's scalar dtype (float64), on the CPU; on a grid this
             rank's owned block (``grid.owned_shape``).
         t: strictly increasing output times (1-D); t[0] is the initial time.
-        method: one of ``beuler``, ``cn``, ``theta``, ``arkimex`` (implicit, for stiff
-            problems), ``rk4``, ``bosh3``, ``dopri5`` (explicit Runge-Kutta), ``bdf`` (forward
-            only).
+        method: one of ``arkimex`` (the default: PETSc's ARK4(3)6L[2]SA, an L-stable,
+            stiffly accurate ESDIRK of order 4 with an embedded error estimate; the fastest of
+            PETSc's ARKIMEX tableaus at equal accuracy on the IVP test set, see
+            bridges.problems), ``beuler``, ``cn``, ``theta`` (implicit), ``rk4``, ``bosh3``,
+            ``dopri5`` (explicit Runge-Kutta), ``bdf`` (forward only). Adaptive implicit
+            steps reuse one Jacobian per step (chord Newton, converged in the tolerances'
+            norm); a step whose Newton solve fails is retried smaller.
         step_size: fixed step (steps are clipped to land on every output time).
         steps_per_interval: fixed steps, this many equal ones in each output interval; with
             log-spaced ``t`` the steps grow geometrically, as stiff decays want.

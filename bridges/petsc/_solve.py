@@ -151,8 +151,7 @@ class _Solve:
             self.A = self.P = self.shell_mat = self.shell.mat()
         if p.nullspace:  # dF/dx is singular: constants are its null space (periodic Poisson)
             self.nullspace = PETSc.NullSpace().create(constant=True, comm=layout.comm)
-            self.A.setNullSpace(self.nullspace)
-            self.A.setTransposeNullSpace(self.nullspace)
+        self._claim_operator()
         snes = self.snes = PETSc.SNES().create(comm=layout.comm)
         snes.setOptionsPrefix(self.options.prefix)
         if layout.dm is not None:  # multigrid takes the grid's hierarchy
@@ -163,6 +162,18 @@ class _Solve:
         with petsc_errors(WHO, "setting up PETSc SNES from the options"):
             snes.setFromOptions()
             multigrid_levels(snes.getKSP().getPC(), layout, self.options)
+
+    def _claim_operator(self):
+        """Give the operator this solve's null space (or none) before each use: an assembled
+        matrix is shared by every live solve with the same sparsity."""
+        if self.nullspace is None and self.p.jacobian != "assembled":
+            return
+        space = self.nullspace or PETSc.NullSpace().create(constant=False, vectors=[],
+                                                           comm=self.layout.comm)
+        self.A.setNullSpace(space)
+        self.A.setTransposeNullSpace(space)
+        if space is not self.nullspace:
+            space.destroy()  # the matrix holds it
 
     def _ghosted(self, vec):
         return self.layout.exchange(vec).clone()
@@ -225,6 +236,7 @@ class _Solve:
     # forward and backward
     def solve(self):
         snes = self.snes
+        self._claim_operator()
         with petsc_errors(WHO, f"the nonlinear solve (PETSc SNES '{snes.getType()}')",
                           "for pc_type mg on a grid, choose sizes that halve evenly (see "
                           "bridges.petsc.mg_levels) or options {'pc_type': 'gamg'}"):
@@ -269,6 +281,7 @@ class _Solve:
         ksp = self.snes.getKSP()
         u = self._ghosted(self.x_vec)
         self._linearise(u)  # the operator (and PC) at the solution itself
+        self._claim_operator()
         ksp.setOperators(self.A, self.P)
         g, lam = self.layout.global_vec(), self.layout.global_vec()
         try:
@@ -321,11 +334,6 @@ class _Solve:
     def release(self):
         """Free this solve's PETSc objects (idempotent; the assembler's matrix is the
         caller's)."""
-        if self.nullspace is not None and self.p.jacobian == "assembled":  # a shared matrix
-            empty = PETSc.NullSpace().create(constant=False, vectors=[], comm=self.layout.comm)
-            self.A.setNullSpace(empty)
-            self.A.setTransposeNullSpace(empty)
-            empty.destroy()
         destroy(self.snes, self.x_vec, self.F, self.shell_mat, self.adjoint_ksp,
                 self.transposed, self.nullspace)
         self.snes = self.x_vec = self.F = self.shell_mat = self.adjoint_ksp = None

@@ -1,0 +1,189 @@
+"""odeint_adjoint on hard stiff problems with default settings: the IVP test-set problems of
+bridges.problems against their independent references (scipy Radau at tight tolerances, the test
+set's published values), and gradients against central differences of tight scipy solutions."""
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+from bridges import ForeignError
+from bridges.petsc import odeint_adjoint
+from bridges.problems import problem
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("name", ["rober", "hires", "vdpol", "orego", "pollu"])
+def test_registry_problems_solve_with_default_settings(name):
+    """Only the tolerances are given. The error over every output time, in units of those
+    tolerances (|y - y_ref| / (atol + rtol |y_ref|)), stays within what sound adaptive solvers
+    reach: scipy's BDF at the same tolerances measured 3 to 370 on these problems (Radau 0.2 to
+    0.6), bridges' default 2 to 51."""
+    p = problem(name)
+    func, y0, t = p.tensors()
+    with torch.no_grad():
+        ys = odeint_adjoint(func, y0, t, rtol=p.rtol, atol=p.atol)
+    assert p.error(ys) < 100
+
+
+def test_rober_to_1e11_matches_the_published_values_in_every_component():
+    p = problem("rober")
+    func, y0, t = p.tensors()
+    with torch.no_grad():
+        ys = odeint_adjoint(func, y0, t, rtol=1e-6, atol=1e-20)
+    np.testing.assert_allclose(ys[-1].numpy(), p.published, rtol=1e-3, atol=0)
+
+
+def test_hires_matches_the_published_values_in_every_component():
+    p = problem("hires")
+    func, y0, t = p.tensors()
+    with torch.no_grad():
+        ys = odeint_adjoint(func, y0, t, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(ys[-1].numpy(), p.published, rtol=1e-4, atol=0)
+
+
+def _jacobian_by_adjoint(p, rtol, atol, t=None):
+    """dy(t_end)/dk, one TSAdjoint per component of y(t_end)."""
+    func, y0, times = p.tensors()
+    times = times if t is None else torch.tensor(t, dtype=F64)
+    ys = odeint_adjoint(func, y0, times, rtol=rtol, atol=atol)
+    (k,) = func.parameters()
+    rows = [torch.autograd.grad(ys[-1, i], k, retain_graph=i < y0.numel() - 1)[0]
+            for i in range(y0.numel())]
+    return torch.stack(rows).numpy()
+
+
+def _jacobian_by_central_differences(p, name, rel_step, columns=None):
+    """dy(t_end)/dk by central differences of the tight scipy Radau reference (the columns of
+    the given entries of k, default all)."""
+    value = p.params[name]
+    result = []
+    for j in range(value.size) if columns is None else columns:
+        up, down = value.copy(), value.copy()
+        up.flat[j] *= 1 + rel_step
+        down.flat[j] *= 1 - rel_step
+        difference = p.reference(None, {name: up})[-1] - p.reference(None, {name: down})[-1]
+        result.append(difference.ravel() / (2 * rel_step * value.flat[j]))
+    return np.stack(result, 1)
+
+
+def _assert_close_per_component(got, want, rtol):
+    """|got - want| <= rtol * (the largest |want| of the same component of y), entrywise."""
+    scale = np.abs(want).max(axis=1, keepdims=True)
+    assert np.all(np.abs(got - want) <= rtol * scale), np.abs(got - want) / scale
+
+
+def test_rober_loss_gradient_over_1e11_matches_central_differences_of_scipy():
+    """The gradient of a loss over all 49 output times (0 to 1e11, each component scaled to
+    order one) w.r.t. the rate constants k."""
+    p = problem("rober")
+    weights = np.random.default_rng(0).standard_normal(p.reference().shape) / \
+        np.abs(p.reference()).max(axis=0)
+    func, y0, t = p.tensors()
+    ys = odeint_adjoint(func, y0, t, rtol=1e-6, atol=1e-20)
+    (ys * torch.from_numpy(weights)).sum().backward()
+    k = p.params["k"]
+    fd = []
+    for j in range(3):
+        up, down = k.copy(), k.copy()
+        up[j] *= 1 + 1e-4
+        down[j] *= 1 - 1e-4
+        fd.append(np.sum(weights * (p.reference(None, {"k": up}) - p.reference(None, {"k": down})))
+                  / (2e-4 * k[j]))
+    np.testing.assert_allclose(func.k.grad.numpy(), fd, rtol=1e-2)
+
+
+def test_hires_dy_dk_matches_central_differences_of_scipy():
+    p = problem("hires")
+    adjoint = _jacobian_by_adjoint(p, rtol=1e-8, atol=1e-12)
+    columns = [0, 6, 9]  # k1, k7 (the nonlinear rate) and the source oks
+    _assert_close_per_component(adjoint[:, columns],
+                                _jacobian_by_central_differences(p, "k", 1e-5, columns), 1e-3)
+
+
+class Brusselator1D(torch.nn.Module):
+    """u' = a + u^2 v - (b + 1) u + alpha u_xx, v' = b u - u^2 v + alpha v_xx on (0, 1), with
+    u = a, v = b / a at both ends; y has shape (2, n) (interior points)."""
+
+    def __init__(self, n, a=1.0, b=3.0, alpha=0.02):
+        super().__init__()
+        self.n = n
+        self.a, self.b = (torch.nn.Parameter(torch.tensor(v, dtype=F64)) for v in (a, b))
+        self.alpha = alpha
+
+    def forward(self, t, y):
+        u, v = y
+        h2 = (self.n + 1) ** 2
+        ends = torch.stack([self.a, self.b / self.a]).unsqueeze(-1)
+        padded = torch.cat([ends, y, ends], -1)
+        lap = (padded[:, 2:] - 2 * y + padded[:, :-2]) * h2
+        uuv = u * u * v
+        return torch.stack([self.a + uuv - (self.b + 1) * u, self.b * u - uuv]) + self.alpha * lap
+
+
+def _brusselator_scipy(n, a, b, t, alpha=0.02):
+    x = np.arange(1, n + 1) / (n + 1)
+    y0 = np.concatenate([1 + np.sin(2 * np.pi * x), np.full(n, 3.0)])
+
+    def rhs(_, y):
+        u, v = y[:n], y[n:]
+        lap = lambda w, end: (np.concatenate([w[1:], [end]]) - 2 * w
+                              + np.concatenate([[end], w[:-1]])) * (n + 1) ** 2
+        uuv = u * u * v
+        return np.concatenate([a + uuv - (b + 1) * u + alpha * lap(u, a),
+                               b * u - uuv + alpha * lap(v, b / a)])
+    sol = solve_ivp(rhs, (t[0], t[-1]), y0, method="Radau", t_eval=t, rtol=1e-11, atol=1e-12)
+    return y0, sol.y.T
+
+
+def test_brusselator_adaptive_arkimex_adjoint_with_a_matrix_free_jacobian():
+    n, t = 40, np.array([0.0, 1.0, 2.0])
+    y0, _ = _brusselator_scipy(n, 1.0, 3.0, t)
+    func = Brusselator1D(n)
+    ys = odeint_adjoint(func, torch.tensor(y0).reshape(2, n), torch.tensor(t), method="arkimex",
+                        rtol=1e-8, atol=1e-10, jacobian="matrix-free")
+    weights = torch.linspace(0.5, 1.5, 2 * n, dtype=F64)
+    (ys[-1].reshape(-1) * weights).sum().backward()
+    step = 1e-5
+    for name, (a, b) in (("a", (1.0, 0.0)), ("b", (0.0, 3.0))):
+        loss = [_brusselator_scipy(n, 1.0 + s * a, 3.0 + s * b, t)[1][-1] @ weights.numpy()
+                for s in (step, -step)]
+        fd = (loss[0] - loss[1]) / (2 * step)
+        assert float(getattr(func, name).grad) == pytest.approx(fd, rel=1e-4)
+
+
+def test_the_users_first_step_and_step_options_are_honoured():
+    """Adaptive by default, but options win: backward Euler with the user's fixed step 0.25 on
+    y' = -y is (1 + h)^-k exactly."""
+    decay = lambda t, y: -y
+    y0, t = torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
+    ys = odeint_adjoint(decay, y0, t, method="beuler", rtol=1e-3,
+                        options={"ts_adapt_type": "none", "ts_time_step": 0.25})
+    assert float(ys[-1]) == pytest.approx(1.25 ** -4, rel=1e-12)
+    adaptive = odeint_adjoint(decay, y0, t, method="beuler", rtol=1e-3,
+                              options={"ts_time_step": 0.25})
+    assert float(adaptive[-1]) != pytest.approx(1.25 ** -4, rel=1e-6)  # the controller acted
+
+
+def test_a_failed_newton_solve_is_retried_with_a_smaller_step_by_default():
+    """A first step of 1e4 on ROBER, with at most two Newton iterations, fails; the step is
+    retried smaller until it converges, and the solution is still right."""
+    p = problem("rober_1e5")
+    func, y0, t = p.tensors()
+    with torch.no_grad():
+        ys = odeint_adjoint(func, y0, t[[0, -1]], rtol=1e-6, atol=1e-12,
+                            options={"ts_time_step": 1e4, "snes_max_it": 2})
+    np.testing.assert_allclose(ys[-1].numpy(), p.reference(t[[0, -1]].numpy())[-1], rtol=1e-3)
+
+
+def test_step_failures_say_which_reason_and_what_to_try():
+    p = problem("rober_1e5")
+    func, y0, t = p.tensors()
+    with pytest.raises(ForeignError, match=r"(?s)DIVERGED_NONLINEAR_SOLVE at t = 0 .*What to "
+                                           r"try: a smaller first step"):
+        odeint_adjoint(func, y0, t[[0, -1]], rtol=1e-6, atol=1e-12,
+                       options={"ts_time_step": 1e4, "snes_max_it": 1,
+                                "ts_max_snes_failures": 1})
+    with pytest.raises(ForeignError, match=r"reached 1 of 2 output times: it stopped at t = "
+                                           r"\S+ after its maximum of 3 steps; .*ts_max_steps"):
+        odeint_adjoint(func, y0, t[[0, -1]], rtol=1e-6, atol=1e-12, options={"ts_max_steps": 3})
