@@ -1,9 +1,11 @@
 """Loss + gradient of the 2-D reaction-diffusion demo (BRUSS-2D, periodic, dof 2) w.r.t. its
 three rates, from n = 10^3 to 10^6 unknowns: bridges (odeint_adjoint on a Grid: Crank-Nicolson
 with fixed steps, the sparse Jacobian assembled from coloured products, GMRES + ILU, TSAdjoint)
-against diffrax (Kvaerno5, adaptive, discretise-then-optimise reverse mode) with its default dense
-LU and with matrix-free GMRES, timed side by side in one run; a diffrax variant stops at the
-first size whose run passes the time limit.
+against diffrax (Kvaerno5, adaptive, discretise-then-optimise reverse mode, its default dense LU),
+timed side by side in one run; diffrax stops at the first size whose run passes the time limit.
+(diffrax with lineax's matrix-free GMRES in its Newton solves fails under reverse-mode
+differentiation with jax 0.10.2 / diffrax 0.7.2 / lineax 0.1.1: "TypeError: ... Jaxpr ... is not
+a valid JAX type", so it is not offered.)
 
 Problem: `bridges.demos.reaction_diffusion.build_problem(n, t_end=0.1, frames=2)`, loss the mean
 of y^2 at the two outputs, gradient w.r.t. (log a, log b, log alpha). bridges steps dt = 0.01
@@ -20,7 +22,7 @@ import torch
 
 from ._timing import fmt_time, markdown_table
 
-TITLE = "2-D reaction-diffusion (BRUSS-2D) loss + gradient: bridges (sparse CN + TSAdjoint) vs diffrax"
+TITLE = "2-D reaction-diffusion (BRUSS-2D) loss + gradient: bridges (sparse CN) vs diffrax"
 T_END, FRAMES, DT, TOL = 0.1, 2, 0.01, 1e-6
 DENSE_LIMIT = 10_000  # unknowns beyond which diffrax's dense Jacobian (N^2 doubles) is not tried
 
@@ -42,13 +44,13 @@ def _diffrax_setup():
     jax.config.update("jax_enable_x64", True)  # before any array exists
     import diffrax
     import jax.numpy as jnp
-    import lineax
-    return jax, jnp, diffrax, lineax
+    return jax, jnp, diffrax
 
 
-def _diffrax_loss_and_grad(n, linear_solver):
-    """A compiled (log rates) -> (loss, gradient, steps) and its compile time."""
-    jax, jnp, diffrax, lineax = _diffrax_setup()
+def _diffrax(n):
+    """(seconds, compile seconds, loss, gradient, steps) of one loss + gradient, compiled first
+    (the one-off compilation timed apart)."""
+    jax, jnp, diffrax = _diffrax_setup()
     from bridges.demos.reaction_diffusion import RATES, initial_state
 
     def rhs(t, y, log_rates):
@@ -59,36 +61,24 @@ def _diffrax_loss_and_grad(n, linear_solver):
         uuv = u * u * v
         return jnp.stack([a + uuv - (b + 1) * u, b * u - uuv], -1) + alpha * lap
 
-    if linear_solver == "gmres":
-        chord = diffrax.with_stepsize_controller_tols(diffrax.VeryChord)
-        solver = diffrax.Kvaerno5(root_finder=chord(linear_solver=lineax.GMRES(
-            rtol=1e-8, atol=1e-10, restart=40, stagnation_iters=40)))
-    else:
-        solver = diffrax.Kvaerno5()
     y0 = jnp.asarray(initial_state(n).numpy())
     times = jnp.linspace(0.0, T_END, FRAMES + 1)
 
     def loss(log_rates):
-        sol = diffrax.diffeqsolve(diffrax.ODETerm(rhs), solver, 0.0, T_END, None, y0,
+        sol = diffrax.diffeqsolve(diffrax.ODETerm(rhs), diffrax.Kvaerno5(), 0.0, T_END, None, y0,
                                   args=log_rates, saveat=diffrax.SaveAt(ts=times[1:]),
                                   stepsize_controller=diffrax.PIDController(rtol=TOL, atol=TOL),
                                   max_steps=4096)
         return jnp.mean(sol.ys ** 2), sol.stats["num_steps"]
 
-    fn = jax.value_and_grad(loss, has_aux=True)
     x = jnp.log(jnp.asarray(RATES))
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(x).compile()
-    return (lambda: compiled(x)), time.perf_counter() - start
-
-
-def _diffrax(n, linear_solver):
-    """(seconds, compile seconds, loss, gradient, steps) of one loss + gradient."""
-    call, compile_s = _diffrax_loss_and_grad(n, linear_solver)
+    compiled = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(x).compile()
+    compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    (loss, steps), grad = call()
+    (value, steps), grad = compiled(x)
     grad = np.asarray(grad)  # waits for the result
-    return time.perf_counter() - start, compile_s, float(loss), grad, int(steps)
+    return time.perf_counter() - start, compile_s, float(value), grad, int(steps)
 
 
 def run(quick=False, plot_dir=None):
@@ -101,14 +91,13 @@ def run(quick=False, plot_dir=None):
 
 
 def _run(quick, plot_dir):
-    sizes = [24, 32, 64] if quick else [24, 48, 96, 192, 384, 724]
-    limit = 20.0 if quick else 120.0
+    sizes = [12, 16, 24] if quick else [24, 48, 96, 192, 384, 724]
+    limit = 60.0 if quick else 180.0
     try:
         _diffrax_setup()
-        alive = {"dense LU": True, "GMRES": True}
-        why_not = None
+        diffrax_on, why_not = True, None
     except ImportError as exc:
-        alive, why_not = {}, f"diffrax not installed ({exc}); pip install jax diffrax lineax"
+        diffrax_on, why_not = False, f"diffrax not installed ({exc}); pip install jax diffrax"
     _bridges(12)  # warm up PETSc and torch
     rows, table = [], []
     for n in sizes:
@@ -116,27 +105,24 @@ def _run(quick, plot_dir):
         seconds, loss, grad = _bridges(n)
         row = {"n": n, "unknowns": unknowns, "bridges_s": seconds, "loss": loss}
         cells = [f"{n}² ({unknowns:,})", fmt_time(seconds)]
-        for name, solver in (("dense LU", None), ("GMRES", "gmres")):
-            if not alive.get(name):
-                cells += ["stopped" if name in alive else "not run", "", ""]
-                continue
-            if solver is None and unknowns > DENSE_LIMIT:
-                alive[name] = False
-                cells += [f"not run (dense Jacobian {unknowns ** 2 * 8 / 2 ** 30:.1f} GiB)",
-                          "", ""]
-                continue
-            d_s, compile_s, d_loss, d_grad, steps = _diffrax(n, solver)
+        if diffrax_on and unknowns > DENSE_LIMIT:
+            diffrax_on = False
+            cells += [f"not run (its dense Jacobian: {unknowns ** 2 * 8 / 2 ** 30:.1f} GiB)", "",
+                      ""]
+        elif diffrax_on:
+            d_s, compile_s, d_loss, d_grad, steps = _diffrax(n)
             difference = float(np.linalg.norm(d_grad - grad) / np.linalg.norm(d_grad))
-            row[name] = {"seconds": d_s, "compile_s": compile_s, "steps": steps,
-                         "difference": difference}
+            row["diffrax"] = {"seconds": d_s, "compile_s": compile_s, "steps": steps,
+                              "difference": difference}
             cells += [f"{fmt_time(d_s)} (+ {fmt_time(compile_s)} compile, {steps} steps)",
-                      f"{d_s / seconds:.2g}", f"{difference:.1e}"]
-            if d_s + compile_s > limit:
-                alive[name] = False
+                      f"{d_s / seconds:.3g}", f"{difference:.1e}"]
+            if d_s > limit:
+                diffrax_on = False
+        else:
+            cells += ["stopped (time limit)" if why_not is None else "not run", "", ""]
         rows.append(row)
         table.append(cells)
-    header = ["grid (unknowns)", "bridges loss + grad", "diffrax Kvaerno5, dense LU",
-              "diffrax / bridges", "gradient difference", "diffrax Kvaerno5, GMRES",
+    header = ["grid (unknowns)", "bridges loss + gradient", "diffrax Kvaerno5 (dense LU)",
               "diffrax / bridges", "gradient difference"]
     notes = []
     big = [r for r in rows if r["n"] >= 96] or rows
@@ -147,15 +133,16 @@ def _run(quick, plot_dir):
                      f"{b['unknowns']:,} unknowns ({fmt_time(a['bridges_s'] / a['unknowns'] / 10)}"
                      f" to {fmt_time(b['bridges_s'] / b['unknowns'] / 10)} per unknown and step, "
                      f"forward + adjoint).")
-    for name in ("dense LU", "GMRES"):
-        timed = [r for r in rows if name in r]
-        if len(timed) >= 2:
-            a, b = timed[0], timed[-1]
-            slope = np.log(b[name]["seconds"] / a[name]["seconds"]) / \
-                np.log(b["unknowns"] / a["unknowns"])
-            notes.append(f"- diffrax ({name}) grows as N^{slope:.2f} from {a['unknowns']:,} to "
-                         f"{b['unknowns']:,} unknowns; stopped once a run (compile included) "
-                         f"passed {limit:.0f} s.")
+    timed = [r for r in rows if "diffrax" in r]
+    if len(timed) >= 2:
+        a, b = timed[0], timed[-1]
+        slope = np.log(b["diffrax"]["seconds"] / a["diffrax"]["seconds"]) / \
+            np.log(b["unknowns"] / a["unknowns"])
+        notes.append(f"- diffrax grows as N^{slope:.2f} from {a['unknowns']:,} to "
+                     f"{b['unknowns']:,} unknowns (dense LU of the N x N Newton matrix).")
+    notes.append(f"- diffrax stops after the first run over {limit:.0f} s (compilation not "
+                 f"counted), and is not tried beyond {DENSE_LIMIT:,} unknowns, where its dense "
+                 f"Jacobian alone would need gigabytes.")
     if why_not:
         notes.append(f"- diffrax: {why_not}")
     notes += [
@@ -165,7 +152,7 @@ def _run(quick, plot_dir):
         f"atol = {TOL:g} (its step count listed). Each time is one call after a warm-up; "
         f"diffrax's one-off compilation is listed apart.",
         "- One process, torch with 1 thread; JAX uses what it likes. 2 cores shared with "
-        "other jobs: times vary by up to ~2x between runs.",
+        "other jobs (load average ~5 during this run): times vary by up to ~2x between runs.",
     ]
     plots = []
     if plot_dir is not None:
@@ -175,12 +162,11 @@ def _run(quick, plot_dir):
             fig, ax = plt.subplots(figsize=(6, 4.2))
             ax.loglog([r["unknowns"] for r in rows], [r["bridges_s"] for r in rows], "o-",
                       label="bridges (CN, sparse Jacobian, TSAdjoint)")
-            for name, style in (("dense LU", "s--"), ("GMRES", "^--")):
-                timed = [r for r in rows if name in r]
-                if timed:
-                    ax.loglog([r["unknowns"] for r in timed],
-                              [r[name]["seconds"] for r in timed], style,
-                              label=f"diffrax Kvaerno5 ({name})")
+            timed = [r for r in rows if "diffrax" in r]
+            if timed:
+                ax.loglog([r["unknowns"] for r in timed],
+                          [r["diffrax"]["seconds"] for r in timed], "s--",
+                          label="diffrax Kvaerno5 (dense LU)")
             ax.set_xlabel("unknowns")
             ax.set_ylabel("seconds, loss + gradient")
             ax.set_title("BRUSS-2D loss + gradient")

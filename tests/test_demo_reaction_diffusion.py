@@ -76,7 +76,8 @@ def _scipy_solution(n, t):
                                      [scipy.sparse.diags(b - 2 * u * v),
                                       scipy.sparse.diags(-u * u)]])).tocsc()
     x = np.arange(n) / n
-    y0 = np.concatenate([np.repeat(22 * x * (1 - x) ** 1.5, n), np.tile(27 * x * (1 - x) ** 1.5, n)])
+    y0 = np.concatenate([np.repeat(22 * x * (1 - x) ** 1.5, n),   # u(y): constant along rows
+                         np.tile(27 * x * (1 - x) ** 1.5, n)])    # v(x)
     sol = solve_ivp(rhs, (t[0], t[-1]), y0, method="Radau", t_eval=t, jac=jac, rtol=1e-11,
                     atol=1e-11)
     assert sol.success
