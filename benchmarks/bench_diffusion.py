@@ -14,7 +14,6 @@ import time
 import torch
 
 from bridges.demos import steady_diffusion as demo
-from bridges.petsc import stencil_sparsity
 
 from ._timing import fmt_time, markdown_table
 
@@ -32,9 +31,9 @@ def _median_time(fn, repeats):
 
 def _petsc(n, repeats):
     kappa, source = demo.seed_problem(n)
-    pattern_s, sparsity = _median_time(lambda: stencil_sparsity((n - 2, n - 2)), 1)
+    pattern_s, sparsity = _median_time(lambda: demo.interior_grid(n), 1)
     solve_s, (T, stats) = _median_time(lambda: demo.solve_petsc(kappa, source,
-                                                                sparsity=sparsity), repeats)
+                                                                grid=sparsity), repeats)
     return {"n": n, "pattern_s": pattern_s, "solve_s": solve_s, "T": T,
             "residual": demo.residual_norm(T, kappa, source), "cg": stats["ksp_iterations"],
             "kappa": kappa, "source": source, "sparsity": sparsity}
@@ -50,7 +49,7 @@ def _gradient_ratio(row, repeats):
     forward, backward = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        T = demo.solve_petsc(kappa, source, sparsity=row["sparsity"])[0]
+        T = demo.solve_petsc(kappa, source, grid=row["sparsity"])[0]
         loss = torch.sum(weights * T)
         forward.append(time.perf_counter() - start)
         start = time.perf_counter()

@@ -7,6 +7,7 @@ measures the distribution, not the solvers' stopping tests.
 """
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -147,11 +148,32 @@ def ddp(results):
         results.update(ddp_params=torch.cat([p.detach().reshape(-1)
                                              for p in model.parameters()]),
                        ddp_losses=torch.tensor(losses))
+        # let gloo's worker threads finish and free their work objects before the process
+        # group dies: freeing one takes the GIL, which the main thread holds while it joins
+        # those threads in the group's destructor (a deadlock seen here with torch 2.13)
+        dist.barrier()
+        del model, optimiser
+        time.sleep(0.2)
     finally:
         dist.destroy_process_group()
 
 
-CASES = [poisson, nonlinear, heat_ode, wide_stencil, ddp]
+def brusselator(results):
+    """The reaction-diffusion demo's BRUSS-2D (periodic, dof 2, CN with TSAdjoint) on 16 x 16:
+    y at the outputs, dL/dy0 and dL/d(log rates)."""
+    from bridges.demos.reaction_diffusion import build_problem
+    problem = build_problem(16, t_end=0.2, frames=2, step_size=0.05)
+    grid = problem.grid
+    y0 = problem.y0.clone().requires_grad_()
+    ys = problem.solve(options=TIGHT, y0=y0)
+    weights = torch.stack([_field(grid.shape, phase) for phase in (0.0, 1.0)], -1)[grid.owned]
+    ((weights * ys[-1]).sum() + (ys[1] ** 2).sum() / 100).backward()
+    sum_gradients(problem.func.parameters())
+    results.update(bruss_y=grid.gather(ys[-1].detach()), bruss_y0=grid.gather(y0.grad),
+                   bruss_rates=problem.func.log_rates.grad)
+
+
+CASES = [poisson, nonlinear, heat_ode, wide_stencil, brusselator, ddp]
 
 if __name__ == "__main__":
     out = {}

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from bridges.petsc import ColouredJacobian, Grid, mg_levels, solve, stencil_sparsity, sum_gradients
+from bridges.petsc import (ColouredJacobian, Grid, mg_levels, odeint_adjoint, solve,
+                           stencil_sparsity, sum_gradients)
 
 F64 = torch.float64
 HERE = Path(__file__).resolve().parent
@@ -128,6 +129,26 @@ def test_a_solve_on_a_grid_matches_the_full_array_solve():
         grads.append(grad)
     torch.testing.assert_close(xs[0], xs[1], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=0)
+
+
+def test_two_live_ode_solves_on_one_grid_keep_their_own_callbacks():
+    """PETSc keeps a TS's callbacks on its DM: solves sharing the grid's DMDA would call each
+    other's (or freed) callbacks in their adjoints. Chained solves give the one-solve gradient."""
+    grid = Grid((8, 8), boundary="periodic")
+    rate = torch.tensor(0.7, dtype=F64, requires_grad=True)
+
+    def rhs(t, u):
+        i = grid.interior
+        lap = u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:] - 4 * u[i]
+        return lap - rate * u[i] ** 3
+    y0 = torch.rand(8, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.0, 0.1, 0.2], dtype=F64)
+    kwargs = dict(method="cn", step_size=0.025, grid=grid, adjoint_params=(rate,))
+    (whole,) = torch.autograd.grad(odeint_adjoint(rhs, y0, t, **kwargs)[-1].sum(), rate)
+    middle = odeint_adjoint(rhs, y0, t[:2], **kwargs)[-1]
+    end = odeint_adjoint(rhs, middle, t[1:], **kwargs)[-1]  # both alive until backward
+    (chained,) = torch.autograd.grad(end.sum(), rate)
+    torch.testing.assert_close(chained, whole, rtol=1e-9, atol=0)
 
 
 def test_bad_grid_arguments_are_named():

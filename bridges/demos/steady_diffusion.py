@@ -7,11 +7,17 @@ The residual is the seed's conv-stencil finite-difference operator, written in t
 with face-averaged kappa (so the Jacobian is symmetric), Dirichlet values on the boundary ring of
 an n x n node grid (h = 1/(n-1)), unknowns the (n-2)^2 interior nodes. It is scaled by h^2 (and
 signed so that the Jacobian is positive definite): F = h^2 (-div(kappa grad T) - s); "residual"
-below means the 2-norm of this F. The Jacobian is linear in T, assembled once from coloured JVPs of
-the 5-point pattern, and solved by CG preconditioned by geometric multigrid (or GAMG).
+below means the 2-norm of this F. The Jacobian is linear in T, assembled once from coloured
+products of the 5-point stencil, and solved by CG preconditioned by geometric multigrid (or GAMG).
 
-    python -m bridges.demos.steady_diffusion [--grids 128 256 512 1024] [--lbfgs-grids 128]
-        [--lbfgs-time 60] [--pc mg|gamg] [--inverse-iterations 200] [--out DIR]
+The unknowns live on a `bridges.petsc.Grid` of (n-2)^2 interior nodes; the boundary ring is its
+ghost layer outside the domain, where the residual puts the Dirichlet values. The same command runs
+on one process or distributed, each rank solving for its block (figures and tables from rank 0):
+
+    [mpiexec -n 2] python -m bridges.demos.steady_diffusion [--grids 131 259 515 1027]
+        [--lbfgs-grids 131] [--lbfgs-time 60] [--pc mg|gamg] [--inverse-iterations 200] [--out DIR]
+
+Grid sizes n = 2^k + 3 (2^k + 1 unknowns per axis) let multigrid coarsen all the way down.
 """
 from __future__ import annotations
 
@@ -23,11 +29,11 @@ import numpy as np
 import torch
 
 from bridges.demos._util import figure_path, progress, pyplot
-from bridges.petsc import solve, stencil_sparsity
+from bridges.petsc import PETSc, Grid, solve, sum_gradients
 
 # F is linear in T: one Newton step (ksponly) with CG solved until |F| <= 1e-11 (or relative
 # 1e-12), preconditioned by geometric multigrid (SOR smoothing, Galerkin coarse operators) on the
-# grid hierarchy stencil_sparsity knows; PRECONDITIONERS["gamg"] uses algebraic multigrid instead
+# grid's DMDA hierarchy; PRECONDITIONERS["gamg"] uses algebraic multigrid instead
 SOLVER = {"snes_type": "ksponly", "ksp_type": "cg", "ksp_rtol": 1e-12, "ksp_atol": 1e-11,
           "ksp_norm_type": "unpreconditioned"}
 PRECONDITIONERS = {
@@ -45,18 +51,44 @@ def residual(T, kappa, source, boundary=None):
     values (interior entries ignored), or None for T = 0 on the boundary.
     """
     n = T.shape[-1] + 2
-    h2 = 1.0 / (n - 1) ** 2
     full = torch.nn.functional.pad(T, (1, 1, 1, 1))
     if boundary is not None:
         ring = torch.ones_like(boundary)
         ring[1:-1, 1:-1] = 0
         full = full + boundary * ring
+    return _flux_residual(full, kappa, source / (n - 1) ** 2)
+
+
+def _flux_residual(full, kappa, h2_source):
+    """-div(kappa grad T) - h^2 s at the inner points of a block of nodal values `full` (the
+    block and kappa one node wider than the result on every side)."""
     kx = 0.5 * (kappa[:, 1:] + kappa[:, :-1])   # faces between columns
     ky = 0.5 * (kappa[1:, :] + kappa[:-1, :])   # faces between rows
     flux_x = kx * (full[:, 1:] - full[:, :-1])
     flux_y = ky * (full[1:, :] - full[:-1, :])
     div = (flux_x[1:-1, 1:] - flux_x[1:-1, :-1]) + (flux_y[1:, 1:-1] - flux_y[:-1, 1:-1])
-    return -div - h2 * source
+    return -div - h2_source
+
+
+def interior_grid(n, comm=None) -> Grid:
+    """The Grid of the (n-2)^2 interior nodes of an n x n node grid, split over the ranks of
+    `comm` (default: every rank of mpiexec); its ghost layer outside the domain is the boundary
+    ring."""
+    return Grid((n - 2, n - 2), comm=comm)
+
+
+def grid_residual(grid):
+    """`residual` on `grid`'s blocks: F(u, kappa, source, boundary) maps this rank's ghosted
+    block u of interior values to F on its owned block. kappa, source and boundary are the full
+    arrays (replicated on every rank, as in `residual`); each rank reads its window of them."""
+    nodes = tuple(slice(s.start, s.stop + 2) for s in grid.owned)  # the ghosted block's nodes
+    ring = grid.exterior()  # the ghosted block's points outside the domain: boundary nodes
+
+    def F(u, kappa, source, boundary=None):
+        full = u if boundary is None else torch.where(ring, boundary[nodes], u)
+        h2 = 1.0 / (kappa.shape[-1] - 1) ** 2
+        return _flux_residual(full, kappa[nodes], h2 * source[grid.owned])
+    return F
 
 
 def seed_problem(n, dtype=torch.float64):
@@ -86,17 +118,26 @@ def residual_norm(T, kappa, source, boundary=None):
 
 
 # -- the two approaches ----------------------------------------------------------------------------
-def solve_petsc(kappa, source, boundary=None, options=None, sparsity=None, pc="mg"):
-    """T with residual 2-norm <= 1e-10 by PETSc: CG + multigrid (pc "mg" geometric or "gamg"
-    algebraic) on the Jacobian assembled from coloured JVPs. Returns (T, solve statistics)."""
-    n = kappa.shape[0]
-    sparsity = sparsity if sparsity is not None else stencil_sparsity((n - 2, n - 2))
+def solve_petsc(kappa, source, boundary=None, options=None, grid=None, pc="mg"):
+    """T with residual 2-norm <= 1e-10 by PETSc: CG + multigrid (pc "mg" geometric, on the grid's
+    DMDA hierarchy, or "gamg" algebraic) on the Jacobian assembled from coloured products.
+    grid: an `interior_grid(n)` to reuse (default: a new one). Returns (T, solve statistics),
+    T this rank's owned block of the interior values (all of them on one rank)."""
+    grid = grid or interior_grid(kappa.shape[0])
     stats = {}
     args = (kappa, source) if boundary is None else (kappa, source, boundary)
-    T = solve(residual, torch.zeros(n - 2, n - 2, dtype=kappa.dtype), *args,
-              sparsity=sparsity, linear=True, symmetric=True, stats=stats,
+    T = solve(grid_residual(grid), grid.zeros(), *args, grid=grid, linear=True,
+              symmetric=True, stats=stats,
               options={**SOLVER, **PRECONDITIONERS[pc], **(options or {})})
     return T, stats
+
+
+def _total(grid, value, op="sum"):
+    """A number summed (or maximised) over the grid's ranks."""
+    if grid.size == 1:
+        return value
+    from mpi4py import MPI
+    return grid.comm.tompi4py().allreduce(value, op=MPI.SUM if op == "sum" else MPI.MAX)
 
 
 def solve_lbfgs(kappa, source, *, max_steps=500, time_limit=60.0, dtype=torch.float32,
@@ -127,16 +168,20 @@ def solve_lbfgs(kappa, source, *, max_steps=500, time_limit=60.0, dtype=torch.fl
 
 
 def compare(grids, lbfgs_grids, lbfgs_time=60.0, show_progress=True, pc="mg"):
-    """Time both approaches on the seed's problem; one row per grid."""
+    """Time both approaches on the seed's problem; one row per grid (complete on rank 0; LBFGS,
+    a one-process method, runs on rank 0 only)."""
     rows = []
     for n in progress(grids, desc="grids", disable=not show_progress):
         kappa, source = seed_problem(n)
         start = time.perf_counter()
-        sparsity = stencil_sparsity((n - 2, n - 2))
+        grid = interior_grid(n)
         pattern_s = time.perf_counter() - start
-        T, stats = solve_petsc(kappa, source, sparsity=sparsity, pc=pc)
+        T_owned, stats = solve_petsc(kappa, source, grid=grid, pc=pc)
         total = time.perf_counter() - start
-        row = {"n": n, "petsc_s": total, "pattern_s": pattern_s,
+        T = grid.gather(T_owned)
+        if grid.rank != 0:
+            continue
+        row = {"n": n, "petsc_s": total, "pattern_s": pattern_s, "ranks": grid.size,
                "petsc_residual": residual_norm(T, kappa, source),
                "ksp_iterations": stats["ksp_iterations"], "T": T}
         if n in lbfgs_grids:
@@ -174,31 +219,36 @@ def _experiments(n):
     return runs
 
 
-def recover_kappa(n=48, coarse=6, iterations=200, lr=0.05, noise=0.01, seed=0,
+def recover_kappa(n=51, coarse=6, iterations=200, lr=0.05, noise=0.01, seed=0,
                   show_progress=True):
     """Fit log-kappa on a coarse x coarse grid to noisy temperatures of two experiments by Adam
-    through the differentiable solve (one adjoint solve per experiment and step)."""
+    through the differentiable solve (one adjoint solve per experiment and step). On many ranks
+    each rank's loss is its block's part of the misfit, and `sum_gradients` adds the ranks'
+    gradient shares, so every rank takes the same Adam step as one rank would."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.linspace(0, 1, n, dtype=torch.float64)
     X, Y = torch.meshgrid(x, x, indexing="xy")
     kappa_true = true_kappa(X, Y)
-    sparsity = stencil_sparsity((n - 2, n - 2))
+    grid = interior_grid(n)
     runs = _experiments(n)
-    clean = [solve_petsc(kappa_true, s, b, sparsity=sparsity)[0] for s, b in runs]
-    scale = max(float(T.abs().max()) for T in clean)
-    data = [T + noise * scale * torch.randn(T.shape, dtype=T.dtype, generator=gen) for T in clean]
+    clean = [solve_petsc(kappa_true, s, b, grid=grid)[0] for s, b in runs]
+    scale = max(_total(grid, float(T.abs().max()), "max") for T in clean)
+    data = [T + noise * scale * torch.randn((n - 2, n - 2), dtype=T.dtype,
+                                             generator=gen)[grid.owned] for T in clean]
     coeffs = torch.zeros(coarse, coarse, dtype=torch.float64, requires_grad=True)  # kappa = 1
     optimiser = torch.optim.Adam([coeffs], lr=lr)
     history = []
-    bar = progress(range(iterations), desc="recovering kappa", disable=not show_progress)
+    bar = progress(range(iterations), desc="recovering kappa",
+                   disable=not show_progress or grid.rank != 0)
     for _ in bar:
         optimiser.zero_grad()
         kappa = coarse_to_fine(coeffs, n)
-        loss = sum(torch.mean((solve_petsc(kappa, s, b, sparsity=sparsity)[0] - d) ** 2)
-                   for (s, b), d in zip(runs, data)) / (len(runs) * scale ** 2)
-        loss.backward()
+        loss = sum(torch.sum((solve_petsc(kappa, s, b, grid=grid)[0] - d) ** 2)
+                   for (s, b), d in zip(runs, data)) / (len(runs) * (n - 2) ** 2 * scale ** 2)
+        loss.backward()  # this rank's share of the gradient of the total misfit ...
+        sum_gradients([coeffs])  # ... and the total on every rank
         optimiser.step()
-        history.append(float(loss.detach()))
+        history.append(_total(grid, float(loss.detach())))
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(misfit=f"{history[-1]:.3g}")
     kappa_fit = coarse_to_fine(coeffs.detach(), n)
@@ -210,10 +260,11 @@ def recover_kappa(n=48, coarse=6, iterations=200, lr=0.05, noise=0.01, seed=0,
 # -- figures and CLI -------------------------------------------------------------------------------
 def plot_solution(n, path):
     plt = pyplot()
-    if plt is None:
-        return None
     kappa, source, boundary = varied_problem(n)
-    T, _ = solve_petsc(kappa, source, boundary)
+    grid = interior_grid(n)
+    T = grid.gather(solve_petsc(kappa, source, boundary, grid=grid)[0])  # every rank solves
+    if plt is None or grid.rank != 0:
+        return None
     full = boundary.clone()
     full[1:-1, 1:-1] = T
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
@@ -279,17 +330,17 @@ def plot_inverse(result, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grids", type=int, nargs="+", default=[128, 256, 512, 1024],
+    parser.add_argument("--grids", type=int, nargs="+", default=[131, 259, 515, 1027],
                         help="grid sizes n (n x n nodes) solved by PETSc")
-    parser.add_argument("--lbfgs-grids", type=int, nargs="*", default=[128],
-                        help="grid sizes also run with the seed's LBFGS approach")
+    parser.add_argument("--lbfgs-grids", type=int, nargs="*", default=[131],
+                        help="grid sizes also run with the seed's LBFGS approach (on rank 0)")
     parser.add_argument("--lbfgs-time", type=float, default=60.0,
                         help="time limit of each LBFGS run [s]")
     parser.add_argument("--pc", default="mg", choices=sorted(PRECONDITIONERS),
                         help="multigrid preconditioner of CG: geometric (mg) or algebraic (gamg)")
-    parser.add_argument("--solution-grid", type=int, default=256,
+    parser.add_argument("--solution-grid", type=int, default=259,
                         help="grid of the solution-field figure")
-    parser.add_argument("--inverse-grid", type=int, default=48)
+    parser.add_argument("--inverse-grid", type=int, default=51)
     parser.add_argument("--inverse-coarse", type=int, default=6,
                         help="kappa is parametrised on a coarse x coarse grid")
     parser.add_argument("--inverse-iterations", type=int, default=200)
@@ -297,26 +348,33 @@ def main(argv=None):
                         help="observation noise, relative to max |T|")
     parser.add_argument("--out", default=None, help="directory for the PNGs (default bridges-out)")
     args = parser.parse_args(argv)
+    root = PETSc.COMM_WORLD.getRank() == 0  # rank 0 of mpiexec (or the only process) reports
+    show = print if root else (lambda *a, **k: None)
 
-    rows = compare(args.grids, set(args.lbfgs_grids), args.lbfgs_time, pc=args.pc)
-    print(f"{'grid':>10} {'PETSc [s]':>10} {'residual':>10} {'CG its':>7} "
-          f"{'LBFGS [s]':>10} {'LBFGS residual':>15} {'speed-up':>9}")
+    rows = compare(args.grids, set(args.lbfgs_grids), args.lbfgs_time, pc=args.pc,
+                   show_progress=root)
+    show(f"{'grid':>10} {'PETSc [s]':>10} {'residual':>10} {'CG its':>7} "
+         f"{'LBFGS [s]':>10} {'LBFGS residual':>15} {'speed-up':>9}")
     for r in rows:
         extra = (f"{r['lbfgs_s']:10.2f} {r['lbfgs_residual']:15.2e} "
                  f"{r['lbfgs_s'] / r['petsc_s']:8.0f}x") if "lbfgs_s" in r else ""
-        print(f"{r['n']:>5}x{r['n']:<4} {r['petsc_s']:10.2f} {r['petsc_residual']:10.2e} "
-              f"{r['ksp_iterations']:7d} {extra}")
-    paths = [plot_solution(args.solution_grid, figure_path(args.out, "steady_diffusion_T.png")),
-             plot_timing(rows, figure_path(args.out, "steady_diffusion_timing.png"))]
+        show(f"{r['n']:>5}x{r['n']:<4} {r['petsc_s']:10.2f} {r['petsc_residual']:10.2e} "
+             f"{r['ksp_iterations']:7d} {extra}")
+    if rows:
+        show(f"({rows[0]['ranks']} MPI rank{'s' if rows[0]['ranks'] > 1 else ''})")
+    figure = (lambda name: figure_path(args.out, name)) if root else (lambda name: None)
+    paths = [plot_solution(args.solution_grid, figure("steady_diffusion_T.png"))]
     result = recover_kappa(args.inverse_grid, args.inverse_coarse, args.inverse_iterations,
-                           noise=args.noise)
-    print(f"inverse problem: misfit {result['history'][0]:.3g} -> {result['history'][-1]:.3g} "
-          f"(noise level {result['noise_floor']:.3g}); relative kappa error "
-          f"{result['kappa_error']:.3f}")
-    paths.append(plot_inverse(result, figure_path(args.out, "steady_diffusion_inverse.png")))
+                           noise=args.noise, show_progress=root)
+    show(f"inverse problem: misfit {result['history'][0]:.3g} -> {result['history'][-1]:.3g} "
+         f"(noise level {result['noise_floor']:.3g}); relative kappa error "
+         f"{result['kappa_error']:.3f}")
+    if root:
+        paths += [plot_timing(rows, figure("steady_diffusion_timing.png")),
+                  plot_inverse(result, figure("steady_diffusion_inverse.png"))]
     for p in paths:
         if p is not None:
-            print(f"wrote {p}")
+            show(f"wrote {p}")
     return 0
 
 

@@ -105,6 +105,7 @@ class _ODESolve:
         self.y0 = y0.clone(memory_format=torch.contiguous_format)
         self.steps = None
         self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = self.jac = None
+        self.dm = None
         self._last_linearisation = self._jacp_point = None
         self.dense = self.chord = False
         self._states, self._newton_size = None, 0.0
@@ -131,7 +132,11 @@ class _ODESolve:
         ts = self.ts = PETSc.TS().create(comm=layout.comm)
         ts.setOptionsPrefix(self.options.prefix)
         if layout.dm is not None:
-            ts.setDM(layout.dm)
+            # a clone of the grid's DMDA (same layout): PETSc keeps a TS's callbacks on its DM,
+            # so two live solves on one grid must not share it (the adjoint of one would call
+            # the other's callbacks, or freed ones)
+            self.dm = layout.dm.clone()
+            ts.setDM(self.dm)
         if p.form == "explicit":
             ts.setRHSFunction(self._rhs_function, self.F)
             ts.setRHSJacobian(self._rhs_jacobian, self.jac_mat)  # the adjoint's transposes
@@ -459,10 +464,10 @@ class _ODESolve:
 
     def release(self):
         """Free every PETSc object of this solve (idempotent)."""
-        destroy(self.ts, self.u, self.F, self.jac_mat, self.jacp_mat,
+        destroy(self.ts, self.dm, self.u, self.F, self.jac_mat, self.jacp_mat,
                 None if self.blocks is None or self.blocks is self.p.assembler else
                 self.blocks.mat)
-        self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = None
+        self.ts = self.dm = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = None
         self.jac = self._last_linearisation = self._jacp_point = None  # closures over self
         self.options.close()
 
