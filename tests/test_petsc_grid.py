@@ -151,6 +151,30 @@ def test_two_live_ode_solves_on_one_grid_keep_their_own_callbacks():
     torch.testing.assert_close(chained, whole, rtol=1e-9, atol=0)
 
 
+def test_live_singular_solves_keep_their_null_space_when_another_is_released():
+    """Solves on one grid share its assembled matrix; releasing one (its output dies) must not
+    take the constant null space from the others that still await their backward."""
+    n = 8
+    grid = Grid((n, n), boundary="periodic")
+
+    def poisson(phi, b):
+        i = grid.interior
+        return b - (phi[:-2, 1:-1] + phi[2:, 1:-1] + phi[1:-1, :-2] + phi[1:-1, 2:] - 4 * phi[i])
+    rng = torch.Generator().manual_seed(5)
+    fields = [torch.rand(n, n, dtype=F64, generator=rng) for _ in range(3)]
+    b = [(f - f.mean()).requires_grad_() for f in fields]
+    kwargs = dict(grid=grid, linear=True, symmetric=True, nullspace="constant",
+                  options={"ksp_type": "cg", "pc_type": "jacobi", "ksp_rtol": 1e-12})
+    kept = solve(poisson, grid.zeros(), b[0], **kwargs)
+    solve(poisson, grid.zeros(), b[1], **kwargs)  # released at once: its output is dropped
+    weights = torch.rand(n, n, dtype=F64, generator=rng)
+    (grad,) = torch.autograd.grad((kept * weights).sum(), b[0])
+    # the zero-mean solution's gradient is the zero-mean solution for the zero-mean weights
+    expected = solve(poisson, grid.zeros(), weights - weights.mean(), **kwargs).detach()
+    torch.testing.assert_close(grad - grad.mean(), expected - expected.mean(), rtol=1e-8,
+                               atol=1e-10)
+
+
 def test_bad_grid_arguments_are_named():
     with pytest.raises(ValueError, match="Grid: shape must give 1 to 3 positive sizes"):
         Grid((2, 2, 2, 2))
