@@ -155,3 +155,12 @@ def test_step_failures_say_which_reason_and_what_to_try():
     with pytest.raises(ForeignError, match=r"reached 1 of 2 output times: it stopped at t = "
                                            r"\S+ after its maximum of 3 steps; .*ts_max_steps"):
         odeint_adjoint(func, y0, t[[0, -1]], rtol=1e-6, atol=1e-12, options={"ts_max_steps": 3})
+
+
+def test_a_lagged_jacobian_is_refused_when_a_gradient_is_recorded():
+    p = problem("rober_1e5")
+    func, y0, t = p.tensors()
+    with pytest.raises(ForeignError, match="snes_lag_jacobian lags the Jacobian.*wrong gradients"):
+        odeint_adjoint(func, y0, t[:3], options={"snes_lag_jacobian": 2})
+    with torch.no_grad():  # forward only: allowed
+        odeint_adjoint(func, y0, t[:3], options={"snes_lag_jacobian": 2})

@@ -111,6 +111,13 @@ class _ODESolve:
         self._states, self._newton_size = None, 0.0
         self.options = SolverOptions(WHO, problem.prefix, problem.options,
                                      problem.defaults(times, record))
+        lagged = (self.options.given.keys() | self.options.inherited.keys()) & \
+            {"snes_lag_jacobian", "snes_lag_jacobian_persists"}
+        if record and lagged:
+            self.options.close()  # TSAdjoint would reuse the lagged Jacobian: wrong gradients
+            raise ValueError(f"{WHO}: option {sorted(lagged)[0]} lags the Jacobian, which "
+                             f"TSAdjoint then uses at the wrong states (wrong gradients); drop "
+                             f"it (adaptive implicit steps already reuse one Jacobian per step)")
         try:
             self._set_up()
         except BaseException:
