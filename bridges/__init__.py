@@ -1,17 +1,17 @@
 """bridges: foreign and legacy solvers as native PyTorch autograd ops.
 
-Core: `foreign_function` (the class factory), `ForeignError`, zero-copy `as_numpy`/`as_tensor`,
+Core: `foreign_function` (the class factory), `ForeignError`, `MissingDerivativeError`, zero-copy `as_numpy`/`as_tensor`,
 the finite-difference fallback `fd2pytorch` and `ExternalProgram` for simulator executables.
 Adapters load on first use: `bridges.julia2pytorch` (Julia) and `bridges.petsc` (PETSc).
 """
 from ._core import foreign_function
-from ._errors import ForeignError
+from ._errors import ForeignError, MissingDerivativeError
 from ._fd import fd2pytorch
 from ._program import ExternalProgram
 from ._transfer import as_numpy, as_tensor
 
-__all__ = ["foreign_function", "ForeignError", "fd2pytorch", "ExternalProgram", "as_numpy",
-           "as_tensor", "julia2pytorch"]
+__all__ = ["foreign_function", "ForeignError", "MissingDerivativeError", "fd2pytorch",
+           "ExternalProgram", "as_numpy", "as_tensor", "julia2pytorch"]
 
 
 def __getattr__(name):
