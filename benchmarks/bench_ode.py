@@ -192,10 +192,10 @@ def bridges_variants(quick):
     rtols = (1e-6,) if quick else RTOLS
     out = {}
     for rtol in rtols:
-        out[f"bridges default, rtol {rtol:g}"] = (dict(), rtol)
+        out[f"bridges default, rtol {rtol:.0e}"] = (dict(), rtol)
     for tableau in ("4",) if quick else TABLEAUS:
         for rtol in rtols:
-            out[f"bridges arkimex {tableau}, rtol {rtol:g}"] = (
+            out[f"bridges arkimex {tableau}, rtol {rtol:.0e}"] = (
                 dict(method="arkimex", options={"ts_arkimex_type": tableau}), rtol)
     for m in (2,) if quick else (2, 5):
         out[f"bridges cn, {m} steps/interval"] = (dict(method="cn", steps_per_interval=m), None)
@@ -205,22 +205,8 @@ def bridges_variants(quick):
 def diffrax_variants(quick):
     """label -> (solver, gradient mode, rtol)."""
     rtols, modes = ((1e-6,), ("reverse",)) if quick else (RTOLS, ("reverse", "forward"))
-    return {f"diffrax {solver} ({mode}), rtol {rtol:g}": (solver, mode, rtol)
+    return {f"diffrax {solver} ({mode}), rtol {rtol:.0e}": (solver, mode, rtol)
             for solver in ("Kvaerno3", "Kvaerno5") for mode in modes for rtol in rtols}
-
-
-PETSC_COUNTS = ("TSStep", "TSAdjointStep", "SNESSolve", "TSFunctionEval", "TSJacobianEval")
-_EVENTS = {}
-
-
-def _petsc_counts():
-    """How often PETSc's events have run so far (logging starts on first use; each event is
-    looked up once: a second lookup by name registers a new, empty event)."""
-    if not _EVENTS:
-        from bridges.petsc import PETSc
-        PETSc.Log.begin()
-        _EVENTS.update({n: PETSc.Log.Event(n) for n in PETSC_COUNTS})
-    return {n: e.getPerfInfo()["count"] for n, e in _EVENTS.items()}
 
 
 def _bridges_call(case, kwargs, rtol, atol, func):
@@ -241,7 +227,6 @@ def _bridges_call(case, kwargs, rtol, atol, func):
 
 def robertson_vs_diffrax(quick, limit):
     """Rows of table 1, the diffrax compile times, and the data for the plot."""
-    _petsc_counts()
     jax, jnp, _ = _diffrax.load()
     rows, compiles, plot, checks = [], [], {}, {}
     for span, (t_max, atol) in SPANS.items():
@@ -252,7 +237,6 @@ def robertson_vs_diffrax(quick, limit):
         for label, (kwargs, rtol) in bridges_variants(quick).items():  # a bounded first call
             print(f"[bench_ode] {span} {label}", flush=True)
             bounded = Bounded(demo.Robertson(demo.K_START), seconds=limit).start()
-            before = _petsc_counts()
             start = time.perf_counter()
             try:
                 loss, grad = _bridges_call(case, kwargs, rtol, atol, bounded)()
@@ -260,10 +244,8 @@ def robertson_vs_diffrax(quick, limit):
                 results[label] = {"failure": bounded.why or f"{type(exc).__name__}: "
                                                             f"{_first_line(exc)}"}
                 continue
-            counts = {n: v - before[n] for n, v in _petsc_counts().items()}
             results[label] = {"first": time.perf_counter() - start, "grad": grad,
-                              "evaluations": bounded.total, "steps": counts["TSStep"],
-                              "rtol": rtol}
+                              "evaluations": bounded.total, "rtol": rtol}
             calls[label] = _bridges_call(case, kwargs, rtol, atol,
                                          demo.Robertson(demo.K_START))
         d_data, d_k = jnp.asarray(case["data"]), jnp.asarray(demo.K_START)
@@ -303,8 +285,8 @@ def robertson_vs_diffrax(quick, limit):
             err = grad_error(r["grad"], case["grad"])
             seconds = times[label]
             plot.setdefault(span, []).append((label, seconds, err))
-            work = (f"{r['steps']:,} steps, {r['evaluations']:,} func calls"
-                    if tool == "bridges" else f"{r['steps']:,} steps")
+            work = (f"{r['evaluations']:,} func calls" if tool == "bridges"
+                    else f"{r['steps']:,} steps")
             rows.append([span, label, fmt_time(seconds), f"{err:.1e}", work,
                          _versus(seconds, err, diffrax_points) if tool == "bridges" else ""])
     return rows, compiles, plot, checks
@@ -732,6 +714,11 @@ def forward_backward(quick, limit):
 
 
 # -- 4. where the time goes ------------------------------------------------------------------------
+PETSC_COUNTS = ("TSStep", "TSAdjointStep", "SNESSolve", "TSFunctionEval", "TSJacobianEval")
+PROFILED = {  # name -> (odeint_adjoint keyword arguments, rtol)
+    "arkimex 4, rtol 1e-6": (dict(method="arkimex", options={"ts_arkimex_type": "4"}), 1e-6),
+    "cn, 2 steps/interval": (dict(method="cn", steps_per_interval=2), None),
+}
 CALLBACKS = {  # (file suffix, function) -> what it is
     ("petsc/_ode.py", "_ifunction"): "IFunction callbacks (residual: one func call each)",
     ("petsc/_ode.py", "_ijacobian"): "IJacobian callbacks",
@@ -746,9 +733,14 @@ CALLBACKS = {  # (file suffix, function) -> what it is
 }
 
 
-def profile(label, kwargs, rtol, atol=1e-10):
+def profile(label, atol=1e-10):
     """One Robertson [0, 1e5] loss + gradient under cProfile: total, callback counts, PETSc
-    counts, and the top functions by own time."""
+    counts, and the top functions by own time. Runs in a fresh process (see profile_worker)."""
+    from bridges.petsc import PETSc
+    torch.set_num_threads(1)
+    PETSc.Log.begin()
+    events = {n: PETSc.Log.Event(n) for n in PETSC_COUNTS}  # looked up once each
+    kwargs, rtol = PROFILED[label]
     case = {"t": demo.log_times(1e5, 40)}
     case["data"] = demo.reference_solution(case["t"], demo.K_TRUE)
     call = _bridges_call(case, kwargs, rtol, atol, demo.Robertson(demo.K_START))
@@ -756,14 +748,14 @@ def profile(label, kwargs, rtol, atol=1e-10):
     start = time.perf_counter()
     call()
     plain = time.perf_counter() - start
-    before = _petsc_counts()
+    before = {n: e.getPerfInfo()["count"] for n, e in events.items()}
     prof = cProfile.Profile()
     start = time.perf_counter()
     prof.enable()
     call()
     prof.disable()
     profiled = time.perf_counter() - start
-    counts = {n: v - before[n] for n, v in _petsc_counts().items()}
+    counts = {n: e.getPerfInfo()["count"] - before[n] for n, e in events.items()}
     stats = pstats.Stats(prof).stats
     callbacks = {what: [0, 0.0] for what in CALLBACKS.values()}
     for (path, _, name), (_, calls, _, cumulative, _) in stats.items():
@@ -776,6 +768,19 @@ def profile(label, kwargs, rtol, atol=1e-10):
                  fmt_time(cumulative)] for (path, line, name), (_, calls, own, cumulative, _) in top]
     return {"label": label, "plain": plain, "profiled": profiled, "counts": counts,
             "callbacks": callbacks, "top": top_rows}
+
+
+def profile_in_subprocess(label):
+    """profile(label) in a fresh process: PETSc's event counts go wrong in a process where a
+    solve was stopped inside a callback (its events are left open)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_ode", "--profile", label],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise RuntimeError(f"the profile worker exited with code {proc.returncode}: {tail[:200]}")
 
 
 # -- the benchmark ---------------------------------------------------------------------------------
@@ -799,9 +804,7 @@ def _run(quick, plot_dir):
         quick, 30.0 if quick else 100.0, 5.0 if quick else 25.0)
     fb_rows, summary = forward_backward(quick, limit)
     print("[bench_ode] profiles", flush=True)
-    profiles = [profile("arkimex 4, rtol 1e-6", dict(method="arkimex",
-                                                     options={"ts_arkimex_type": "4"}), 1e-6),
-                profile("cn, 2 steps/interval", dict(method="cn", steps_per_interval=2), None)]
+    profiles = [profile_in_subprocess(label) for label in PROFILED]
     seconds = time.perf_counter() - start
 
     tables = [
@@ -841,12 +844,16 @@ def _robertson_notes(checks, limit, quick):
                       f"central differences (relative step 1e-4) of scipy Radau losses (rtol "
                       f"1e-10) within {c['check_fd']:.0e}" for span, c in checks.items())
     return (
+        "Absolute times depend on the load other jobs put on this shared 2-core machine, and "
+        "differ between tables run minutes apart; compare the ratios, measured side by side "
+        "within a table. "
         "Gradient error: the largest relative error over dL/dk1, dL/dk2, dL/dk3 against the "
         "reference (scipy Radau, rtol 1e-9, on the forward-sensitivity system; so it includes "
         f"each method's discretisation error). Checks of the reference: {spans}. Times: median "
         f"of {1 if quick else 3} interleaved rounds after a first call; bridges' first call runs "
-        f"with a limit of {limit:g} s ('failed' rows) and counts its steps (PETSc's TSStep "
-        "events, rejected steps included) and func calls (the residual and Jacobian passes). "
+        f"with a limit of {limit:g} s ('failed' rows) and counts its func calls (residuals and "
+        "Jacobian passes, forward and adjoint); diffrax's 'steps' are its accepted and "
+        "rejected steps. "
         "'bridges / diffrax': bridges' time over that of the fastest diffrax run (any solver, "
         "gradient mode and tolerance) whose gradient error is at most as large; below 1 means "
         "bridges is faster at equal accuracy. diffrax: PID step control, reverse mode is its "
@@ -938,5 +945,7 @@ def _plot(plot_data, path):
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "--worker":
         worker(sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5] == "1")
+    elif len(sys.argv) == 3 and sys.argv[1] == "--profile":
+        print("RESULT " + json.dumps(profile(sys.argv[2])), flush=True)
     else:
         sys.exit("run through the harness: python -m benchmarks.run --only bench_ode")
