@@ -1,7 +1,5 @@
 """The Robertson demo: TSAdjoint sensitivities against finite differences, neural-ODE training
-through PETSc, the bounded torchdiffeq comparison, and the command line."""
-import sys
-
+through PETSc, and the command line."""
 import numpy as np
 import pytest
 
@@ -20,7 +18,7 @@ def test_sensitivity_matches_central_differences_of_the_same_loss_and_of_radau()
 
 
 def test_short_petsc_training_reduces_the_loss():
-    run = robertson.train(12, "petsc", show_progress=False)
+    run = robertson.train(12, show_progress=False)
     assert run["ok"] and run["failure"] is None
     assert run["iterations_done"] == 12 and len(run["history"]) == 12
     assert run["final_loss"] < 0.8 * run["initial_loss"]
@@ -30,44 +28,10 @@ def test_short_petsc_training_reduces_the_loss():
     assert run["refined_loss"] == pytest.approx(run["final_loss"], rel=0.2)
 
 
-def test_torchdiffeq_run_is_bounded_and_reports_its_failure():
-    pytest.importorskip("torchdiffeq", reason="torchdiffeq (extra 'test') is not installed")
-    run = robertson.train(3, "torchdiffeq", max_evaluations=2_000, time_budget=600,
-                          show_progress=False)
-    # the untrained model's stiff decay needs ~18,000 dopri5 evaluations to reach t = 100
-    assert not run["ok"] and run["iterations_done"] == 0 and run["final_loss"] is None
-    assert "more than 2,000 function evaluations" in run["failure"]
-    assert "forward solve had reached t = " in run["failure"] and "nan" not in run["failure"]
-    assert run["evaluations"] == 2_001
-    assert run["prediction"] is None and len(run["history"]) == 0
-
-
-def test_torchdiffeq_backprop_run_completes_when_the_budget_allows():
-    pytest.importorskip("torchdiffeq", reason="torchdiffeq (extra 'test') is not installed")
-    run = robertson.train(1, "torchdiffeq", torchdiffeq_adjoint=False, t_max=1e-2,
-                          show_progress=False)
-    assert run["ok"], run["failure"]
-    assert run["iterations_done"] == 1 and np.isfinite(run["final_loss"])
-    assert run["evaluations"] > 0 and run["label"] == "torchdiffeq odeint (backprop) dopri5"
-
-
-def test_missing_torchdiffeq_is_reported(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchdiffeq", None)  # makes `import torchdiffeq` fail
-    run = robertson.train(2, "torchdiffeq", show_progress=False)
-    assert not run["ok"] and "not installed" in run["failure"]
-    assert run["iterations_done"] == 0
-
-
-def test_unknown_backend_is_an_error():
-    with pytest.raises(ValueError, match="backend"):
-        robertson.train(1, "jax")
-
-
 def test_command_line_writes_both_figures(tmp_path, capsys):
-    robertson.main(["--iterations", "2", "--sensitivity-steps", "1", "--torchdiffeq-budget", "2",
-                    "--out", str(tmp_path)])
+    robertson.main(["--iterations", "2", "--sensitivity-steps", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "TSAdjoint" in out and "bridges/PETSc cn" in out and "torchdiffeq" in out
+    assert "TSAdjoint" in out and "bridges/PETSc cn" in out and "2 of 2 iterations" in out
     for name in ("robertson_sensitivity.png", "robertson_training.png"):
         assert (tmp_path / name).stat().st_size > 10_000
 

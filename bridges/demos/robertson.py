@@ -1,5 +1,5 @@
 """Robertson's stiff chemical kinetics through PETSc TS/TSAdjoint: rate-constant sensitivities and a
-neural ODE trained with an implicit method, next to torchdiffeq.
+neural ODE trained with an implicit method.
 
     y1' = -k1 y1 + k3 y2 y3,   y2' = k1 y1 - k3 y2 y3 - k2 y2^2,   y3' = k2 y2^2,   y(0) = (1, 0, 0)
 
@@ -27,10 +27,9 @@ b) Neural ODE. The right-hand side is unknown and replaced by a bias-free 3->5->
    - robustness: Newton may take up to 200 iterations per CN step, and TS retries a step whose
      Newton solve fails with a smaller one; a training step that still makes the next solve fail
      is undone and the learning rate halved ("rejected steps").
-c) The same training with torchdiffeq (optional), same network, initialisation, data and
-   iterations, with dopri5: odeint_adjoint and plain odeint (backprop through the solver). Each run
-   is bounded by a time budget and a number of function evaluations per iteration; a failure
-   (budget, non-finite values, solver error) is reported with its reason.
+
+The same training with diffrax and torchdiffeq (which fails on this problem), and the loss +
+gradient against diffrax, are in ``benchmarks/bench_ode.py``.
 
 Writes robertson_sensitivity.png and robertson_training.png into --out (default bridges-out).
 PETSc options on the command line (e.g. -snes_monitor) reach every solve.
@@ -154,7 +153,7 @@ def sensitivity(k=K_START, *, t_max=1e5, n_times=40, steps_per_interval=5, fd_re
             "steps_per_interval": steps_per_interval}
 
 
-# -- b), c) neural ODE training ------------------------------------------------------------------
+# -- b) neural ODE training ---------------------------------------------------------------------
 class NeuralRHS(torch.nn.Module):
     """dz/dt = rate * net(z): seed 000's bias-free 3->5->3 GELU network, in scaled variables."""
 
@@ -173,32 +172,6 @@ class NeuralRHS(torch.nn.Module):
         return self.rate * self.net(z)
 
 
-class BudgetExceeded(RuntimeError):
-    """A bounded torchdiffeq run used up its evaluations or its time."""
-
-
-class _Bounded(torch.nn.Module):
-    """Counts evaluations of func and stops a solve that exceeds its budget."""
-
-    def __init__(self, func, max_evaluations, deadline, budget_s):
-        super().__init__()
-        self.func, self.max_evaluations, self.deadline = func, max_evaluations, deadline
-        self.budget_s, self.total, self.in_iteration, self.phase = budget_s, 0, 0, "forward solve"
-        self.last_t = float("nan")
-
-    def forward(self, t, z):
-        self.total += 1
-        self.in_iteration += 1
-        self.last_t = float(t.detach())
-        if self.in_iteration > self.max_evaluations:
-            raise BudgetExceeded(f"more than {self.max_evaluations:,} function evaluations in one "
-                                 f"iteration; the {self.phase} had reached t = {self.last_t:.4g}")
-        if time.perf_counter() > self.deadline:
-            raise BudgetExceeded(f"time budget of {self.budget_s:g} s used up during the "
-                                 f"{self.phase}, at t = {self.last_t:.4g}")
-        return self.func(t, z)
-
-
 def training_data(t_max=100.0, n_times=40):
     """Times, Radau data y, and the scales s (state) and r (rates) of the neural ODE."""
     t = log_times(t_max, n_times)
@@ -209,95 +182,50 @@ def training_data(t_max=100.0, n_times=40):
     return t, y, scale, rate
 
 
-def train(iterations=400, backend="petsc", *, lr=5e-3, seed=0, t_max=100.0, n_times=40,
-          steps_per_interval=2, torchdiffeq_adjoint=True, torchdiffeq_method="dopri5",
-          rtol=1e-6, atol=1e-8, time_budget=60.0, max_evaluations=200_000, max_rejections=8,
-          show_progress=True):
-    """Train the neural ODE on Radau data; backend "petsc" (bridges.petsc.odeint_adjoint, CN with
-    steps_per_interval fixed steps per output interval) or "torchdiffeq" (dopri5 with rtol/atol,
-    bounded by time_budget seconds and max_evaluations per iteration).
+def train(iterations=400, *, lr=5e-3, seed=0, t_max=100.0, n_times=40, steps_per_interval=2,
+          max_rejections=8, show_progress=True):
+    """Train the neural ODE on Radau data through bridges.petsc.odeint_adjoint (CN with
+    steps_per_interval fixed steps per output interval) and AdamW.
 
-    Returns a dict: backend, label, ok, failure (the reason, or None), history (loss before each
-    completed step), iterations_done, initial_loss, final_loss (of the final parameters; None
-    if the run was stopped by its budget or the final solve failed), ratio (initial / final),
-    seconds, rejected, evaluations, t, data, prediction (physical y at t, or None), and for PETSc
-    refined_loss (the final model re-solved with 10x finer steps) and the model itself.
+    Returns a dict: label, ok, failure (the reason, or None), history (loss before each completed
+    step), iterations_done, initial_loss, final_loss (of the final parameters, or None if their
+    solve failed), ratio (initial / final), refined_loss (the final model re-solved with 10x finer
+    steps), seconds, rejected, t, data, scale, rate, prediction (physical y at t, or None), model.
     """
-    if backend not in ("petsc", "torchdiffeq"):
-        raise ValueError(f"train: backend must be 'petsc' or 'torchdiffeq', got {backend!r}")
+    from bridges import ForeignError
+    from bridges.petsc import odeint_adjoint
+
     t, y, scale, rate = training_data(t_max, n_times)
-    times = torch.from_numpy(t)
-    target = torch.from_numpy(y / scale)
+    times, target = torch.from_numpy(t), torch.from_numpy(y / scale)
     z0 = target[0].clone()
     model = NeuralRHS(rate, seed)
     params = tuple(model.parameters())
-    result = {"backend": backend, "t": t, "data": y, "scale": scale, "rate": rate, "ok": True,
-              "failure": None, "prediction": None, "refined_loss": None, "evaluations": None,
-              "iterations": iterations}
+    result = {"label": f"bridges/PETSc cn, {steps_per_interval} steps per interval", "t": t,
+              "data": y, "scale": scale, "rate": rate, "ok": True, "failure": None,
+              "prediction": None, "refined_loss": None, "iterations": iterations, "model": model}
+    solver_errors = (ForeignError, FloatingPointError)
 
-    if backend == "petsc":
-        from bridges import ForeignError
-        from bridges.petsc import odeint_adjoint
-        result["label"] = f"bridges/PETSc cn, {steps_per_interval} steps per interval"
-        solver_errors = (ForeignError, FloatingPointError)
-
-        def solve(m=steps_per_interval):
-            return odeint_adjoint(model, z0, times, method="cn", steps_per_interval=m,
-                                  options=TRAINING_OPTIONS)
-        counter = None
-    else:
-        try:
-            import torchdiffeq
-        except ImportError:
-            result.update(label="torchdiffeq (not installed)", ok=False, history=np.array([]),
-                          failure="torchdiffeq is not installed (pip install torchdiffeq)",
-                          iterations_done=0, initial_loss=None, final_loss=None, ratio=None,
-                          seconds=0.0, rejected=0)
-            return result
-        mode = "odeint_adjoint" if torchdiffeq_adjoint else "odeint (backprop)"
-        result["label"] = f"torchdiffeq {mode} {torchdiffeq_method}"
-        counter = _Bounded(model, max_evaluations, math.inf, time_budget)
-        # torchdiffeq signals non-finite states and step-size underflow with AssertionError;
-        # any error of the solve counts as its failure
-        solver_errors = (Exception,)
-
-        def solve():
-            kwargs = dict(method=torchdiffeq_method, rtol=rtol, atol=atol)
-            if torchdiffeq_adjoint:
-                return torchdiffeq.odeint_adjoint(counter, z0, times, adjoint_params=params,
-                                                  **kwargs)
-            return torchdiffeq.odeint(counter, z0, times, **kwargs)
+    def solve(m=steps_per_interval):
+        return odeint_adjoint(model, z0, times, method="cn", steps_per_interval=m,
+                              options=TRAINING_OPTIONS)
 
     optimiser = torch.optim.AdamW(params, lr=lr)
     history, rejected, saved = [], 0, None
     start = time.perf_counter()
-    if counter is not None:
-        counter.deadline = start + time_budget
     bar = progress(range(iterations), desc=result["label"], disable=not show_progress)
     for _ in bar:
         try:
-            if counter is not None:
-                counter.in_iteration, counter.phase = 0, "forward solve"
             optimiser.zero_grad()
             loss = torch.mean(torch.abs(solve() - target))
             if not torch.isfinite(loss):
                 raise FloatingPointError("the solution became non-finite")
-            if counter is not None:
-                counter.phase = ("backward (adjoint) solve" if torchdiffeq_adjoint
-                                 else "backward pass")
             loss.backward()
             if not all(torch.isfinite(p.grad).all() for p in params):
                 raise FloatingPointError("the gradient became non-finite")
-        except BudgetExceeded as exc:
-            result.update(ok=False, failure=f"stopped: {exc}")
-            break
         except solver_errors as exc:
             if saved is None or rejected >= max_rejections:
                 where = "in the first iteration" if saved is None else \
                     f"after {rejected} rejected steps"
-                if counter is not None:
-                    where += (f", in the {counter.phase} at t = {counter.last_t:.4g} after "
-                              f"{counter.in_iteration:,} evaluations")
                 result.update(ok=False, failure=f"solver failed {where}: "
                                                 f"{type(exc).__name__}: {_first_line(exc)}")
                 break
@@ -318,30 +246,23 @@ def train(iterations=400, backend="petsc", *, lr=5e-3, seed=0, t_max=100.0, n_ti
         bar.close()
 
     final_loss = None
-    stopped = result["failure"] is not None and result["failure"].startswith("stopped")
-    if history and not stopped:  # the loss of the final parameters (one more solve, bounded)
+    if history:  # the loss of the final parameters, and with 10x finer steps
         try:
-            if counter is not None:
-                counter.in_iteration, counter.phase = 0, "final forward solve"
-                counter.deadline = time.perf_counter() + time_budget
             with torch.no_grad():
                 z = solve()
-            if torch.isfinite(z).all():
-                final_loss = torch.mean(torch.abs(z - target)).item()
-                result["prediction"] = z.numpy() * scale
-            if backend == "petsc":
-                with torch.no_grad():
-                    fine = solve(10 * steps_per_interval)
-                result["refined_loss"] = torch.mean(torch.abs(fine - target)).item()
-        except (BudgetExceeded, *solver_errors) as exc:
+                if torch.isfinite(z).all():
+                    final_loss = torch.mean(torch.abs(z - target)).item()
+                    result["prediction"] = z.numpy() * scale
+                fine = solve(10 * steps_per_interval)
+            result["refined_loss"] = torch.mean(torch.abs(fine - target)).item()
+        except solver_errors as exc:
             result["failure"] = (result["failure"] or "") + \
                 f" (final solve failed: {_first_line(exc)})"
     history = np.array(history)
     initial = history[0] if len(history) else None
     result.update(history=history, iterations_done=len(history), initial_loss=initial,
                   final_loss=final_loss, seconds=seconds, rejected=rejected,
-                  ratio=initial / final_loss if initial is not None and final_loss else None,
-                  evaluations=None if counter is None else counter.total, model=model)
+                  ratio=initial / final_loss if initial is not None and final_loss else None)
     return result
 
 
@@ -352,7 +273,7 @@ def _first_line(exc):
 
 
 def dense_prediction(result, n=200):
-    """The trained PETSc model on n log-spaced times (for smooth curves): (t, y)."""
+    """The trained model on n log-spaced times (for smooth curves): (t, y)."""
     from bridges.petsc import odeint_adjoint
     t = log_times(result["t"][-1], n)
     z0 = torch.from_numpy(result["data"][0] / result["scale"])
@@ -393,39 +314,33 @@ def plot_sensitivity(sens, path):
     return path
 
 
-def plot_training(runs, path):
+
+def plot_training(run, path):
     plt = pyplot()
     if plt is None:
         return None
-    petsc = runs[0]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    t, data = petsc["t"][1:], petsc["data"][1:]
-    curves = []
-    if petsc.get("model") is not None and petsc["iterations_done"]:
-        td, yd = dense_prediction(petsc)
-        curves.append((td[1:], yd[1:], "-", f"{petsc['label']}, {petsc['iterations_done']} it."))
-    for run in runs[1:]:
-        if run["prediction"] is not None:
-            curves.append((t, run["prediction"][1:], ":",
-                           f"{run['label']}, {run['iterations_done']} it."))
+    t, data = run["t"][1:], run["data"][1:]
+    curve = None
+    if run["iterations_done"]:
+        td, yd = dense_prediction(run)
+        curve = (td[1:], yd[1:], f"learned, {run['iterations_done']} it.")
     for ax, (cols, factor, ylabel) in zip(axes[:2], [((0, 2), 1.0, "y1, y3"),
                                                      ((1,), 1e4, "1e4 * y2")]):
         for i in cols:
             ax.semilogx(t, factor * data[:, i], "o", color=f"C{i}", ms=4, label=f"y{i + 1} data")
-            for tc, yc, style, label in curves:
-                ax.semilogx(tc, factor * yc[:, i], style, color=f"C{i}",
-                            label=f"y{i + 1} learned, {label}")
+            if curve is not None:
+                ax.semilogx(curve[0], factor * curve[1][:, i], "-", color=f"C{i}",
+                            label=f"y{i + 1} {curve[2]}")
         ax.set(xlabel="t", ylabel=ylabel, title=f"true (Radau) vs learned: {ylabel}")
         ax.legend(fontsize=7)
     ax = axes[2]
-    for run in runs:
-        if len(run["history"]):
-            ax.semilogy(np.arange(1, len(run["history"]) + 1), run["history"], label=run["label"])
+    if len(run["history"]):
+        ax.semilogy(np.arange(1, len(run["history"]) + 1), run["history"], label=run["label"])
     ax.set(xlabel="iteration", ylabel="mean |z - z_data| (scaled)", title="training loss")
     ax.legend(fontsize=7, loc="upper right")
-    failures = [f"{run['label']}: {run['failure']}" for run in runs if not run["ok"]]
-    if failures:
-        ax.text(0.02, 0.02, textwrap.fill(" | ".join(failures), 70), transform=ax.transAxes,
+    if not run["ok"]:
+        ax.text(0.02, 0.02, textwrap.fill(run["failure"], 70), transform=ax.transAxes,
                 fontsize=6.5, va="bottom", color="C3")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -446,8 +361,6 @@ def _report_run(run):
           f"{run['rejected']} rejected steps; {status}")
     if run["refined_loss"] is not None:
         print(f"    the learned ODE re-solved with 10x finer steps: loss {run['refined_loss']:.4g}")
-    if run["evaluations"] is not None:
-        print(f"    {run['evaluations']:,} function evaluations")
 
 
 def main(argv=None):
@@ -463,26 +376,17 @@ def main(argv=None):
                         help="fixed CN steps per output interval in the sensitivity analysis")
     parser.add_argument("--t-max", type=float, default=100.0, help="training data up to this time")
     parser.add_argument("--skip-sensitivity", action="store_true", help="skip part a)")
-    parser.add_argument("--skip-torchdiffeq", action="store_true", help="skip part c)")
-    parser.add_argument("--torchdiffeq-modes", nargs="+", default=["adjoint", "backprop"],
-                        choices=["adjoint", "backprop"],
-                        help="torchdiffeq runs: odeint_adjoint and/or odeint with backprop")
-    parser.add_argument("--torchdiffeq-budget", type=float, default=25.0,
-                        help="wall-clock budget of each torchdiffeq run [s]")
-    parser.add_argument("--torchdiffeq-max-evaluations", type=int, default=200_000,
-                        help="function evaluations allowed per torchdiffeq iteration")
     parser.add_argument("--out", default=None,
                         help="directory for the PNGs; None means $BRIDGES_OUT or ./bridges-out")
     args, rest = parser.parse_known_args(argv)
     stray = [a for a in rest if a.startswith("--")]
     if stray:  # single-dash words are PETSc options, read by PETSc itself
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    show = True
     paths = []
     start = time.perf_counter()
 
     if not args.skip_sensitivity:
-        sens = sensitivity(steps_per_interval=args.sensitivity_steps, show_progress=show)
+        sens = sensitivity(steps_per_interval=args.sensitivity_steps)
         print(f"\na) sensitivities at k = {list(K_START)} (data from k = {list(K_TRUE)}); "
               f"loss = mean |y - y_data| = {sens['loss']:.6g}, CN with "
               f"{sens['steps_per_interval']} steps per interval; forward {sens['forward_s']:.2f} s,"
@@ -496,18 +400,13 @@ def main(argv=None):
                   f"{sens['fd_rel_error'][i]:11.1e}{ref}")
         paths.append(plot_sensitivity(sens, figure_path(args.out, "robertson_sensitivity.png")))
 
-    common = dict(lr=args.lr, seed=args.seed, t_max=args.t_max, show_progress=show)
-    runs = [train(args.iterations, "petsc", steps_per_interval=args.steps_per_interval, **common)]
-    for mode in [] if args.skip_torchdiffeq else args.torchdiffeq_modes:
-        runs.append(train(args.iterations, "torchdiffeq", torchdiffeq_adjoint=mode == "adjoint",
-                          time_budget=args.torchdiffeq_budget,
-                          max_evaluations=args.torchdiffeq_max_evaluations, **common))
-    print(f"\nb), c) neural ODE (3->5->3 GELU, no biases) on Radau data at {len(runs[0]['t']) - 1} "
+    run = train(args.iterations, lr=args.lr, seed=args.seed, t_max=args.t_max,
+                steps_per_interval=args.steps_per_interval)
+    print(f"\nb) neural ODE (3->5->3 GELU, no biases) on Radau data at {len(run['t']) - 1} "
           f"log-spaced times in [1e-5, {args.t_max:g}]; loss = mean |z - z_data|, z = y / "
-          f"{np.array2string(runs[0]['scale'], precision=3)}:")
-    for run in runs:
-        _report_run(run)
-    paths.append(plot_training(runs, figure_path(args.out, "robertson_training.png")))
+          f"{np.array2string(run['scale'], precision=3)}:")
+    _report_run(run)
+    paths.append(plot_training(run, figure_path(args.out, "robertson_training.png")))
     for p in paths:
         print(f"wrote {p}" if p else "figure skipped: install matplotlib (extra 'demo')")
     print(f"total {time.perf_counter() - start:.0f} s")
