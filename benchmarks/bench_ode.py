@@ -722,8 +722,8 @@ PROFILED = {  # name -> (odeint_adjoint keyword arguments, rtol)
 CALLBACKS = {  # (file suffix, function) -> what it is
     ("petsc/_ode.py", "_ifunction"): "IFunction callbacks (residual: one func call each)",
     ("petsc/_ode.py", "_ijacobian"): "IJacobian callbacks",
-    ("petsc/_ode.py", "_linearisation"): "of these and JacobianP, linearisations",
-    ("petsc/_ode.py", "_all"): "dense Jacobian builds (one batched backward pass each)",
+    ("petsc/_ode.py", "_linearisation"): "linearisation look-ups (IJacobian, IJacobianP)",
+    ("petsc/_ode.py", "_all"): "uses of a linearisation's dense Jacobians (built on the first)",
     ("petsc/_ode.py", "_jacobian_p"): "IJacobianP callbacks",
     ("petsc/_ode.py", "multTranspose"): "parameter-Jacobian transposed products",
     ("petsc/_ode.py", "_newton_converged"): "Newton convergence tests",
