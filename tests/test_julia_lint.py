@@ -90,7 +90,7 @@ def julia_calls(root):
         for node in (node for node in ast.walk(tree) if isinstance(node, ast.Call)):
             func = getattr(node.func, "attr", getattr(node.func, "id", None))
             where = (str(path.relative_to(root)), node.lineno)
-            if func == "seval" and isinstance(node.args[0], ast.Constant):
+            if func == "seval" and node.args and isinstance(node.args[0], ast.Constant):
                 calls += [(*where, *m) for m in CALL.findall(node.args[0].value)]
             elif func == "include_setup":
                 bound = defaults | dict(zip(params, node.args))
