@@ -30,3 +30,8 @@ class MissingDerivativeError(RuntimeError):
     """A bridged op was asked for a derivative its adapter does not provide: forward mode (no
     pushforward) or a second derivative. Jacobian builders catch it to fall back to another
     mode; elsewhere it reaches the user with the op's name."""
+
+
+class NoisyGradientWarning(UserWarning):
+    """A finite-difference derivative is estimated to be inaccurate: the black box is noisy
+    compared with how much its outputs change over the step the scheme could afford."""
