@@ -50,7 +50,7 @@ def calibrate(iterations=150, lr=0.08, noise=0.2, seed=0, workers=2, scheme="cen
     fitted = log_params.detach().exp().numpy()
     return {"fitted": fitted, "history": np.array(history), "data": data.numpy(),
             "model": program(fitted), "initial": program(np.array(INITIAL_GUESS)),
-            "evaluations": simulate.evaluations, "noise": noise}
+            "evaluations": simulate.evaluations + simulate.noise_evaluations, "noise": noise}
 
 
 def plot(result, path):
