@@ -1,4 +1,4 @@
-"""Finite-difference gradients of noisy black boxes: the rounding-error step against noise-aware steps.
+"""Finite-difference gradients of noisy black boxes: the rounding-error step vs noise-aware steps.
 
 1. ngspice (a real SPICE, run as a program) on an RC low-pass whose step response has a closed
    form, v(t) = 1 - exp(-t/RC): the Jacobian of v at four times w.r.t. (R in kOhm, C in uF) by
@@ -52,7 +52,8 @@ def run(quick=False, plot_dir=None):
     exact = rc_jacobian(X)
     rows, found = [], {}
     for scheme in ("central", "forward"):
-        for label, noise in (("fixed default (`noise=None`)", None), ("noise-aware (default)", "auto")):
+        for label, noise in (("fixed default (`noise=None`)", None),
+                             ("noise-aware (default)", "auto")):
             f = fd2pytorch(circuit, scheme=scheme, noise=noise, workers=2)
             jac = f.jacobian_at(X)
             errors = column_errors(jac, exact)

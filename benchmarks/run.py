@@ -62,8 +62,10 @@ def main(argv=None):
               f"same run.", ""]
     texts = {}
     for s in sections:
-        origin = f" (run {datetime.date.today()}: `{command} --only {s['name']}`)" if args.only else ""
-        lines = [f"## {s['title']}", "", f"`benchmarks/{s['name']}.py`, {s['seconds']:.0f} s{origin}.",
+        origin = f" (run {datetime.date.today()}: `{command} --only {s['name']}`)" \
+            if args.only else ""
+        lines = [f"## {s['title']}", "",
+                 f"`benchmarks/{s['name']}.py`, {s['seconds']:.0f} s{origin}.",
                  "", s["table"], "", s["notes"], ""]
         lines += [f"![{Path(p).stem}](plots/{Path(p).name})" for p in s["plots"]] + [""]
         texts[s["name"]] = "\n".join(lines)

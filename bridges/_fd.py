@@ -262,7 +262,11 @@ class FDFunction:
         memo.setdefault(x.tobytes(), y0)
         y0 = y0.reshape(-1)
         if isinstance(self.noise_setting, np.ndarray):
-            level = np.broadcast_to(self.noise_setting, y0.shape).astype(np.float64)
+            if self.noise_setting.size not in (1, y0.size):
+                raise ValueError(f"{self.name}: noise has {self.noise_setting.size} levels but "
+                                 f"the black box has {y0.size} outputs; give one level or one "
+                                 f"per output")
+            level = np.broadcast_to(self.noise_setting.ravel(), y0.shape).astype(np.float64)
             found = np.ones(y0.shape, bool)
         else:
             level, found = self._measure_noise(x, memo)
@@ -354,7 +358,8 @@ class FDFunction:
         """Estimated absolute error of each Jacobian entry: truncation plus noise over step."""
         est = self.noise
         rows, hc = jac.indices, h[cols]
-        curvature = scipy.sparse.csc_matrix(est.curvature).data if self.sparsity is None \
+        # a dense Jacobian's CSC data run down the columns in turn
+        curvature = est.curvature.ravel(order="F") if self.sparsity is None \
             else est.curvature.data
         if self.scheme == "central":
             data = curvature * hc ** 2 / 6 + est.level[rows] / hc

@@ -1,4 +1,4 @@
-"""Wrapping an existing simulator executable as a numpy function: files and a script in, files out."""
+"""An existing simulator executable as a numpy function: files and a script in, files out."""
 from __future__ import annotations
 
 import os

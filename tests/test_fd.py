@@ -268,3 +268,5 @@ def test_rel_step_wins_and_given_noise_skips_the_measurement():
         fd2pytorch(coupled, noise="high")
     with pytest.raises(ValueError, match="noise levels must be finite and >= 0"):
         fd2pytorch(coupled, noise=-1.0)
+    with pytest.raises(ValueError, match="noise has 2 levels but the black box has 3 outputs"):
+        fd2pytorch(noisy(1e-6), noise=[1e-6, 1e-6]).jacobian_at(np.array([0.7, 1.3]))

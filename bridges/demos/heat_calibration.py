@@ -97,8 +97,8 @@ def main(argv=None):
     for name, true, guess, fit in zip(PARAMETERS, TRUE_VALUES, INITIAL_GUESS, result["fitted"]):
         print(f"{name:<14}{true:>8.3f}{guess:>9.3f}{fit:>9.3f}{abs(fit - true) / true:>9.2%}")
     print(f"final misfit {result['history'][-1]:.4g} K² (noise variance {args.noise ** 2:.4g}); "
-          f"{result['evaluations']} simulator runs (+{result['noise_runs']} measuring its noise) in "
-          f"{elapsed:.1f} s")
+          f"{result['evaluations']} simulator runs (+{result['noise_runs']} measuring its noise) "
+          f"in {elapsed:.1f} s")
     path = plot(result, figure_path(args.out, "heat_calibration.png"))
     print(f"figure: {path}" if path else "figure skipped: install matplotlib (extra 'demo')")
 

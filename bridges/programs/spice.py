@@ -9,6 +9,7 @@ its step control reacts to the parameters: its outputs carry noise of about 1e-7
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -47,11 +48,12 @@ def ngspice(netlist: str, parameters, *, analysis: str, probes, times, timeout=6
                        f".control\n{control}\n.endc\n.end\n")
 
     def read_output(path):
-        found = dict(re.findall(r"^\s*(m\d+)\s*=\s*(\S+)", open(path).read(), re.M))
+        found = dict(re.findall(r"^\s*(m\d+)\s*=\s*(\S+)", Path(path).read_text(), re.M))
         missing = [n for n in names if n not in found]
         if missing:
-            raise ValueError(f"ngspice measured no value for {missing[0]} ({measures[int(missing[0][1:])]}):"
-                             f" is the time inside the analysis, and the probe a circuit vector?")
+            first = measures[names.index(missing[0])]
+            raise ValueError(f"ngspice measured no value for {missing[0]} ({first}): is the time "
+                             f"inside the analysis, and the probe a circuit vector?")
         return np.array([float(found[n]) for n in names])
 
     return ExternalProgram(["ngspice", "-b", "{input}"], write_input=write_input,
