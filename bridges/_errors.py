@@ -40,6 +40,11 @@ class MissingDerivativeError(RuntimeError):
     mode; elsewhere it reaches the user with the op's name."""
 
 
+class NoisyGradientWarning(UserWarning):
+    """A finite-difference derivative is estimated to be inaccurate: the black box is noisy
+    compared with how much its outputs change over the step the scheme could afford."""
+
+
 def check_finite(tensor, who: str, advice: str, error=ValueError) -> None:
     """Raise `error` naming the first nan/inf entry of `tensor` (its index and value)."""
     bad = ~torch.isfinite(tensor)
