@@ -38,8 +38,9 @@ def stored_solutions():
     ts.setMaxSteps(10_000)
     ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
     ts.setEvaluationTimes(TIMES)
-    ts.getAdapt().setType("basic")
+    PETSc.Options()["ts_adapt_type"] = "basic"
     ts.setFromOptions()
+    del PETSc.Options()["ts_adapt_type"]
     u = PETSc.Vec().createSeq(1)
     u.set(0.0)
     ts.solve(u)

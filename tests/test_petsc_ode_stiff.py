@@ -167,8 +167,9 @@ def test_a_finite_time_blow_up_stops_at_once_and_names_the_time():
     than 8 minutes) and names the time, the step size and the size of y."""
     def blow_up(t, y):
         return y ** 2
-    with pytest.raises(SolverFailure, match=r"step size collapsed to \S+ at t = 0\.99999\d*.*"
-                                            r"largest \|y\| there is \S+e\+\d\d.*blows up"):
+    with pytest.raises(SolverFailure, match=r"step size collapsed to \S+e-1\d at t = "
+                                            r"(0\.9999|1\.0000)\d*.*largest \|y\| there is "
+                                            r"\S+e\+1\d.*blows up .*near t = 1\.0000"):
         odeint_adjoint(blow_up, torch.ones(1, dtype=F64), torch.tensor([0.0, 2.0], dtype=F64))
 
 
@@ -177,13 +178,14 @@ def test_a_func_that_fails_everywhere_ahead_stops_instead_of_retrying_forever():
     until it collapses at t = 0.5."""
     def wall(t, y):
         return -y + (torch.nan if float(t) > 0.5 else 0.0)
-    with pytest.raises(SolverFailure, match=r"step size collapsed to \S+ at t = 0\.5"):
+    with pytest.raises(SolverFailure, match=r"step size collapsed to \S+ at t = 0\.4999999\d*.*"
+                                            r"near t = 0\.5\. What to try"):
         odeint_adjoint(wall, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64))
 
 
 def test_wrong_shaped_func_and_non_finite_inputs_are_named():
     t = torch.tensor([0.0, 1.0], dtype=F64)
-    with pytest.raises(ValueError, match=r"func\(t, y\) returned shape \(2,\) at t = 0, but "
+    with pytest.raises(ForeignError, match=r"func\(t, y\) returned shape \(2,\) at t = 0, but "
                                          r"dy/dt must have the shape of y0, \(3,\)"):
         odeint_adjoint(lambda t, y: y[:2], torch.ones(3, dtype=F64), t)
     y0 = torch.tensor([1.0, float("nan"), 0.0], dtype=F64)
@@ -292,19 +294,20 @@ def test_registry_sensitivity_matrices_match_forward_sensitivities(name):
 
 def test_a_batch_of_very_different_stiffness_gives_each_sample_its_own_sensitivities():
     """ROBER from three initial states (stiffness set by y2, y3) in one y0 of shape (3, 3):
-    each sample's dy(T)/dy0 equals the one of its own solve."""
+    each sample's dy(T)/dy0 equals the one of its own solve, and no sample's output depends on
+    another's initial state."""
     p = problem("rober")
     func, _, _ = p.tensors()
     y0 = torch.tensor([[1.0, 0.0, 0.0], [0.5, 1e-5, 0.5], [1e-3, 0.0, 0.999]], dtype=F64)
     t = torch.tensor([0.0, 1e-1, 1e3, 1e7], dtype=F64)
     batch = y0.clone().requires_grad_()
     ys = odeint_adjoint(func, batch, t, rtol=1e-8, atol=1e-20)
+    together = _sensitivity_matrix(ys[-1], (batch,)).reshape(3, 3, 3, 3)  # [b, i, c, j]
     for b in range(3):
         alone = y0[b].clone().requires_grad_()
-        y_alone = odeint_adjoint(func, alone, t, rtol=1e-8, atol=1e-20)
-        for i in range(3):
-            (g_batch,) = torch.autograd.grad(ys[-1, b, i], batch, retain_graph=True)
-            (g_alone,) = torch.autograd.grad(y_alone[-1, i], alone, retain_graph=i < 2)
-            assert g_batch[[c for c in range(3) if c != b]].abs().max() == 0
-            scale = g_alone.abs().max()
-            assert (g_batch[b] - g_alone).abs().max() <= 1e-4 * scale
+        own = _sensitivity_matrix(odeint_adjoint(func, alone, t, rtol=1e-8, atol=1e-20)[-1],
+                                  (alone,))
+        others = [c for c in range(3) if c != b]
+        assert np.abs(together[b][:, others]).max() == 0
+        np.testing.assert_allclose(together[b, :, b], own, rtol=0,
+                                   atol=1e-4 * np.abs(own).max())

@@ -108,7 +108,7 @@ class _ODESolve:
         self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = self.jac = None
         self.dm = None
         self._last_linearisation = self._jacp_point = None
-        self.dense = self.chord = False
+        self.dense = self.stacked = self.chord = False
         self.block_lu = None
         self._states, self._newton_size = None, 0.0
         self.options = SolverOptions(WHO, problem.prefix, problem.options,
@@ -247,12 +247,12 @@ class _ODESolve:
             if p.jacobian == "auto" and not self._rows_independent(fn):
                 jacobian = "matrix-free"  # samples are coupled: blocks would be inexact
         self.assembled = jacobian in ("assembled", "blocks")
-        # one small system of plain torch: its whole Jacobian and parameter Jacobian come from
-        # one batched backward pass per point, and parameter products are matrix products
+        # one small system of plain torch: its whole Jacobian comes from one reverse pass per
+        # point (see _DensePoint)
         n = self.y0.numel()
         self.dense = (jacobian == "blocks" and n == self.blocks.n_in and products != "forward"
-                      and n <= BLOCK_LIMIT and n * self.n_params <= 1 << 16
-                      and not probe(fn, u0, WHO).bridged)
+                      and n <= BLOCK_LIMIT and not probe(fn, u0, WHO).bridged)
+        self.stacked = self.dense and acts_on_rows(fn, u0)
         block_lu = False  # blocks: solved by their pivoted LU factors (see _linear.BlockLU)
         if self.assembled:
             ts.setIJacobian(self._ijacobian, self.blocks.mat, self.blocks.mat)
@@ -345,7 +345,7 @@ class _ODESolve:
         PETSc asks for at the same point (one evaluation of func for both)."""
         last = self._last_linearisation
         if last is None or last[0] != t or not torch.equal(last[1].u, u):
-            point = _DensePoint(self._rhs_at(t), u.clone(), self.p.params) if self.dense \
+            point = _DensePoint(self._rhs_at(t), u.clone(), self.stacked) if self.dense \
                 else Linearisation(self._rhs_at(t), u.clone())
             last = self._last_linearisation = (t, point)
         return last[1]
@@ -406,11 +406,6 @@ class _ODESolve:
             out.zero_()
             return
         sign = 1.0 if self.p.form == "explicit" else -1.0  # implicit: dF/dp = -dfunc/dp
-        if self.dense:
-            torch.matmul(self._jacp_point.parameter_jacobian.T, self._owned(x).reshape(-1),
-                         out=out)
-            out.mul_(sign)
-            return
         _, value = self._jacp_point.graph()
         grads = torch.autograd.grad(value, self.p.params, self._owned(x).view(value.shape),
                                     retain_graph=True, allow_unused=True)
@@ -554,12 +549,12 @@ class _Outputs:
         k, times = len(self.steps), self.times
         if k >= len(times):
             return
-        check_progress(ts, times, self.owned(ts.getSolution()))
+        check_progress(ts, times, self.owned(ts.getSolution(), "r"))
         t, dt = ts.getTime(), ts.getTimeStep()
         if abs(t - times[k]) <= 1e-12 * max(abs(times[k]), times[k] - times[k - 1]):
             ts.setTime(float(times[k]))  # rounding off the last step; ends the solve exactly
             self.steps.append(ts.getStepNumber())
-            self.values.append(self.owned(ts.getSolution()).clone())
+            self.values.append(self.owned(ts.getSolution(), "r").clone())
             if k + 1 == len(times):
                 return
             k, t = k + 1, float(times[k])
@@ -588,38 +583,61 @@ def check_progress(ts, times, state=None):
         f"end the integration before that time, or check func there")
 
 
-class _DensePoint:
-    """func at one point of a small system, with its Jacobians in the state and the parameters
-    from one batched backward pass (made on first use)."""
+class _DensePoint(Linearisation):
+    """func at one point of a small system of plain torch, with its whole n x n Jacobian made on
+    first use: by one reverse pass over n stacked copies of the point when func acts on each
+    row of a leading batch dimension on its own (`stacked`, checked once per solve), else by a
+    batched backward over the n unit cotangents. Parameter products go through the graph."""
 
-    def __init__(self, fn, u, params):
-        self.fn, self.u, self.params = fn, u, params
-        self._jacobians = None
-
-    def _all(self):
-        if self._jacobians is None:
-            with torch.enable_grad():
-                leaf = self.u.clone().requires_grad_()
-                value = self.fn(leaf)
-                seeds = torch.eye(value.numel(), dtype=value.dtype).view(-1, *value.shape)
-                grads = torch.autograd.grad(value, (leaf, *self.params), seeds,
-                                            allow_unused=True, is_grads_batched=True)
-            n = value.numel()
-            parts = [torch.zeros(n, q.numel(), dtype=value.dtype) if g is None else
-                     g.reshape(n, -1) for q, g in zip(self.params, grads[1:])]
-            self._jacobians = (grads[0].reshape(n, -1),
-                               torch.cat(parts, dim=1) if parts else torch.zeros(n, 1))
-        return self._jacobians
+    def __init__(self, fn, u, stacked):
+        super().__init__(fn, u)
+        self.stacked = stacked
+        self._jacobian = None
 
     @property
     def jacobian(self):
         """d func / d u, (n, n)."""
-        return self._all()[0]
+        if self._jacobian is None:
+            self._jacobian = stacked_jacobian(self.fn, self.u) if self.stacked else \
+                batched_jacobian(self.fn, self.u)
+        return self._jacobian
 
-    @property
-    def parameter_jacobian(self):
-        """d func / d params, (n, number of parameters)."""
-        return self._all()[1]
+
+def stacked_jacobian(fn, u):
+    """J of fn at u from one reverse pass: row i of the stacked input is u, and row i of the
+    output is seeded with e_i, so the gradient's row i is J's row i."""
+    n = u.numel()
+    eye = torch.eye(n, dtype=u.dtype)
+    with torch.enable_grad():
+        leaf = u.reshape(1, n).expand(n, n).clone().requires_grad_()
+        value = fn(leaf.view(n, *u.shape))
+        (grad,) = torch.autograd.grad(value, leaf, eye.view(value.shape))
+    return grad
+
+
+def batched_jacobian(fn, u):
+    """J of fn at u from one backward batched over the n unit cotangents."""
+    n = u.numel()
+    with torch.enable_grad():
+        leaf = u.clone().requires_grad_()
+        value = fn(leaf)
+        (grad,) = torch.autograd.grad(value, leaf, torch.eye(n, dtype=u.dtype).view(n, *value.shape),
+                                      is_grads_batched=True)
+    return grad.reshape(n, n)
+
+
+def acts_on_rows(fn, u):
+    """Whether fn, given n stacked copies of u, returns n copies of fn(u) whose Jacobians are
+    fn's at u: checked once against the batched backward."""
+    try:
+        with torch.no_grad():
+            value = fn(u.reshape(1, -1).expand(u.numel(), -1).reshape(u.numel(), *u.shape))
+        if value.shape != (u.numel(), *u.shape):
+            return False
+        return bool(torch.allclose(stacked_jacobian(fn, u), batched_jacobian(fn, u),
+                                   rtol=1e-12, atol=0))
+    except (RuntimeError, IndexError, ValueError):  # func does not take a batch dimension
+        return False
 
 
 class _Pullback:
