@@ -57,7 +57,7 @@ class BlockLU:
                 f"{self.who}: the Jacobian block of sample {int(singular[0])} is singular (zero "
                 f"pivot in its LU factorisation); check func there, or use a smaller step")
         self.blocks, self.lu, self.pivots, self._extended = blocks, lu, pivots, None
-        self.norms = blocks.abs().sum(dim=-1).amax(dim=-1, keepdim=True)  # |A_i|_inf
+        self.norms = None  # |A_i|_inf, for the adjoint's check (made there)
         self.factorisations += 1
 
     def _solve(self, b, adjoint):
@@ -72,6 +72,8 @@ class BlockLU:
         out = vec_as_tensor(y, "w").view_as(b)
         out.copy_(self._solve(b, True))
         blocks_t = self.blocks.transpose(-1, -2)
+        if self.norms is None:
+            self.norms = self.blocks.abs().sum(dim=-1).amax(dim=-1, keepdim=True)
         limit = BACKWARD_ERROR * self.lu.shape[-1] * torch.finfo(b.dtype).eps
         for step in range(REFINEMENTS + 1):
             residual = b - blocks_t @ out

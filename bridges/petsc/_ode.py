@@ -700,7 +700,9 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
         steps_per_interval: fixed steps, this many equal ones in each output interval; with
             log-spaced ``t`` the steps grow geometrically, as stiff decays want.
         rtol, atol: tolerances of adaptive stepping, used when neither of the above is given
-            (rk4 has no error estimate: give a step or choose another method).
+            (rk4 has no error estimate: give a step or choose another method). Implicit
+            methods also converge Newton in their weighted norm |dy| / (atol + rtol |y|), fixed
+            steps included: give an atol below the smallest state component that matters.
         options: PETSc options for this solve, keyed without the leading dash, e.g.
             ``{"ts_adapt_type": "none", "ts_time_step": 1e-3, "ksp_type": "gmres"}``; ``True``
             switches a flag or viewer on (``{"ts_monitor": True}``). They override the command
