@@ -19,7 +19,8 @@ import torch
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError
 from .._linearise import Linearisation, probe
-from ._capi import trajectory_prefix
+from ._capi import set_pre_stage, trajectory_prefix
+from ._checkpoint import MEMORYLESS, Recomputation, StepLog, budget
 from ._grid import SerialLayout
 from ._jacobian import TorchJacobian, block_jacobian
 from ._options import SolverOptions, check_options
@@ -51,8 +52,9 @@ class _ODEProblem:
     """Everything fixed across solves: the function, its parameters, the solver settings."""
 
     def __init__(self, func, params, method, step_size, steps_per_interval, rtol, atol, options,
-                 prefix, jacobian, products, assembler, grid):
+                 prefix, jacobian, products, assembler, grid, checkpoints):
         self.func, self.params = func, params
+        self.checkpoints = checkpoints  # states the adjoint may store (None: every step)
         self.ts_type, self.scheme, self.form = METHODS[method]
         self.method, self.step_size, self.rtol, self.atol = method, step_size, rtol, atol
         self.steps_per_interval = steps_per_interval
@@ -103,14 +105,15 @@ class _ODESolve:
         self.layout = problem.grid or SerialLayout(y0.shape)
         self.shape = self.layout.owned_shape
         self.y0 = y0.clone(memory_format=torch.contiguous_format)
-        self.steps = None
+        self.steps = self.log = None
+        self.store_all = record and problem.checkpoints is None  # PETSc's trajectory
         self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = self.jac = None
         self.dm = None
         self._last_linearisation = self._jacp_point = None
         self.dense = self.chord = False
         self._states, self._newton_size = None, 0.0
         self.options = SolverOptions(WHO, problem.prefix, problem.options,
-                                     problem.defaults(times, record))
+                                     problem.defaults(times, self.store_all))
         lagged = (self.options.given.keys() | self.options.inherited.keys()) & \
             {"snes_lag_jacobian", "snes_lag_jacobian_persists"}
         if record and lagged:
@@ -160,12 +163,18 @@ class _ODESolve:
             if not p.fixed:
                 ts.getSNES().setConvergenceTest(self._newton_converged)
         self.outputs = _Outputs(self.layout.owned_view)
-        ts.setPostStep(self.outputs)
-        if self.record:
+        if self.record and not self.store_all:  # checkpointed: keep the steps, not the states
+            self.log = StepLog(self.outputs, p.fixed,
+                               restart=None if p.ts_type in MEMORYLESS else self.restart_step)
+        ts.setPostStep(self.log or self.outputs)
+        if self.store_all:
             ts.setSaveTrajectory()
             trajectory_prefix(ts, self.options.prefix)
         with petsc_errors(WHO, "setting up PETSc TS from the options"):
             ts.setFromOptions()
+        self._restarting, self._pre_stage = False, None
+        if ts.getType() == "arkimex" and p.form == "implicit":
+            self._pre_stage = set_pre_stage(ts, self._stage_begins)
         user_step = self.options.given.keys() & {"ts_time_step", "ts_dt"} or \
             self.options.inherited.keys() & {"ts_time_step", "ts_dt"}
         if p.fixed or user_step:
@@ -295,6 +304,8 @@ class _ODESolve:
         self.jac.at(self._rhs_at(t), self._ghosted(U).clone())
 
     def _ifunction(self, ts, t, U, Udot, F):
+        if self._restarting:  # see restart_step
+            t = ts.getTime()
         with torch.no_grad():
             torch.sub(self._owned(Udot), self.p.rhs(t, self._ghosted(U)), out=self._owned(F, "w"))
 
@@ -326,6 +337,17 @@ class _ODESolve:
                 else Linearisation(self._rhs_at(t), u.clone())
             last = self._last_linearisation = (t, point)
         return last[1]
+
+    def restart_step(self):
+        """Start the next step afresh (no data from the step before). ARKIMEX then solves
+        F(t, y, slope) = 0 for the first stage's slope, but at the time of the last stage it
+        computed, forward or adjoint, not at the step's start: until the step's first stage
+        begins, func gets the step's start time."""
+        self.ts.restartStep()
+        self._restarting = self._pre_stage is not None
+
+    def _stage_begins(self):
+        self._restarting = False
 
     def _pre_step(self, ts):
         self._new_step = True
@@ -398,6 +420,9 @@ class _ODESolve:
         ts.setStepNumber(0)
         ts.setMaxTime(float(times[-1]))
         self.outputs.start(ts, times, self.y0, self.p.steps_per_interval, self.dt0)
+        self.restart_step()  # as TSSolve does at step 0
+        if self.log:
+            self.log.start(float(times[0]))
         with petsc_errors(WHO, f"the forward solve (PETSc TS '{ts.getType()}')"):
             ts.solve(self.u)
         self._check(ts.getConvergedReason(), "the forward solve")
@@ -429,7 +454,6 @@ class _ODESolve:
                                f"of the methods {', '.join(m for m in METHODS if m != 'bdf')}")
         if self.steps is None:  # the trajectory went with an earlier adjoint: solve again
             self.solve()
-        chord, self.chord = self.chord, False  # the adjoint: exact Jacobians
         lam = self.layout.global_vec()
         mu = PETSc.Vec().createMPI((self.n_params, None), comm=self.layout.comm)
         try:
@@ -437,13 +461,15 @@ class _ODESolve:
             mu.zeroEntries()
             want_params = any(needs_input_grad[3:])
             ts.setCostGradients([lam], [mu] if want_params else None)
-            for k in range(len(self.steps) - 1, 0, -1):
-                ts.adjointSetSteps(self.steps[k] - self.steps[k - 1])
-                with petsc_errors(WHO, f"the adjoint solve (PETSc TS '{ts.getType()}')"):
-                    ts.adjointSolve()
-                self._check(ts.getConvergedReason(), "the adjoint solve")
-                self._owned(lam, "rw").add_(grad_ys[k - 1])
-            self.steps = None  # TSAdjoint consumed the trajectory
+            if self.log is None:
+                self._adjoint_stored(lam, grad_ys)
+            else:  # recompute from checkpoints, adding each output's cotangent at its step
+                cotangents = dict(zip(self.steps[:-1], grad_ys[:-1]))
+
+                def cotangent_at(step):
+                    if step in cotangents:
+                        self._owned(lam, "rw").add_(cotangents[step])
+                Recomputation(self, WHO, self.p.checkpoints).adjoint(cotangent_at)
             grad_params = [None] * len(self.p.params)
             if want_params:  # this rank's share (see odeint_adjoint)
                 mu_t, offset = vec_as_tensor(mu, "r"), 0
@@ -454,9 +480,21 @@ class _ODESolve:
             grad_y0 = self._owned(lam).clone()
         finally:
             destroy(lam, mu)  # TS does not own its cost gradients
-        self.chord = chord
         self.options.report_unused(final=True)
         return (grad_y0, None, None, *grad_params)
+
+    def _adjoint_stored(self, lam, grad_ys):
+        """TSAdjoint over PETSc's trajectory of every step, output interval by interval."""
+        ts = self.ts
+        chord, self.chord = self.chord, False  # the adjoint: exact Jacobians
+        for k in range(len(self.steps) - 1, 0, -1):
+            ts.adjointSetSteps(self.steps[k] - self.steps[k - 1])
+            with petsc_errors(WHO, f"the adjoint solve (PETSc TS '{ts.getType()}')"):
+                ts.adjointSolve()
+            self._check(ts.getConvergedReason(), "the adjoint solve")
+            self._owned(lam, "rw").add_(grad_ys[k - 1])
+        self.steps = None  # TSAdjoint consumed the trajectory
+        self.chord = chord
 
     def _check(self, reason, what):
         if reason >= 0:
@@ -585,7 +623,7 @@ _ODEINT = foreign_function(_forward, name="petsc_odeint", pass_needs_input_grad=
 @eager_under_compile(WHO)
 def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_interval=None,
                    rtol=1e-6, atol=1e-8, options=None, prefix=None, adjoint_params=None,
-                   jacobian="auto", products="auto", sparsity=None, grid=None):
+                   jacobian="auto", products="auto", sparsity=None, grid=None, checkpoints=None):
     """Solve dy/dt = func(t, y) with PETSc TS; gradients by TSAdjoint (discrete adjoint).
 
     Follows torchdiffeq's convention: returns the solution at every time in ``t``, a tensor of
@@ -642,6 +680,17 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
             assembled from the grid's stencil. Each rank's parameter gradient is its share:
             the shares of all ranks sum to the gradient of the total loss (see
             `sum_gradients`).
+        checkpoints: memory for the adjoint. ``None`` (default): PETSc's trajectory stores every
+            step (its stages too), memory growing with the step count. An int ``k >= 1``: at
+            most ``k`` states are stored (y0 among them) and the rest recomputed during the
+            adjoint, on the optimal binomial (Revolve) schedule of ``checkpoint_schedules``;
+            steps run about ``T(n, k)`` times in all, where ``T`` grows like ``n *
+            log(n) / log(k)``... between ``2 n`` (k near sqrt-n-like budgets) and ``n^2 / 2``
+            (``k = 1``). A string such as ``"2GB"`` or ``"512MiB"``: as many states as fit in
+            that much memory over all ranks (8 bytes an unknown). The recomputation replays the
+            forward's own step sizes (adaptive steps are reproduced, not re-chosen), so the
+            gradient is the one of the forward returned. PETSc's own
+            ``ts_trajectory_max_cps_ram`` needs revolve, which this PETSc build lacks.
     """
     if not callable(func):
         raise TypeError(f"{WHO}: func must be callable as func(t, y), got {type(func).__name__}")
@@ -694,6 +743,11 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
     if jacobian == "blocks" and grid is not None:
         raise ValueError(f"{WHO}: jacobian='blocks' is for independent samples; on a grid use "
                          f"'assembled' or 'matrix-free'")
+    unknowns = int(np.prod(grid.shape)) * grid.dof if grid is not None else y0.numel()
+    states = budget(WHO, checkpoints, unknowns)
+    if states is not None and any(k.startswith("ts_trajectory") for k in options or {}):
+        raise ValueError(f"{WHO}: checkpoints= replaces PETSc's trajectory; drop the "
+                         f"ts_trajectory_* options, or checkpoints")
     problem = _ODEProblem(func, params, method, step_size, steps_per_interval, rtol, atol, options,
-                          prefix, jacobian, products, assembler, grid)
+                          prefix, jacobian, products, assembler, grid, states)
     return _ODEINT(y0, t, problem, *params)
