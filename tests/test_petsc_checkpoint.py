@@ -49,8 +49,8 @@ CASES = {  # method, step options: fixed and adaptive steps, implicit and explic
     "beuler fixed": ("beuler", {"steps_per_interval": 9, "options": TIGHT}),
     "arkimex fixed": ("arkimex", {"step_size": 0.05, "options": TIGHT}),
     "rk4 fixed": ("rk4", {"step_size": 0.01}),
-    "cn adaptive": ("cn", {"rtol": 1e-6, "atol": 1e-8, "options": TIGHT}),
-    "dopri5 adaptive": ("dopri5", {"rtol": 1e-7, "atol": 1e-9}),
+    "cn adaptive": ("cn", {"rtol": 1e-4, "atol": 1e-6, "options": TIGHT}),
+    "dopri5 adaptive": ("dopri5", {"rtol": 1e-6, "atol": 1e-8}),
     "bosh3 adaptive": ("bosh3", {"rtol": 1e-5, "atol": 1e-7}),
 }
 
@@ -108,9 +108,11 @@ def test_recomputed_steps_match_the_binomial_schedule():
         backward = event.getPerfInfo()["count"] - before - forward
         assert forward == 110  # steps of 0.01 from 0.1 to 1.2
         assert backward == predicted_steps(forward, checkpoints), checkpoints
-    # the fewer states, the more recomputation: n (n + 1) / 2 with one, ~2 n with sqrt(n)
-    assert predicted_steps(111, 1) == 111 * 112 // 2
-    assert predicted_steps(111, 10) < 3 * 111
+    # the schedule is Griewank and Walther's optimum: n (n + 1) / 2 steps with one state
+    from checkpoint_schedules.multistage import optimal_steps_binomial
+    for checkpoints in (1, 2, 3, 8, 20):
+        assert predicted_steps(110, checkpoints) == optimal_steps_binomial(110, checkpoints)
+    assert predicted_steps(110, 1) == 110 * 111 // 2
 
 
 def test_second_backward_recomputes_again():

@@ -71,10 +71,14 @@ def schedule(steps, states):
 
 
 def predicted_steps(steps, states):
-    """Forward steps the adjoint recomputes under the optimal binomial schedule (Griewank and
-    Walther's count, from checkpoint_schedules)."""
-    from checkpoint_schedules.multistage import optimal_steps_binomial
-    return optimal_steps_binomial(steps, min(states, steps - 1)) if steps > 1 else steps
+    """Forward steps the adjoint recomputes: the sum of the schedule's forward advances."""
+    from checkpoint_schedules import EndReverse, Forward
+    total = 0
+    for action in schedule(steps, states):
+        if isinstance(action, Forward):
+            total += len(action)
+        elif isinstance(action, EndReverse):
+            return total
 
 
 class StepLog:

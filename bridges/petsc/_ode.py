@@ -681,15 +681,16 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
             the shares of all ranks sum to the gradient of the total loss (see
             `sum_gradients`).
         checkpoints: memory for the adjoint. ``None`` (default): PETSc's trajectory stores every
-            step (its stages too), memory growing with the step count. An int ``k >= 1``: at
-            most ``k`` states are stored (y0 among them) and the rest recomputed during the
-            adjoint, on the optimal binomial (Revolve) schedule of ``checkpoint_schedules``;
-            steps run about ``T(n, k)`` times in all, where ``T`` grows like ``n *
-            log(n) / log(k)``... between ``2 n`` (k near sqrt-n-like budgets) and ``n^2 / 2``
-            (``k = 1``). A string such as ``"2GB"`` or ``"512MiB"``: as many states as fit in
-            that much memory over all ranks (8 bytes an unknown). The recomputation replays the
-            forward's own step sizes (adaptive steps are reproduced, not re-chosen), so the
-            gradient is the one of the forward returned. PETSc's own
+            step (its stages too). An int ``k >= 1``: at most ``k`` states are stored (y0 among
+            them) and the rest recomputed during the adjoint, on the optimal binomial (Revolve)
+            schedule of ``checkpoint_schedules``: n steps cost Griewank and Walther's optimum
+            of recomputed steps (about 2n when k is near sqrt(n), n(n+1)/2 when k = 1). A
+            string such as ``"2GB"`` or ``"512MiB"``: as many states as fit in that memory over
+            all ranks (8 bytes an unknown). Recomputation replays the forward's own step sizes
+            (adaptive steps are reproduced, not re-chosen). Methods that carry data between
+            steps (arkimex, bosh3, dopri5) restart every step when checkpointed, so the gradient
+            is exact for the forward returned; adaptive arkimex then differs from its
+            stored-trajectory run by its Newton tolerance. PETSc's own
             ``ts_trajectory_max_cps_ram`` needs revolve, which this PETSc build lacks.
     """
     if not callable(func):
