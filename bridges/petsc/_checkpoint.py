@@ -23,7 +23,7 @@ import re
 import numpy as np
 
 from ._capi import swap_adapt, trajectory_memory
-from ._runtime import PETSc, petsc_errors
+from ._runtime import petsc_errors
 
 # TS types whose steps depend only on the state, time and step size they start from
 MEMORYLESS = ("beuler", "cn", "theta")
@@ -64,20 +64,28 @@ def budget(who, checkpoints, unknowns, itemsize=8):
     return int(checkpoints)
 
 
+def _schedules():
+    try:
+        import checkpoint_schedules
+    except ImportError as exc:
+        raise ImportError("odeint_adjoint(..., checkpoints=) needs the package "
+                          "checkpoint-schedules: pip install 'bridges[petsc]' or "
+                          "pip install checkpoint-schedules") from exc
+    return checkpoint_schedules
+
+
 def schedule(steps, states):
     """checkpoint_schedules' binomial schedule for `steps` steps and `states` stored states."""
-    from checkpoint_schedules import MultistageCheckpointSchedule
-    return MultistageCheckpointSchedule(steps, min(states, steps - 1), 0)
+    return _schedules().MultistageCheckpointSchedule(steps, min(states, steps - 1), 0)
 
 
 def predicted_steps(steps, states):
     """Forward steps the adjoint recomputes: the sum of the schedule's forward advances."""
-    from checkpoint_schedules import EndReverse, Forward
-    total = 0
+    cs, total = _schedules(), 0
     for action in schedule(steps, states):
-        if isinstance(action, Forward):
+        if isinstance(action, cs.Forward):
             total += len(action)
-        elif isinstance(action, EndReverse):
+        elif isinstance(action, cs.EndReverse):
             return total
 
 
@@ -138,8 +146,7 @@ class Recomputation:
 
     def adjoint(self, cotangent_at):
         """Runs the whole adjoint; cotangent_at(step) adds the cotangent of an output there."""
-        from checkpoint_schedules import (Copy, EndForward, EndReverse, Forward, Move, Reverse,
-                                          StorageType)
+        cs = _schedules()
         run, ts, log = self.run, self.run.ts, self.log
         steps = len(log.sizes)
         stored, at = {}, None  # step -> state; the step the TS's state is at (None: unknown)
@@ -149,7 +156,7 @@ class Recomputation:
         self.recomputed = 0
         try:
             for action in schedule(steps, self.states):
-                if isinstance(action, Forward):
+                if isinstance(action, cs.Forward):
                     if at != action.n0:
                         if action.n0 != 0:
                             raise RuntimeError(f"schedule left the TS at step {at}, not "
@@ -161,7 +168,7 @@ class Recomputation:
                     run.chord = saved[3]
                     self._advance(action.n0, action.n1, action.write_adj_deps)
                     at = action.n1
-                elif isinstance(action, Reverse):
+                elif isinstance(action, cs.Reverse):
                     run.chord = False  # the adjoint: exact Jacobians
                     ts.adjointSetSteps(action.n1 - action.n0)
                     with petsc_errors(self.who, f"the adjoint solve (PETSc TS '{ts.getType()}')"):
@@ -170,17 +177,17 @@ class Recomputation:
                     ts.removeTrajectory()
                     cotangent_at(action.n0)
                     at = None
-                elif isinstance(action, (Copy, Move)):
-                    if action.to_storage != StorageType.WORK:
+                elif isinstance(action, (cs.Copy, cs.Move)):
+                    if action.to_storage != cs.StorageType.WORK:
                         raise RuntimeError(f"unexpected checkpoint action {action}")
-                    state = stored.pop(action.n) if isinstance(action, Move) else \
+                    state = stored.pop(action.n) if isinstance(action, cs.Move) else \
                         stored[action.n]
                     run._owned(run.u, "w").copy_(state)
                     run.restart_step()
                     at = action.n
-                elif isinstance(action, EndReverse):
+                elif isinstance(action, cs.EndReverse):
                     break
-                elif not isinstance(action, EndForward):
+                elif not isinstance(action, cs.EndForward):
                     raise RuntimeError(f"unexpected checkpoint action {action}")
         finally:
             swap_adapt(ts, saved[0])
