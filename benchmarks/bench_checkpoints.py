@@ -98,9 +98,13 @@ def _launch(side, steps, budget, timeout=3600):
 
 # -- the benchmark --------------------------------------------------------------------------------
 def run(quick=False, plot_dir=None):
-    from bridges.petsc._checkpoint import predicted_steps
     side, steps = (64, 500) if quick else (320, 5000)
-    results = {budget: _launch(side, steps, budget) for budget in BUDGETS}
+    return report({budget: _launch(side, steps, budget) for budget in BUDGETS}, side)
+
+
+def report(results, side):
+    """The RESULTS.md section from the workers' results (budget -> result)."""
+    from bridges.petsc._checkpoint import predicted_steps
     reference = results["all"]
     state_mb = side * side * 8 / 2 ** 20
     rows = []
