@@ -12,6 +12,7 @@ import datetime
 import importlib
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -53,17 +54,38 @@ def main(argv=None):
         sections.append(result)
         print(f"[bench] {name} done in {result['seconds']:.0f} s", flush=True)
 
-    lines = ["# Benchmark results", "",
-             f"Written by `python -m benchmarks.run{' --quick' if args.quick else ''}` on "
-             f"{datetime.date.today()} ({platform.machine()}, {os.cpu_count()} cores, Python "
-             f"{platform.python_version()}, torch {torch.__version__}). Every ratio compares "
-             f"variants timed side by side in the same run.", ""]
+    command = f"python -m benchmarks.run{' --quick' if args.quick else ''}"
+    header = ["# Benchmark results", "",
+              f"Written by `{command}` on {datetime.date.today()} ({platform.machine()}, "
+              f"{os.cpu_count()} cores, Python {platform.python_version()}, torch "
+              f"{torch.__version__}). Every ratio compares variants timed side by side in the "
+              f"same run.", ""]
+    texts = {}
     for s in sections:
-        lines += [f"## {s['title']}", "", f"`benchmarks/{s['name']}.py`, {s['seconds']:.0f} s.",
-                  "", s["table"], "", s["notes"], ""]
+        origin = f" (run {datetime.date.today()}: `{command} --only {s['name']}`)" \
+            if args.only else ""
+        lines = [f"## {s['title']}", "",
+                 f"`benchmarks/{s['name']}.py`, {s['seconds']:.0f} s{origin}.",
+                 "", s["table"], "", s["notes"], ""]
         lines += [f"![{Path(p).stem}](plots/{Path(p).name})" for p in s["plots"]] + [""]
-    Path(args.output).write_text("\n".join(lines))
+        texts[s["name"]] = "\n".join(lines)
+    output = Path(args.output)
+    if args.only and output.exists():  # keep the other benchmarks' sections as they are
+        header, texts = merge(output.read_text(), texts)
+    output.write_text("\n".join(header) + "\n" + "\n".join(texts.values()))
     print(f"[bench] wrote {args.output}")
+
+
+def merge(old: str, new: dict) -> tuple[list, dict]:
+    """The old file's header and sections, with the sections in `new` replaced (same place) or
+    appended; a section belongs to the benchmark its first line names (`benchmarks/NAME.py`)."""
+    header, *chunks = re.split(r"^(?=## )", old, flags=re.M)
+    sections = {}
+    for chunk in chunks:
+        found = re.search(r"`benchmarks/(\w+)\.py`", chunk)
+        sections[found.group(1) if found else chunk[:80]] = chunk.rstrip("\n") + "\n"
+    sections.update(new)
+    return header.rstrip("\n").split("\n") + [""], sections
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ the finite-difference fallback `fd2pytorch` and `ExternalProgram` for simulator 
 Adapters load on first use: `bridges.julia2pytorch` (Julia) and `bridges.petsc` (PETSc).
 """
 from ._core import foreign_function
-from ._errors import ForeignError, MissingDerivativeError
+from ._errors import ForeignError, MissingDerivativeError, NoisyGradientWarning, SolverFailure
 from ._fd import fd2pytorch
 from ._program import ExternalProgram
 from ._transfer import as_numpy, as_tensor
 
-__all__ = ["foreign_function", "ForeignError", "MissingDerivativeError", "fd2pytorch",
-           "ExternalProgram", "as_numpy", "as_tensor", "julia2pytorch"]
+__all__ = ["foreign_function", "ForeignError", "MissingDerivativeError", "SolverFailure",
+           "NoisyGradientWarning", "fd2pytorch", "ExternalProgram", "as_numpy", "as_tensor",
+           "julia2pytorch"]
 
 
 def __getattr__(name):

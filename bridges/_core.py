@@ -105,10 +105,14 @@ class _Call:
         self.output_specs = None if pushforward is None else tuple(
             _spec(o) for o in ((outputs,) if single else outputs))
 
-    def call_pullback(self, pullback, needs_input_grad, *grad_outputs):
+    def call_pullback(self, pullback, needs_input_grad, *grad_outputs, batch=None):
+        """The pullback's gradients, checked; with `batch` (a batched pullback under vmap)
+        every cotangent and gradient has a leading dimension of that size."""
+        kwargs = {"batched": True} if batch is not None else {}
+        if self.pass_mask:
+            kwargs["needs_input_grad"] = tuple(needs_input_grad)
         try:
-            grads = pullback(*grad_outputs, needs_input_grad=tuple(needs_input_grad)) \
-                if self.pass_mask else pullback(*grad_outputs)
+            grads = pullback(*grad_outputs, **kwargs)
         except Exception as exc:
             raise _foreign_failure(self.name, "pullback", exc) from exc
         n = len(self.input_specs)
@@ -118,9 +122,10 @@ class _Call:
             raise ValueError(f"{self.name}: the pullback returned {len(grads)} gradient(s) but "
                              f"forward takes {n} argument(s); return one per argument, with None "
                              f"where there is none")
-        return tuple(self._check_grad(i, g, needs_input_grad[i]) for i, g in enumerate(grads))
+        return tuple(self._check_grad(i, g, needs_input_grad[i], batch)
+                     for i, g in enumerate(grads))
 
-    def _check_grad(self, i, grad, needed):
+    def _check_grad(self, i, grad, needed, batch=None):
         if grad is None:
             return None
         spec = self.input_specs[i]
@@ -129,6 +134,8 @@ class _Call:
                              f"which is not a tensor; return None in that position")
         if not needed:
             return None
+        if batch is not None:
+            spec = (torch.Size((batch, *spec[0])), *spec[1:])
         what = lambda: f"{self.name}: the pullback's gradient for argument {i}"  # noqa: E731
         return _conform(_tensor(grad, what), spec, what)
 
@@ -196,6 +203,12 @@ class _RuleCall(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, name, rule, n_args, *tensors):
+        if getattr(rule, "batched", False):  # one call with every sample's cotangents
+            size = info.batch_size
+            cotangents = [t.expand(size, *t.shape) if d is None else t.movedim(d, 0)
+                          for t, d in zip(tensors[:n_args], in_dims[3:3 + n_args])]
+            out = rule(*cotangents, batch=size)
+            return out, tuple(None if o is None else 0 for o in out)
         per_sample = [_RuleCall.apply(name, rule, n_args, *_select(tensors, in_dims[3:], b))
                       for b in range(info.batch_size)]
         out = tuple(None if per_sample[0][i] is None else torch.stack([s[i] for s in per_sample])
@@ -238,7 +251,12 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
             interface (viewed without copying). ``pullback(*grad_outputs)`` returns one gradient
             per argument of forward, None where there is none. The optional
             ``pushforward(*input_tangents)`` returns the output tangents (forward-mode AD);
-            input tangents are None for arguments without one.
+            input tangents are None for arguments without one. A pullback with the attribute
+            ``batched = True`` is called once for a whole batch of cotangents under
+            ``torch.func.vmap`` (``jacrev``, vmap over ``vjp``): with the keyword
+            ``batched=True`` and a leading batch dimension on every cotangent, it returns
+            gradients with that leading dimension (an adjoint solver can then sweep once for
+            all of them).
         name: names the generated class (its grad_fn shows as ``<name>Backward``) and every
             error message.
         pass_needs_input_grad: call forward and the pullback with the keyword
@@ -293,7 +311,7 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
 
     def setup_context(ctx, inputs, output):
         result, single, grad = _pending.call
-        if not _in_functorch_transform():
+        if grad is not _TRANSFORMED and not _in_functorch_transform():
             _pending.call = None  # plain autograd: this is the only setup_context
         # (under no_grad ctx.needs_input_grad still reflects requires_grad)
         needs_grad = grad and True in ctx.needs_input_grad
@@ -337,6 +355,7 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
         if not torch.is_grad_enabled() and not _in_functorch_transform():
             return ctx.call.call_pullback(pullback, ctx.needs_input_grad, *grad_outputs)
         rule = functools.partial(ctx.call.call_pullback, pullback, ctx.needs_input_grad)
+        rule.batched = getattr(pullback, "batched", False)
         return _RuleCall.apply(name, rule, len(grad_outputs), *grad_outputs, *anchors)
 
     def jvp(ctx, *tangents):

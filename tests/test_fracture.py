@@ -130,7 +130,11 @@ def test_pressure_is_invariant_to_a_global_scale_of_k():
 def test_bad_permeability_is_refused_by_name(name):
     bad = torch.ones(4, 4, dtype=F64)
     bad[1, 2] = -1.0
-    with pytest.raises(ValueError, match=f"pressure_{name}: k must be finite and > 0"):
+    with pytest.raises(ValueError, match=rf"pressure_{name}: k holds -1 at index \(1, 2\); k "
+                                         rf"must be finite and > 0"):
+        SOLVERS[name](bad)
+    bad[1, 2], bad[3, 0] = 1.0, float("nan")
+    with pytest.raises(ValueError, match=rf"pressure_{name}: k holds nan at index \(3, 0\)"):
         SOLVERS[name](bad)
     with pytest.raises(ValueError, match=r"shape \(ny, nx\)"):
         SOLVERS[name](torch.ones(4, dtype=F64))
@@ -244,7 +248,8 @@ def test_dpfehm_arguments_are_checked_before_julia_is_touched():
         pressure_dpfehm(k, reltol=0)
     with pytest.raises(ValueError, match="pressure_dpfehm: maxiter must be an int >= 1"):
         pressure_dpfehm(k, maxiter=0.5)
-    with pytest.raises(ValueError, match="pressure_dpfehm: k must be finite and > 0"):
+    with pytest.raises(ValueError, match=r"pressure_dpfehm: k holds -\S+ at index \(0, 0\); k "
+                                         r"must be finite and > 0"):
         pressure_dpfehm(-k)
     with pytest.raises(TypeError, match="pressure_dpfehm: p_left must be a finite number"):
         pressure_dpfehm(k, p_left=float("nan"))

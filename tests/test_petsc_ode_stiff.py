@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from bridges import ForeignError
+from bridges import ForeignError, SolverFailure
 from bridges.petsc import odeint_adjoint
 from bridges.problems import problem
 
@@ -159,3 +159,155 @@ def test_a_lagged_jacobian_is_refused_when_a_gradient_is_recorded():
         odeint_adjoint(func, y0, t[:3], options={"snes_lag_jacobian": 2})
     with torch.no_grad():  # forward only: allowed
         odeint_adjoint(func, y0, t[:3], options={"snes_lag_jacobian": 2})
+
+
+def test_a_finite_time_blow_up_stops_at_once_and_names_the_time():
+    """y' = y^2, y(0) = 1 blows up at t = 1. The default adaptive method shrinks its steps
+    toward t = 1 until they make no progress; the solve then stops (it used to run for more
+    than 8 minutes) and names the time, the step size and the size of y."""
+    def blow_up(t, y):
+        return y ** 2
+    with pytest.raises(SolverFailure, match=r"step size collapsed to \S+e-1\d at t = "
+                                            r"(0\.9999|1\.0000)\d*.*largest \|y\| there is "
+                                            r"\S+e\+1\d.*blows up .*near t = 1\.0000"):
+        odeint_adjoint(blow_up, torch.ones(1, dtype=F64), torch.tensor([0.0, 2.0], dtype=F64))
+
+
+def test_a_func_that_fails_everywhere_ahead_stops_instead_of_retrying_forever():
+    """func is nan beyond t = 0.5: every Newton solve there fails, each retry halves the step
+    until it collapses at t = 0.5."""
+    def wall(t, y):
+        return -y + (torch.nan if float(t) > 0.5 else 0.0)
+    with pytest.raises(SolverFailure, match=r"step size collapsed to \S+ at t = 0\.4999999\d*.*"
+                                            r"near t = 0\.5\. What to try"):
+        odeint_adjoint(wall, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64))
+
+
+def test_wrong_shaped_func_and_non_finite_inputs_are_named():
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    with pytest.raises(ForeignError, match=r"func\(t, y\) returned shape \(2,\) at t = 0, but "
+                                         r"dy/dt must have the shape of y0, \(3,\)"):
+        odeint_adjoint(lambda t, y: y[:2], torch.ones(3, dtype=F64), t)
+    y0 = torch.tensor([1.0, float("nan"), 0.0], dtype=F64)
+    with pytest.raises(ValueError, match=r"y0 holds nan at index \(1,\) \(1 non-finite value "
+                                         r"in all\); the initial state must be finite"):
+        odeint_adjoint(lambda t, y: -y, y0, t)
+    with pytest.raises(ForeignError, match=r"func\(t, y\) at t = 0 \(y = y0\) holds inf at "
+                                           r"index \(2,\)"):
+        odeint_adjoint(lambda t, y: 1 / y, torch.tensor([1.0, 2.0, 0.0], dtype=F64), t)
+
+
+# -- every sensitivity, per component (issue: a late ROBER sensitivity was 340x off) ----------------
+def _sensitivity_matrix(y_final, params):
+    """d y_final / d params, one row per component of y_final, from one adjoint sweep that
+    carries every row's cost gradient (torch.func.vmap over the backward)."""
+    rows = torch.eye(y_final.numel(), dtype=F64).view(-1, *y_final.shape)
+    grads = torch.func.vmap(lambda v: torch.autograd.grad(y_final, params, v,
+                                                          retain_graph=True))(rows)
+    return torch.cat([g.reshape(len(rows), -1) for g in grads], dim=1).numpy()
+
+
+def _scaled_error(g, ref, theta):
+    """max over rows i of max_j |(g_ij - ref_ij) theta_j| / max_j |ref_ij theta_j|."""
+    return float(np.max(np.abs((g - ref) * theta).max(axis=1) / np.abs(ref * theta).max(axis=1)))
+
+
+def _flat(p, sensitivities):
+    names = [name for name, _ in p.func().named_parameters()]
+    ref = np.concatenate([sensitivities[n][-1].reshape(p.y0.size, -1) for n in names], axis=1)
+    theta = np.concatenate([p.params[n].reshape(-1) for n in names])
+    return ref, theta
+
+
+@pytest.mark.parametrize("T", [1e-2, 1e2, 1e6, 1e11])
+def test_every_rober_sensitivity_at_every_time_matches_forward_sensitivities(T):
+    """dy_i(T)/dk_j for all i, j by the default method at rtol 1e-8 against scipy's forward
+    sensitivities (Radau, rtol 1e-10, atol 1e-20), in the scaled norm of each row."""
+    p = problem("rober")
+    t = np.array([0.0, T])
+    ref, theta = _flat(p, p.sensitivities(t)[1])
+    func, y0, _ = p.tensors()
+    ys = odeint_adjoint(func, y0, torch.from_numpy(t), rtol=1e-8, atol=1e-20)
+    g = _sensitivity_matrix(ys[-1], (func.k,))
+    assert _scaled_error(g, ref, theta) < 1e-3
+    if T == 1e11:  # the closed-form late-time asymptotics: y1 ~ 1/k1^2, y2 ~ 1/(k1 k2)
+        y1, y2 = ys[-1, 0].item(), ys[-1, 1].item()
+        k1, k2, k3 = p.params["k"]
+        np.testing.assert_allclose(g[0], [-2 * y1 / k1, -y1 / k2, 2 * y1 / k3], rtol=1e-3)
+        np.testing.assert_allclose(g[1], [-y2 / k1, -y2 / k2, y2 / k3], rtol=1e-3)
+
+
+def _theta_method_sensitivities(p, times, steps_per_interval, theta):
+    """The exact solution of the theta method (beuler: 1, cn: 0.5) with the same steps, and its
+    sensitivities dy/dk, in numpy: Newton to rounding with LAPACK solves, and the discrete
+    forward sensitivity recursion. Independent of PETSc."""
+    k = {"k": p.params["k"]}
+    y, s = p.y0.copy(), np.zeros((p.y0.size, k["k"].size))
+    for a, b in zip(times[:-1], times[1:]):
+        h = (b - a) / steps_per_interval
+        for _ in range(steps_per_interval):
+            f0, j0, fp0 = p.rhs(0, y, k), p.jac(0, y, k), p.jac_p(0, y, k)
+            z = y.copy()
+            for _ in range(100):
+                step = np.linalg.solve(np.eye(3) - h * theta * p.jac(0, z, k),
+                                       z - y - h * (theta * p.rhs(0, z, k) + (1 - theta) * f0))
+                z -= step
+                if np.all(np.abs(step) <= 1e-15 * np.abs(z)):
+                    break
+            a_new = np.eye(3) - h * theta * p.jac(0, z, k)
+            s = np.linalg.solve(a_new, (np.eye(3) + h * (1 - theta) * j0) @ s
+                                + h * (theta * p.jac_p(0, z, k) + (1 - theta) * fp0))
+            y = z
+    return y, s
+
+
+@pytest.mark.parametrize("method,T,per_interval,theta", [("beuler", 1e11, 2, 1.0),
+                                                         ("cn", 1e6, 4, 0.5)])
+def test_fixed_step_adjoints_at_huge_steps_are_the_exact_discrete_sensitivities(
+        method, T, per_interval, theta):
+    """beuler to 1e11 with steps up to 4e10, and cn to 1e6 with steps up to 2e5: the solution and
+    every dy_i(T)/dk_j equal those of the same discrete method computed independently (numpy
+    Newton to rounding, forward sensitivity recursion)."""
+    from bridges.problems import log_times
+    p = problem("rober")
+    times = log_times(T, 22, t_min=1e-6)
+    y_exact, s_exact = _theta_method_sensitivities(p, times, per_interval, theta)
+    func, y0, _ = p.tensors()
+    ys = odeint_adjoint(func, y0, torch.from_numpy(times), method=method,
+                        steps_per_interval=per_interval, atol=1e-20)
+    np.testing.assert_allclose(ys[-1].detach().numpy(), y_exact, rtol=1e-6)
+    g = _sensitivity_matrix(ys[-1], (func.k,))
+    assert _scaled_error(g, s_exact, p.params["k"]) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["hires", "vdpol", "orego", "pollu"])
+def test_registry_sensitivity_matrices_match_forward_sensitivities(name):
+    """The full dy(T)/dtheta at the final time, default method, rtol 1e-8."""
+    p = problem(name)
+    t = p.t[[0, -1]]
+    ref, theta = _flat(p, p.sensitivities(t)[1])
+    func, y0, _ = p.tensors()
+    params = tuple(func.parameters())
+    ys = odeint_adjoint(func, y0, torch.from_numpy(t), rtol=1e-8, atol=p.atol * 1e-2)
+    assert _scaled_error(_sensitivity_matrix(ys[-1], params), ref, theta) < 1e-4
+
+
+def test_a_batch_of_very_different_stiffness_gives_each_sample_its_own_sensitivities():
+    """ROBER from three initial states (stiffness set by y2, y3) in one y0 of shape (3, 3):
+    each sample's dy(T)/dy0 equals the one of its own solve, and no sample's output depends on
+    another's initial state."""
+    p = problem("rober")
+    func, _, _ = p.tensors()
+    y0 = torch.tensor([[1.0, 0.0, 0.0], [0.5, 1e-5, 0.5], [1e-3, 0.0, 0.999]], dtype=F64)
+    t = torch.tensor([0.0, 1e-1, 1e3, 1e7], dtype=F64)
+    batch = y0.clone().requires_grad_()
+    ys = odeint_adjoint(func, batch, t, rtol=1e-8, atol=1e-20)
+    together = _sensitivity_matrix(ys[-1], (batch,)).reshape(3, 3, 3, 3)  # [b, i, c, j]
+    for b in range(3):
+        alone = y0[b].clone().requires_grad_()
+        own = _sensitivity_matrix(odeint_adjoint(func, alone, t, rtol=1e-8, atol=1e-20)[-1],
+                                  (alone,))
+        others = [c for c in range(3) if c != b]
+        assert np.abs(together[b][:, others]).max() == 0
+        np.testing.assert_allclose(together[b, :, b], own, rtol=0,
+                                   atol=1e-4 * np.abs(own).max())

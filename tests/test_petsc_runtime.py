@@ -48,3 +48,17 @@ def test_hint_overrides_the_generic_advice_and_none_objects_are_skipped():
                                "adjoint: no transpose for this PC. What to try: pass "
                                "symmetric=True")
     destroy(None, None)
+
+
+def test_petsc_evaluation_time_defect_is_still_present():
+    """The plain-petsc4py reproducer of PETSc 3.26.1's evaluation-time defect (worktol passed as
+    a relative tolerance) still fails: bridges' own landing on output times is still needed. When
+    this test fails, PETSc has fixed it; review the work-around in bridges/petsc/_ode.py."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "petsc_evaluation_times.py"
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "<- wrong" in run.stdout and "DEFECT" in run.stdout

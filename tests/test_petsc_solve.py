@@ -266,8 +266,12 @@ def test_bad_inputs_raise_clear_errors():
         solve(lambda x: x, x0, jacobian="dense")
     with pytest.raises(TypeError, match="options must be a dict"):
         solve(lambda x: x, x0, options=["ksp_type", "cg"])
-    with pytest.raises(ForeignError, match="one entry per unknown"):
+    with pytest.raises(ForeignError, match=r"residual returned 2 values \(shape \(2,\)\) for 4 "
+                                           r"unknowns \(shape \(4,\)\).*one entry per unknown"):
         solve(lambda x: x[:2], x0)
+    with pytest.raises(ValueError, match=r"x0 holds inf at index \(3,\).*initial guess must be "
+                                         r"finite"):
+        solve(lambda x: x, torch.tensor([0.0, 1.0, 2.0, float("inf")], dtype=torch.float64))
     with pytest.raises(ForeignError, match="ZeroDivisionError"):
         solve(lambda x: x / 0 if (1 / 0) else x, x0)
 

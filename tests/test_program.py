@@ -1,4 +1,5 @@
 """ExternalProgram: a separate executable run through input and output files."""
+import shutil
 import sys
 import textwrap
 
@@ -8,7 +9,7 @@ import torch
 from torch.autograd import gradcheck
 
 from bridges import ExternalProgram, ForeignError, fd2pytorch
-from bridges.programs import heat1d
+from bridges.programs import heat1d, ngspice, xfoil
 
 
 def _python_program(tmp_path, body):
@@ -92,3 +93,139 @@ def test_bad_construction():
         ExternalProgram(["no-such-simulator"], write_input=_write, read_output=np.loadtxt)
     with pytest.raises(TypeError, match="command must be a non-empty list"):
         ExternalProgram("sim in out", write_input=_write, read_output=np.loadtxt)
+
+
+# -- real programs: scripts on stdin, signals, retries, kept directories -------------------------
+def test_stdin_script_and_arguments_from_x(tmp_path):
+    command = _python_program(tmp_path, """
+        import sys
+        scale = float(sys.argv[3].split("=")[1])
+        values = [float(line.split()[2]) for line in sys.stdin if line.startswith("SET")]
+        open("result.txt", "w").write(f"{scale * sum(values)}\\n")
+        open("count.txt", "w").write(f"{len(values)}\\n")
+    """)[:2] + ["{input}", "{output}", "--scale={x[2]:.3f}"]
+    run = ExternalProgram(command, read_output=lambda a, b: [np.loadtxt(a), np.loadtxt(b)],
+                          output_name=["result.txt", "count.txt"],
+                          stdin="SET a {x[0]}\nSET b {x[1]}\nGO\n")
+    np.testing.assert_allclose(run(np.array([1.5, 2.0, 3.0])), [10.5, 2.0])
+    scripted = ExternalProgram(command, read_output=lambda a, b: np.loadtxt(a),
+                               output_name=["result.txt", "count.txt"],
+                               stdin=lambda x: "".join(f"SET v {v}\n" for v in x))
+    np.testing.assert_allclose(scripted(np.array([1.0, 2.0, 2.0])), [10.0])
+    with pytest.raises(ValueError, match=r"cannot fill the template stdin = 'SET \{y\}'"):
+        ExternalProgram(command, read_output=np.loadtxt, stdin="SET {y}")(np.ones(3))
+
+
+def test_template_directory_is_copied_into_every_run(tmp_path):
+    template = tmp_path / "case"
+    template.mkdir()
+    (template / "mesh.dat").write_text("4\n")
+    command = _python_program(tmp_path, """
+        import sys, numpy as np
+        cells = int(open("mesh.dat").read())
+        np.savetxt(sys.argv[2], np.loadtxt(sys.argv[1], ndmin=1) * cells)
+    """)
+    run = ExternalProgram(command, write_input=_write, read_output=np.loadtxt,
+                          template_dir=template)
+    np.testing.assert_allclose(run(np.array([1.0, 0.5])), [4.0, 2.0])
+
+
+def test_crash_names_the_signal_and_the_last_output(tmp_path):
+    command = _python_program(tmp_path, """
+        import os, signal, sys
+        print("iteration 41 residual 3e-2", flush=True)
+        sys.stderr.write("dividing the flux by the cell volume\\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGFPE)
+    """)
+    run = ExternalProgram(command, write_input=_write, read_output=np.loadtxt, name="solver")
+    with pytest.raises(ForeignError, match=r"(?s)solver was killed by SIGFPE \(signal 8\).*"
+                                           r"stderr:\ndividing the flux.*stdout:\niteration 41"):
+        run(np.ones(1))
+
+
+def test_retry_succeeds_after_a_transient_failure(tmp_path):
+    marker = tmp_path / "first-run-done"
+    command = _python_program(tmp_path, f"""
+        import os, sys, numpy as np
+        if not os.path.exists({str(marker)!r}):
+            open({str(marker)!r}, "w").close()
+            sys.exit("licence server busy")
+        np.savetxt(sys.argv[2], np.loadtxt(sys.argv[1], ndmin=1) + 1)
+    """)
+    strict = ExternalProgram(command, write_input=_write, read_output=np.loadtxt, name="flaky")
+    with pytest.raises(ForeignError, match="(?s)flaky exited with code 1.*licence server busy"):
+        strict(np.ones(1))
+    marker.unlink()
+    run = ExternalProgram(command, write_input=_write, read_output=np.loadtxt, retries=1)
+    np.testing.assert_allclose(run(np.array([2.0])), [3.0])
+    marker.unlink()
+    always = _python_program(tmp_path, "import sys; sys.exit('disk full')")
+    run = ExternalProgram(always, write_input=_write, read_output=np.loadtxt, retries=2)
+    with pytest.raises(ForeignError, match=r"(?s)disk full.*failed on all 3 attempts"):
+        run(np.ones(1))
+
+
+def test_failed_run_directory_is_kept_and_named(tmp_path):
+    command = _python_program(tmp_path, "import sys; sys.exit(5)")
+    run = ExternalProgram(command, write_input=_write, read_output=np.loadtxt, keep_failed=True)
+    with pytest.raises(ForeignError, match="working directory is kept") as info:
+        run(np.array([4.0]))
+    kept = str(info.value).split("working directory is kept: ")[1].splitlines()[0]
+    try:
+        np.testing.assert_allclose(np.loadtxt(f"{kept}/input.txt"), 4.0)
+    finally:
+        shutil.rmtree(kept)
+
+
+def test_parse_failure_names_the_file_and_line(tmp_path):
+    command = _python_program(tmp_path, """
+        import sys
+        open(sys.argv[2], "w").write("1.0 2.0\\n3.0 ****\\n")
+    """)
+    run = ExternalProgram(command, write_input=_write, read_output=np.loadtxt, name="fortran")
+    with pytest.raises(ForeignError, match=r"fortran: reading its output failed: ValueError: .*"
+                                           r"output.txt, line 2: '3.0 \*\*\*\*'"):
+        run(np.ones(1))
+
+
+# -- ngspice and xfoil, the Debian packages ------------------------------------------------------
+RC_TIMES = np.array([0.25e-3, 0.5e-3, 1e-3, 2e-3])
+
+
+def test_ngspice_rc_gradient_matches_the_closed_form_at_default_settings():
+    """v(t) = 1 - exp(-t/RC) after a unit step; x = (R in kOhm, C in uF)."""
+    circuit = ngspice("V1 in 0 PULSE(0 1 0 1n)\nR1 in out {R}k\nC1 out 0 {C}u", ["R", "C"],
+                      analysis="tran 1u 2m", probes=["v(out)"], times=RC_TIMES)
+    simulate = fd2pytorch(circuit, workers=2, name="rc")
+    x = torch.tensor([1.5, 0.8], dtype=torch.float64, requires_grad=True)
+    tau = 1.5e-3 * 0.8
+    t = RC_TIMES - 0.5e-9  # the 1 ns edge delays the step by half its length
+    np.testing.assert_allclose(simulate(x).detach().numpy(), 1 - np.exp(-t / tau), atol=2e-6)
+    weights = torch.linspace(1, 2, 4, dtype=torch.float64)
+    (simulate(x) * weights).sum().backward()
+    dv_dtau = -np.exp(-t / tau) * t / tau ** 2 * weights.numpy()
+    expected = np.array([dv_dtau.sum() * 0.8e-3, dv_dtau.sum() * 1.5e-3])
+    np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-3)
+    assert simulate.noise.found.any() and simulate.noise.level.max() > 1e-9  # printed digits
+
+
+def test_xfoil_by_stdin_script_against_thin_airfoil_theory():
+    lift = fd2pytorch(xfoil(("camber", "alpha")), workers=2, name="xfoil")
+    x = torch.tensor([0.02, 3.0], dtype=torch.float64, requires_grad=True)
+    cl, cm = lift(x)
+    cl.backward()
+    dcl_dcamber, dcl_dalpha = x.grad.tolist()
+    # thin airfoil theory: dCL/dalpha = 2 pi per radian; dCL/dm = -2 pi d(alpha_L0)/dm, with
+    # alpha_L0 = -(1/pi) int_0^pi dz/dx (cos theta - 1) dtheta (p = 0.4); thickness adds ~15 %
+    theta = np.linspace(0, np.pi, 20001)
+    xc = (1 - np.cos(theta)) / 2
+    slope = np.where(xc < 0.4, 2 / 0.16 * (0.4 - xc), 2 / 0.36 * (0.4 - xc))  # per unit m
+    alpha_l0 = -np.trapezoid(slope * (np.cos(theta) - 1), theta) / np.pi
+    assert 1.0 < dcl_dalpha / (2 * np.pi * np.pi / 180) < 1.2
+    assert 1.0 < dcl_dcamber / (-2 * np.pi * alpha_l0) < 1.25
+    # and against central differences at a large step, where XFOIL's 4 printed decimals are small
+    coarse = fd2pytorch(xfoil(("camber", "alpha")), rel_step=0.1, noise=None).jacobian_at(
+        x.detach().numpy())
+    np.testing.assert_allclose(x.grad.numpy(), coarse[0], rtol=0.03)
+    assert -0.1 < cm.item() < 0

@@ -50,7 +50,8 @@ def calibrate(iterations=150, lr=0.08, noise=0.2, seed=0, workers=2, scheme="cen
     fitted = log_params.detach().exp().numpy()
     return {"fitted": fitted, "history": np.array(history), "data": data.numpy(),
             "model": program(fitted), "initial": program(np.array(INITIAL_GUESS)),
-            "evaluations": simulate.evaluations, "noise": noise}
+            "evaluations": simulate.evaluations, "noise_runs": simulate.noise_evaluations,
+            "noise": noise}
 
 
 def plot(result, path):
@@ -96,7 +97,8 @@ def main(argv=None):
     for name, true, guess, fit in zip(PARAMETERS, TRUE_VALUES, INITIAL_GUESS, result["fitted"]):
         print(f"{name:<14}{true:>8.3f}{guess:>9.3f}{fit:>9.3f}{abs(fit - true) / true:>9.2%}")
     print(f"final misfit {result['history'][-1]:.4g} K² (noise variance {args.noise ** 2:.4g}); "
-          f"{result['evaluations']} simulator runs in {elapsed:.1f} s")
+          f"{result['evaluations']} simulator runs (+{result['noise_runs']} measuring its noise) "
+          f"in {elapsed:.1f} s")
     path = plot(result, figure_path(args.out, "heat_calibration.png"))
     print(f"figure: {path}" if path else "figure skipped: install matplotlib (extra 'demo')")
 

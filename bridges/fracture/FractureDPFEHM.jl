@@ -25,7 +25,7 @@ export pressure
 Per edge e: sqrt(k[a[e]] * k[b[e]]) between two cells, 2 k[a[e]] from cell a[e] to a ghost node
 (b[e] > length(k)). `k` is indexed linearly, column-major.
 """
-function conductances(k::AbstractMatrix{T}, a, b) where {T<:Real}
+function conductances(k::AbstractMatrix{T}, a, b) where {T <: Real}
     n = length(k)
     return [b[e] <= n ? sqrt(k[a[e]] * k[b[e]]) : 2 * k[a[e]] for e in eachindex(a)]
 end
@@ -38,7 +38,8 @@ function ChainRulesCore.rrule(::typeof(conductances), k::AbstractMatrix{<:Real},
         dk = zero(kk)
         n = length(kk)
         for e in eachindex(a)
-            if b[e] <= n  # d sqrt(k1 k2) / dk1 = sqrt(k1 k2) / (2 k1)
+            if b[e] <= n
+                # d sqrt(k1 k2) / dk1 = sqrt(k1 k2) / (2 k1)
                 dk[a[e]] += dKs[e] * Ks[e] / (2 * kk[a[e]])
                 dk[b[e]] += dKs[e] * Ks[e] / (2 * kk[b[e]])
             else
@@ -57,27 +58,46 @@ Pressure (ny, nx) for cell permeability k (ny, nx). `edges` is an (E, 2) integer
 pairs (1-based, as above). `reltol` and `maxiter` go to DPFEHM's algebraic multigrid solves, the
 forward one and the transposed one of the rrule.
 """
-function pressure(k::AbstractMatrix{<:Real}, edges::AbstractMatrix{<:Integer}, p_left::Real,
-                  p_right::Real, reltol::Real, maxiter::Integer)
+function pressure(
+    k::AbstractMatrix{<:Real},
+    edges::AbstractMatrix{<:Integer},
+    p_left::Real,
+    p_right::Real,
+    reltol::Real,
+    maxiter::Integer,
+)
     ny, nx = size(k)
     n = ny * nx
-    a, b, neighbors, areasoverlengths, dirichletnodes, dirichleths, Qs =
-        ChainRulesCore.@ignore_derivatives graph(edges, ny, n, p_left, p_right)
+    a,
+        b,
+        neighbors,
+        areasoverlengths,
+        dirichletnodes,
+        dirichleths,
+        Qs = ChainRulesCore.@ignore_derivatives graph(edges, ny, n, p_left, p_right)
     Ks = conductances(k, a, b)
-    h = DPFEHM.groundwater_steadystate(Ks, neighbors, areasoverlengths, dirichletnodes,
-                                       dirichleths, Qs; reltol=reltol, maxiter=maxiter)
+    h = DPFEHM.groundwater_steadystate(
+        Ks,
+        neighbors,
+        areasoverlengths,
+        dirichletnodes,
+        dirichleths,
+        Qs;
+        reltol = reltol,
+        maxiter = maxiter,
+    )
     return cells(h, ny, nx)
 end
 
 """The cells' heads of all nodes' heads `h`, as an (ny, nx) matrix."""
-cells(h, ny, nx) = reshape(h[1:ny*nx], ny, nx)
+cells(h, ny, nx) = reshape(h[1:ny * nx], ny, nx)
 
 # Hands DPFEHM's pullback a dense vector: it indexes its cotangent directly, and the generic
 # getindex rule could pass it a thunk
 function ChainRulesCore.rrule(::typeof(cells), h, ny, nx)
     function cells_pullback(dp)
         dh = zeros(eltype(h), length(h))
-        dh[1:ny*nx] .= vec(unthunk(dp))
+        dh[1:ny * nx] .= vec(unthunk(dp))
         return NoTangent(), dh, NoTangent(), NoTangent()
     end
     return cells(h, ny, nx), cells_pullback
@@ -89,9 +109,15 @@ function graph(edges, ny, n, p_left, p_right)
     a, b = Vector{Int}(edges[:, 1]), Vector{Int}(edges[:, 2])
     nodes = n + 2 * ny
     dirichleths = zeros(nodes)
-    dirichleths[n+1:n+ny] .= p_left
-    dirichleths[n+ny+1:nodes] .= p_right
-    return a, b, map(Pair, a, b), ones(length(a)), collect(n+1:nodes), dirichleths, zeros(nodes)
+    dirichleths[n + 1:n + ny] .= p_left
+    dirichleths[n + ny + 1:nodes] .= p_right
+    return a,
+        b,
+        map(Pair, a, b),
+        ones(length(a)),
+        collect(n + 1:nodes),
+        dirichleths,
+        zeros(nodes)
 end
 
 end

@@ -11,6 +11,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .._errors import check_finite
+
 
 def check_permeability(k, who: str) -> None:
     """Raise a clear error unless k is a 2-D floating tensor of finite positive values."""
@@ -23,9 +25,11 @@ def check_permeability(k, who: str) -> None:
     if not k.is_floating_point():
         raise TypeError(f"{who}: k must be floating point, got {k.dtype}; use k.double()")
     kd = k.detach()
-    if not bool(torch.isfinite(kd).all()) or not bool((kd > 0).all()):
-        raise ValueError(f"{who}: k must be finite and > 0 everywhere (min {kd.min().item():.3g}); "
-                         f"keep learned weights positive, e.g. W = exp(theta)")
+    advice = "k must be finite and > 0 everywhere; keep learned weights positive, e.g. exp(theta)"
+    check_finite(kd, f"{who}: k", advice)
+    if not bool((kd > 0).all()):
+        index = tuple(int(i) for i in torch.nonzero(kd <= 0)[0])
+        raise ValueError(f"{who}: k holds {kd[index].item():.3g} at index {index}; {advice}")
 
 
 def residual(p, k, p_left=2.0, p_right=1.0):

@@ -58,8 +58,8 @@ def pressure_torch(k, p_left=2.0, p_right=1.0):
 def _petsc():
     """The PETSc adapter's pieces, imported on first use."""
     import types
-    from ..petsc import _options, _runtime, _vec
-    return types.SimpleNamespace(PETSc=_runtime.PETSc, scalar_dtype=_runtime.scalar_dtype,
+    from ..petsc import _linear, _options, _runtime, _vec
+    return types.SimpleNamespace(PETSc=_runtime.PETSc, check_solution=_linear.check_solution, scalar_dtype=_runtime.scalar_dtype,
                                  petsc_errors=_runtime.petsc_errors, diverged=_runtime.diverged,
                                  destroy=_runtime.destroy, as_vec=_vec.as_vec,
                                  SolverOptions=_options.SolverOptions,
@@ -99,14 +99,18 @@ class _PetscSolve:
         try:
             with petsc.petsc_errors(WHO, f"the {what} KSP solve"):
                 (self.ksp.solveTranspose if transpose else self.ksp.solve)(b_vec, x_vec)
+            reason = self.ksp.getConvergedReason()
+            if reason < 0:
+                raise petsc.diverged(WHO, f"the {what} KSP solve",
+                                     petsc.PETSc.KSP.ConvergedReason, reason,
+                                     f"after {self.ksp.getIterationNumber()} iterations, "
+                                     f"residual norm {self.ksp.getResidualNorm():.3g}",
+                                     "options={'pc_type': 'lu'}, or check that k is well scaled")
+            if transpose:
+                petsc.check_solution(self.ksp, b_vec, x_vec, WHO, f"the {what} KSP solve",
+                                     transpose=True)
         finally:
             petsc.destroy(b_vec, x_vec)
-        reason = self.ksp.getConvergedReason()
-        if reason < 0:
-            raise petsc.diverged(WHO, f"the {what} KSP solve", petsc.PETSc.KSP.ConvergedReason,
-                                 reason, f"after {self.ksp.getIterationNumber()} iterations, "
-                                 f"residual norm {self.ksp.getResidualNorm():.3g}",
-                                 "options={'pc_type': 'lu'}, or check that k is well scaled")
         self.stats.append(self.ksp.getIterationNumber())
         return x.view(self.k.shape)
 

@@ -144,11 +144,12 @@ class Recomputation:
         if self.log.restart:
             self.log.restart()
 
-    def adjoint(self, cotangent_at):
-        """Runs the whole adjoint; cotangent_at(step) adds the cotangent of an output there."""
+    def adjoint(self, cotangent_at, chord):
+        """Runs the whole adjoint; cotangent_at(step) adds the cotangents of an output there.
+        chord: the forward's Newton mode (recomputed steps use it; adjoint steps do not)."""
         cs = _schedules()
         run, ts, log = self.run, self.run.ts, self.log
-        steps = len(log.sizes)
+        ksp, steps = ts.getSNES().getKSP(), len(log.sizes)
         stored, at = {}, None  # step -> state; the step the TS's state is at (None: unknown)
         saved = (swap_adapt(ts, "none"), ts.getMaxSteps(), ts.getMaxTime(), run.chord)
         ts.setMaxTime(2 * abs(log.times[-1]) + 1.0)  # step counts end recomputations
@@ -165,14 +166,17 @@ class Recomputation:
                         run.restart_step()
                     if action.write_ics:
                         stored[action.n0] = run._owned(run.u).clone()
-                    run.chord = saved[3]
+                    run.chord = chord
                     self._advance(action.n0, action.n1, action.write_adj_deps)
                     at = action.n1
                 elif isinstance(action, cs.Reverse):
                     run.chord = False  # the adjoint: exact Jacobians
                     ts.adjointSetSteps(action.n1 - action.n0)
+                    if run.block_lu is None:  # (BlockLU checks its own transposed solves)
+                        ksp.setPostSolve(run._check_adjoint_solve)
                     with petsc_errors(self.who, f"the adjoint solve (PETSc TS '{ts.getType()}')"):
                         ts.adjointSolve()
+                    ksp.setPostSolve(None)
                     run._check(ts.getConvergedReason(), "the adjoint solve")
                     ts.removeTrajectory()
                     cotangent_at(action.n0)

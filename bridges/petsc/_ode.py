@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from .._core import eager_under_compile, foreign_function
-from .._errors import ForeignError
+from .._errors import ForeignError, SolverFailure, check_finite
 from .._linearise import Linearisation, probe
 from ._capi import set_pre_stage, trajectory_prefix
 from ._checkpoint import MEMORYLESS, Recomputation, StepLog, budget
 from ._grid import SerialLayout
 from ._jacobian import TorchJacobian, block_jacobian
+from ._linear import check_solution, use_block_lu
 from ._options import SolverOptions, check_options
 from ._runtime import PETSc, destroy, diverged, petsc_errors
 from ._solve import _assembler
@@ -46,6 +47,7 @@ BLOCK_LIMIT = 64  # largest per-sample system whose Jacobian blocks are assemble
 NEWTON_TOLERANCE = 1e-3  # adaptive steps: Newton's first update, in units of the tolerances,
 NEWTON_REMAINDER = 3e-2  # and its estimated remaining error after later ones
 WHO = "odeint_adjoint"
+COLLAPSE = 64 * np.finfo(np.float64).eps  # a step below this times |t| makes no progress
 
 
 class _ODEProblem:
@@ -79,17 +81,16 @@ class _ODEProblem:
         if self.ts_type == "arkimex":  # the whole F is implicit: a stiffly accurate ESDIRK
             values.update(ts_arkimex_fully_implicit=True,
                           ts_arkimex_initial_guess_extrapolate=True)  # fewer Newton iterations
-        if not self.fixed:  # a step whose Newton solve fails is retried smaller; a line search
-            # only costs evaluations (and failures) where the step size already controls Newton
+        if not self.fixed:  # a step whose Newton solve fails is retried smaller
             values.update(ts_rtol=self.rtol, ts_atol=self.atol, ts_max_snes_failures=-1,
                           ts_max_step_rejections=-1)
-            if self.form == "implicit":
-                values["snes_linesearch_type"] = "basic"
         if record:  # PETSc's default trajectory writes files
             values["ts_trajectory_type"] = "memory"
-        if self.form == "implicit":
+        if self.form == "implicit":  # full Newton steps: PETSc's backtracking measures
+            # progress by |F|, which badly scaled states (ROBER) stall at rounding, and the
+            # step size already controls Newton
             values.update(snes_rtol=1e-10, snes_atol=1e-14, snes_max_it=50, ksp_rtol=1e-12,
-                          ksp_atol=1e-50)
+                          ksp_atol=1e-50, snes_linesearch_type="basic")
         return values
 
 
@@ -110,7 +111,8 @@ class _ODESolve:
         self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = self.jac = None
         self.dm = None
         self._last_linearisation = self._jacp_point = None
-        self.dense = self.chord = False
+        self.dense = self.stacked = self.chord = False
+        self.block_lu = None
         self._states, self._newton_size = None, 0.0
         self.options = SolverOptions(WHO, problem.prefix, problem.options,
                                      problem.defaults(times, self.store_all))
@@ -130,6 +132,7 @@ class _ODESolve:
     def _set_up(self):
         p, layout = self.p, self.layout
         self.u, self.F = layout.global_vec(), layout.global_vec()
+        self._check_func(float(self.times[0]))
         self.jac = TorchJacobian(layout.ghosted_shape, layout=layout)
         self.jac_mat = self.jac.mat()
         # parameter Jacobian: state rows by columns that give every rank its own copy of the
@@ -160,8 +163,9 @@ class _ODESolve:
             # norm; fixed steps: full Newton to snes_rtol
             self.chord, self._new_step, self._shift = not p.fixed, True, None
             ts.setPreStep(self._pre_step)
-            if not p.fixed:
-                ts.getSNES().setConvergenceTest(self._newton_converged)
+            # Newton converges in the tolerances' norm, fixed steps too: a test on |F| alone
+            # stops with state errors of |F| * h, which at steps of 1e10 are no errors of F
+            ts.getSNES().setConvergenceTest(self._newton_converged)
         self.outputs = _Outputs(self.layout.owned_view)
         if self.record and not self.store_all:  # checkpointed: keep the steps, not the states
             self.log = StepLog(self.outputs, p.fixed,
@@ -181,6 +185,23 @@ class _ODESolve:
             self.dt0 = ts.getTimeStep()  # the first step in force (options win over defaults)
         else:
             self.dt0 = self._starting_step()
+
+    def _check_func(self, t0):
+        """func at (t0, y0), once: its output must have the state's (owned) shape and be finite."""
+        self._owned(self.u, "w").copy_(self.y0)
+        with torch.no_grad():
+            value = self.p.rhs(t0, self._ghosted(self.u))
+        where = "this rank's owned block" if self.layout.dm is not None else "y0"
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{WHO}: func(t, y) must return a torch.Tensor (dy/dt), got "
+                            f"{type(value).__name__}")
+        if tuple(value.shape) != tuple(self.shape):
+            raise ValueError(f"{WHO}: func(t, y) returned shape {tuple(value.shape)} at "
+                             f"t = {t0:g}, but dy/dt must have the shape of {where}, "
+                             f"{tuple(self.shape)}")
+        check_finite(value, f"{WHO}: func(t, y) at t = {t0:g} (y = y0)",
+                     "check func for a division by zero, a log or sqrt of a negative number, "
+                     "or an overflow", error=ForeignError)
 
     def _starting_step(self, order=2):
         """A first step for adaptive integration (Hairer, Norsett and Wanner's estimate from two
@@ -235,19 +256,18 @@ class _ODESolve:
             if p.jacobian == "auto" and not self._rows_independent(fn):
                 jacobian = "matrix-free"  # samples are coupled: blocks would be inexact
         self.assembled = jacobian in ("assembled", "blocks")
-        # one small system of plain torch: its whole Jacobian and parameter Jacobian come from
-        # one batched backward pass per point, and parameter products are matrix products
+        # one small system of plain torch: its whole Jacobian comes from one reverse pass per
+        # point (see _DensePoint)
         n = self.y0.numel()
         self.dense = (jacobian == "blocks" and n == self.blocks.n_in and products != "forward"
-                      and n <= BLOCK_LIMIT and n * self.n_params <= 1 << 16
-                      and not probe(fn, u0, WHO).bridged)
+                      and n <= BLOCK_LIMIT and not probe(fn, u0, WHO).bridged)
+        self.stacked = self.dense and acts_on_rows(fn, u0)
+        block_lu = False  # blocks: solved by their pivoted LU factors (see _linear.BlockLU)
         if self.assembled:
             ts.setIJacobian(self._ijacobian, self.blocks.mat, self.blocks.mat)
-            # blocks: each inverted exactly, with partial pivoting (PETSc's sparse LU does not pivot:
-            # it loses ROBER at late times, where the shifted Jacobian has a near-zero diagonal);
             # a sparse Jacobian: GMRES with PETSc's default PC
-            defaults = {"ksp_type": "preonly", "pc_type": "pbjacobi"} if jacobian == "blocks" else \
-                {"ksp_type": "gmres"}
+            block_lu = jacobian == "blocks"
+            defaults = {"ksp_type": "preonly" if block_lu else "gmres"}
         else:
             if products == "reverse":
                 raise ValueError(f"{WHO}: a matrix-free Jacobian needs J v, which reverse mode "
@@ -265,12 +285,15 @@ class _ODESolve:
                 self.blocks = block_jacobian(self.shape, mode=products)
             self.pmat = self.jac_mat if self.blocks is None else self.blocks.mat
             ts.setIJacobian(self._ijacobian, self.jac_mat, self.pmat)
-            defaults = {"ksp_type": "gmres",
-                        "pc_type": "none" if self.blocks is None else "pbjacobi"}
+            block_lu = self.blocks is not None
+            defaults = {"ksp_type": "gmres"} if block_lu else \
+                {"ksp_type": "gmres", "pc_type": "none"}
         for key, value in defaults.items():  # below the user's options and the command line
             if self.options[key] is None:
                 PETSc.Options()[self.options.prefix + key] = value
                 self.options.keys.append(key)
+        if block_lu and self.options["pc_type"] is None:  # options may still choose another PC
+            self.block_lu = use_block_lu(ts.getSNES().getKSP(), WHO)
 
     def _rhs_at(self, t):
         return lambda y: self.p.rhs(t, y)
@@ -333,7 +356,7 @@ class _ODESolve:
         PETSc asks for at the same point (one evaluation of func for both)."""
         last = self._last_linearisation
         if last is None or last[0] != t or not torch.equal(last[1].u, u):
-            point = _DensePoint(self._rhs_at(t), u.clone(), self.p.params) if self.dense \
+            point = _DensePoint(self._rhs_at(t), u.clone(), self.stacked) if self.dense \
                 else Linearisation(self._rhs_at(t), u.clone())
             last = self._last_linearisation = (t, point)
         return last[1]
@@ -357,8 +380,11 @@ class _ODESolve:
         |x|)) of the k-th update (a norm of the whole vector would leave small components,
         y ~ 1e-8 beside y ~ 1, unconverged). Converged when s_1 <= NEWTON_TOLERANCE, or, with
         the observed rate q = s_k / s_(k-1) < 1, when the remaining error q / (1 - q) s_k is
-        below NEWTON_REMAINDER, or when updates are down to rounding (|dx| <= 1e-14 |x|).
-        Diverged when q >= 1: the step is then retried smaller, with a fresh Jacobian."""
+        below NEWTON_REMAINDER, or when every component's update is down to rounding
+        (|dx_i| <= 1e-13 |x_i|). Diverged when q >= 1, unless the updates have stalled at the
+        rounding floor (|dx| <= 1e-12 |x|, or within the tolerances for a fixed step); an
+        adaptive step is then retried smaller, with a fresh Jacobian, while a fixed step, which
+        cannot be, iterates on (up to snes_max_it)."""
         xnorm, step, fnorm = norms
         reason = PETSc.SNES.ConvergedReason
         if not np.isfinite(fnorm):
@@ -366,10 +392,11 @@ class _ODESolve:
         if fnorm == 0.0:
             return reason.CONVERGED_FNORM_ABS
         if it == 0:
+            check_progress(self.ts, self.outputs.times)
             return 0
-        if step <= 1e-14 * xnorm:
-            return reason.CONVERGED_SNORM_RELATIVE
         x, dx = self._owned(snes.getSolution()), self._owned(snes.getSolutionUpdate())
+        if step <= 1e-14 * xnorm and bool((dx.abs() <= 1e-13 * x.abs()).all()):
+            return reason.CONVERGED_SNORM_RELATIVE  # every component down to rounding
         scaled = float((dx / (self.p.atol + self.p.rtol * x.abs())).square().sum())
         count = dx.numel()
         if self.layout.size > 1:
@@ -379,8 +406,12 @@ class _ODESolve:
         if it == 1:
             return reason.CONVERGED_SNORM_RELATIVE if size <= NEWTON_TOLERANCE else 0
         rate = size / previous
-        if rate >= 1.0:
-            return reason.DIVERGED_DTOL
+        if rate >= 1.0:  # no progress: converged if already at the rounding floor (of the
+            # whole state, or within the tolerances for a fixed step); a fixed step cannot be
+            # retried smaller, so its Newton iterations go on (up to snes_max_it)
+            if step <= 1e-12 * xnorm or (self.p.fixed and size <= 1.0):
+                return reason.CONVERGED_SNORM_RELATIVE
+            return 0 if self.p.fixed else reason.DIVERGED_DTOL
         if rate / (1.0 - rate) * size <= NEWTON_REMAINDER:
             return reason.CONVERGED_SNORM_RELATIVE
         return 0
@@ -397,11 +428,6 @@ class _ODESolve:
             out.zero_()
             return
         sign = 1.0 if self.p.form == "explicit" else -1.0  # implicit: dF/dp = -dfunc/dp
-        if self.dense:
-            torch.matmul(self._jacp_point.parameter_jacobian.T, self._owned(x).reshape(-1),
-                         out=out)
-            out.mul_(sign)
-            return
         _, value = self._jacp_point.graph()
         grads = torch.autograd.grad(value, self.p.params, self._owned(x).view(value.shape),
                                     retain_graph=True, allow_unused=True)
@@ -446,7 +472,10 @@ class _ODESolve:
         self.options.report_unused()
         return ys
 
-    def pullback(self, grad_ys, *, needs_input_grad):
+    def pullback(self, grad_ys, *, needs_input_grad, batched=False):
+        """TSAdjoint from the last output time to the first, adding each output's cotangent
+        on the way. `batched`: grad_ys has a leading batch dimension, and one sweep carries a
+        cost gradient for each (PETSc's several cost functions)."""
         ts = self.ts
         if ts.getType() not in ADJOINT_TS_TYPES:
             raise ForeignError(f"{WHO}: PETSc TS '{ts.getType()}' (chosen by options or the "
@@ -454,47 +483,58 @@ class _ODESolve:
                                f"of the methods {', '.join(m for m in METHODS if m != 'bdf')}")
         if self.steps is None:  # the trajectory went with an earlier adjoint: solve again
             self.solve()
-        lam = self.layout.global_vec()
-        mu = PETSc.Vec().createMPI((self.n_params, None), comm=self.layout.comm)
+        cotangents = grad_ys if batched else grad_ys.unsqueeze(0)
+        chord, self.chord = self.chord, False  # the adjoint: exact Jacobians
+        ksp = ts.getSNES().getKSP()
+        if self.block_lu is None and self.log is None:  # (BlockLU checks and refines its
+            ksp.setPostSolve(self._check_adjoint_solve)  # own transposed solves)
+        want_params = any(needs_input_grad[3:])
+        lams = [self.layout.global_vec() for _ in cotangents]
+        mus = [PETSc.Vec().createMPI((self.n_params, None), comm=self.layout.comm)
+               for _ in cotangents] if want_params else []
         try:
-            self._owned(lam, "w").copy_(grad_ys[-1])
-            mu.zeroEntries()
-            want_params = any(needs_input_grad[3:])
-            ts.setCostGradients([lam], [mu] if want_params else None)
-            if self.log is None:
-                self._adjoint_stored(lam, grad_ys)
-            else:  # recompute from checkpoints, adding each output's cotangent at its step
-                cotangents = dict(zip(self.steps[:-1], grad_ys[:-1]))
+            for lam, mu, g in zip(lams, mus or lams, cotangents):
+                self._owned(lam, "w").copy_(g[-1])
+                if want_params:
+                    mu.zeroEntries()
+            ts.setCostGradients(lams, mus or None)
+            if self.log is None:  # PETSc's trajectory of every step
+                for k in range(len(self.steps) - 1, 0, -1):
+                    ts.adjointSetSteps(self.steps[k] - self.steps[k - 1])
+                    with petsc_errors(WHO, f"the adjoint solve (PETSc TS '{ts.getType()}')"):
+                        ts.adjointSolve()
+                    self._check(ts.getConvergedReason(), "the adjoint solve")
+                    for lam, g in zip(lams, cotangents):
+                        self._owned(lam, "rw").add_(g[k - 1])
+                self.steps = None  # TSAdjoint consumed the trajectory
+            else:  # recomputed from checkpoints; each output's cotangent added at its step
+                outputs = {step: k for k, step in enumerate(self.steps[:-1])}
 
                 def cotangent_at(step):
-                    if step in cotangents:
-                        self._owned(lam, "rw").add_(cotangents[step])
-                Recomputation(self, WHO, self.p.checkpoints).adjoint(cotangent_at)
+                    if step in outputs:
+                        for lam, g in zip(lams, cotangents):
+                            self._owned(lam, "rw").add_(g[outputs[step]])
+                Recomputation(self, WHO, self.p.checkpoints).adjoint(cotangent_at, chord)
             grad_params = [None] * len(self.p.params)
             if want_params:  # this rank's share (see odeint_adjoint)
-                mu_t, offset = vec_as_tensor(mu, "r"), 0
+                mu_t, offset = torch.stack([vec_as_tensor(mu, "r") for mu in mus]), 0
                 for i, param in enumerate(self.p.params):
-                    grad_params[i] = mu_t[offset:offset + param.numel()].view(param.shape).clone()
+                    part = mu_t[:, offset:offset + param.numel()]
+                    grad_params[i] = part.reshape(-1, *param.shape).clone()
                     offset += param.numel()
-                del mu_t
-            grad_y0 = self._owned(lam).clone()
+            grad_y0 = torch.stack([self._owned(lam) for lam in lams])
         finally:
-            destroy(lam, mu)  # TS does not own its cost gradients
+            destroy(*lams, *mus)  # TS does not own its cost gradients
+            ksp.setPostSolve(None)
+        self.chord = chord
         self.options.report_unused(final=True)
+        if not batched:
+            grad_y0, grad_params = grad_y0[0], [g if g is None else g[0] for g in grad_params]
         return (grad_y0, None, None, *grad_params)
 
-    def _adjoint_stored(self, lam, grad_ys):
-        """TSAdjoint over PETSc's trajectory of every step, output interval by interval."""
-        ts = self.ts
-        chord, self.chord = self.chord, False  # the adjoint: exact Jacobians
-        for k in range(len(self.steps) - 1, 0, -1):
-            ts.adjointSetSteps(self.steps[k] - self.steps[k - 1])
-            with petsc_errors(WHO, f"the adjoint solve (PETSc TS '{ts.getType()}')"):
-                ts.adjointSolve()
-            self._check(ts.getConvergedReason(), "the adjoint solve")
-            self._owned(lam, "rw").add_(grad_ys[k - 1])
-        self.steps = None  # TSAdjoint consumed the trajectory
-        self.chord = chord
+    def _check_adjoint_solve(self, ksp, b, x):
+        check_solution(ksp, b, x, WHO, f"a transposed (adjoint) solve at t = "
+                       f"{self.ts.getTime():.6g}", transpose=True)
 
     def _check(self, reason, what):
         if reason >= 0:
@@ -543,11 +583,12 @@ class _Outputs:
         k, times = len(self.steps), self.times
         if k >= len(times):
             return
+        check_progress(ts, times, self.owned(ts.getSolution(), "r"))
         t, dt = ts.getTime(), ts.getTimeStep()
         if abs(t - times[k]) <= 1e-12 * max(abs(times[k]), times[k] - times[k - 1]):
             ts.setTime(float(times[k]))  # rounding off the last step; ends the solve exactly
             self.steps.append(ts.getStepNumber())
-            self.values.append(self.owned(ts.getSolution()).clone())
+            self.values.append(self.owned(ts.getSolution(), "r").clone())
             if k + 1 == len(times):
                 return
             k, t = k + 1, float(times[k])
@@ -556,38 +597,81 @@ class _Outputs:
         ts.setTimeStep(self._toward(k, t, dt))
 
 
-class _DensePoint:
-    """func at one point of a small system, with its Jacobians in the state and the parameters
-    from one batched backward pass (made on first use)."""
+def check_progress(ts, times, state=None):
+    """Stop a solve that cannot succeed, at once: a step size collapsed to a few rounding
+    units of t (a blow-up, a singularity, or Newton failing at every step size), or a
+    non-finite state."""
+    t, dt = ts.getTime(), ts.getTimeStep()
+    if state is not None and not bool(torch.isfinite(state).all()):
+        raise SolverFailure(f"{WHO}: the solution became non-finite (nan/inf) at t = {t:.10g} "
+                            f"(PETSc TS '{ts.getType()}', step size {dt:.3g}); the problem may "
+                            f"blow up there, or the method may be unstable at this step size")
+    if dt > COLLAPSE * abs(t):
+        return
+    size = vec_as_tensor(ts.getSolution(), "r").abs().max()
+    raise SolverFailure(
+        f"{WHO}: the step size collapsed to {dt:.3g} at t = {t:.17g} (output times "
+        f"{times[0]:g} to {times[-1]:g}), after {ts.getStepNumber()} steps and "
+        f"{ts.getStepRejections()} rejections; the largest |y| there is {float(size):.3g}. The "
+        f"solution probably blows up (or func is singular) near t = {t:.6g}. What to try: "
+        f"end the integration before that time, or check func there")
 
-    def __init__(self, fn, u, params):
-        self.fn, self.u, self.params = fn, u, params
-        self._jacobians = None
 
-    def _all(self):
-        if self._jacobians is None:
-            with torch.enable_grad():
-                leaf = self.u.clone().requires_grad_()
-                value = self.fn(leaf)
-                seeds = torch.eye(value.numel(), dtype=value.dtype).view(-1, *value.shape)
-                grads = torch.autograd.grad(value, (leaf, *self.params), seeds,
-                                            allow_unused=True, is_grads_batched=True)
-            n = value.numel()
-            parts = [torch.zeros(n, q.numel(), dtype=value.dtype) if g is None else
-                     g.reshape(n, -1) for q, g in zip(self.params, grads[1:])]
-            self._jacobians = (grads[0].reshape(n, -1),
-                               torch.cat(parts, dim=1) if parts else torch.zeros(n, 1))
-        return self._jacobians
+class _DensePoint(Linearisation):
+    """func at one point of a small system of plain torch, with its whole n x n Jacobian made on
+    first use: by one reverse pass over n stacked copies of the point when func acts on each
+    row of a leading batch dimension on its own (`stacked`, checked once per solve), else by a
+    batched backward over the n unit cotangents. Parameter products go through the graph."""
+
+    def __init__(self, fn, u, stacked):
+        super().__init__(fn, u)
+        self.stacked = stacked
+        self._jacobian = None
 
     @property
     def jacobian(self):
         """d func / d u, (n, n)."""
-        return self._all()[0]
+        if self._jacobian is None:
+            self._jacobian = stacked_jacobian(self.fn, self.u) if self.stacked else \
+                batched_jacobian(self.fn, self.u)
+        return self._jacobian
 
-    @property
-    def parameter_jacobian(self):
-        """d func / d params, (n, number of parameters)."""
-        return self._all()[1]
+
+def stacked_jacobian(fn, u):
+    """J of fn at u from one reverse pass: row i of the stacked input is u, and row i of the
+    output is seeded with e_i, so the gradient's row i is J's row i."""
+    n = u.numel()
+    eye = torch.eye(n, dtype=u.dtype)
+    with torch.enable_grad():
+        leaf = u.reshape(1, n).expand(n, n).clone().requires_grad_()
+        value = fn(leaf.view(n, *u.shape))
+        (grad,) = torch.autograd.grad(value, leaf, eye.view(value.shape))
+    return grad
+
+
+def batched_jacobian(fn, u):
+    """J of fn at u from one backward batched over the n unit cotangents."""
+    n = u.numel()
+    with torch.enable_grad():
+        leaf = u.clone().requires_grad_()
+        value = fn(leaf)
+        (grad,) = torch.autograd.grad(value, leaf, torch.eye(n, dtype=u.dtype).view(n, *value.shape),
+                                      is_grads_batched=True)
+    return grad.reshape(n, n)
+
+
+def acts_on_rows(fn, u):
+    """Whether fn, given n stacked copies of u, returns n copies of fn(u) whose Jacobians are
+    fn's at u: checked once against the batched backward."""
+    try:
+        with torch.no_grad():
+            value = fn(u.reshape(1, -1).expand(u.numel(), -1).reshape(u.numel(), *u.shape))
+        if value.shape != (u.numel(), *u.shape):
+            return False
+        return bool(torch.allclose(stacked_jacobian(fn, u), batched_jacobian(fn, u),
+                                   rtol=1e-12, atol=0))
+    except (RuntimeError, IndexError, ValueError):  # func does not take a batch dimension
+        return False
 
 
 class _Pullback:
@@ -598,8 +682,10 @@ class _Pullback:
         self.run = run
         weakref.finalize(self, run.release)
 
-    def __call__(self, *grad_ys, needs_input_grad):
-        return self.run.pullback(*grad_ys, needs_input_grad=needs_input_grad)
+    batched = True  # under vmap, one adjoint sweep for every cotangent
+
+    def __call__(self, *grad_ys, needs_input_grad, batched=False):
+        return self.run.pullback(*grad_ys, needs_input_grad=needs_input_grad, batched=batched)
 
 
 def _forward(y0, t, problem, *params, needs_input_grad):
@@ -700,6 +786,7 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
     check_tensor(y0, f"{WHO}: y0")
     if y0.numel() == 0:
         raise ValueError(f"{WHO}: y0 is empty")
+    check_finite(y0, f"{WHO}: y0", "the initial state must be finite")
     if method not in METHODS:
         raise ValueError(f"{WHO}: unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     t = torch.as_tensor(t, dtype=torch.float64)

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import torch
 
-from .._errors import ForeignError
+from .._errors import ForeignError, SolverFailure
 
 try:
     import petsc4py
@@ -71,6 +71,8 @@ def translate(exc: PETSc.Error, who: str, what: str, hint: str = "") -> ForeignE
     """A PETSc error as a ForeignError: who failed doing what, PETSc's code and message, and
     what to try. A Python exception raised inside a callback PETSc made is reported as such."""
     cause = exc.__cause__
+    if isinstance(cause, SolverFailure):  # complete already: what failed, where, what to try
+        return cause
     if cause is not None and not isinstance(cause, PETSc.Error):
         error = ForeignError.wrap(f"{who}: a function called by PETSc during {what}", cause)
         error.__cause__ = cause
@@ -94,7 +96,8 @@ def petsc_errors(who: str, what: str, hint: str = ""):
     try:
         yield
     except PETSc.Error as exc:
-        raise translate(exc, who, what, hint) from exc
+        error = translate(exc, who, what, hint)
+        raise error from (None if error is exc.__cause__ else exc)
 
 
 def diverged(who: str, what: str, reasons, reason: int, details: str, advice: str) -> ForeignError:

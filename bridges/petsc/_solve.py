@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from .._core import eager_under_compile, foreign_function
-from .._errors import ForeignError
+from .._errors import ForeignError, check_finite
 from .._linearise import probe
 from ._grid import Grid, SerialLayout
 from ._jacobian import ColouredJacobian, TorchJacobian
+from ._linear import check_solution
 from ._options import SolverOptions, check_options
 from ._runtime import PETSc, destroy, diverged, petsc_errors, reason_name
 from ._vec import check_tensor, vec_as_tensor
@@ -297,10 +298,8 @@ class _Solve:
             hint = ("the KSP or PC cannot apply the transpose; if dF/dx is symmetric pass "
                     "symmetric=True, else choose e.g. pc_type ilu, lu or jacobi")
             with petsc_errors(WHO, what, hint):
-                if self.p.symmetric or self.p.jacobian == "assembled":
-                    ksp.solve(g, lam)
-                else:
-                    ksp.solveTranspose(g, lam)
+                transpose = not (self.p.symmetric or self.p.jacobian == "assembled")
+                (ksp.solveTranspose if transpose else ksp.solve)(g, lam)
             reason = ksp.getConvergedReason()
             self.p.stats.update(adjoint_ksp_iterations=ksp.getIterationNumber())
             if reason < 0:
@@ -311,6 +310,8 @@ class _Solve:
                     f"{ksp.getResidualNorm():.3e}",
                     "choose a PC with a transpose (ilu, lu, gamg, jacobi) or raise ksp_max_it "
                     "through options")
+            check_solution(ksp, g, lam, f"{WHO} (backward)", what, transpose=transpose,
+                           nullspace=self.nullspace)
             lam_t = self.layout.owned_view(lam, "r").clone()
         finally:
             destroy(g, lam)
@@ -471,6 +472,7 @@ def solve(residual, x0, *params, options=None, sparsity=None, grid=None, prefix=
     check_tensor(x0, f"{who}: x0")
     if x0.numel() == 0:
         raise ValueError(f"{who}: x0 is empty")
+    check_finite(x0, f"{who}: x0", "the initial guess must be finite")
     for i, p in enumerate(params):
         if isinstance(p, torch.Tensor) and p.device.type != "cpu":
             raise ValueError(f"{who}: params[{i}] is on device '{p.device}', but this PETSc build "

@@ -1,8 +1,9 @@
-"""Stand-alone simulator programs shipped with bridges, built on first use with the C compiler.
+"""Simulator programs as numpy functions of their parameters, ready for ``fd2pytorch``.
 
-``heat1d`` (heat1d.c) is a small transient heat-conduction code with its own command line
-(``heat1d INPUT OUTPUT``, ``heat1d --help``). It plays the part of a legacy simulator that can only
-be run, not differentiated.
+``heat1d`` (heat1d.c) is a small transient heat-conduction code shipped here and built on first
+use with the C compiler; it has its own command line (``heat1d INPUT OUTPUT``, ``heat1d --help``).
+``ngspice`` (circuits, bridges/programs/spice.py) and ``xfoil`` (airfoils, xfoil.py) drive real
+legacy programs that Debian packages: ``apt-get install ngspice xfoil``.
 """
 from __future__ import annotations
 
@@ -25,26 +26,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BRIDGES_CACHE") or Path.home() / ".cache" / "bridges")
 
 
-def heat1d_executable() -> str:
-    """Path of the heat1d executable, compiled from heat1d.c with $CC (default cc) if needed."""
-    source = SOURCE.read_bytes()
-    target = cache_dir() / "bin" / f"heat1d-{hashlib.sha1(source).hexdigest()[:12]}"
+def compiled(source: Path, *, shared=False) -> str:
+    """Path of `source` (C) compiled with $CC (default cc) into the cache, built once per content:
+    an executable, or a shared library with ``shared=True``."""
+    text = source.read_bytes()
+    suffix = ".so" if shared else ""
+    target = cache_dir() / "bin" / f"{source.stem}-{hashlib.sha1(text).hexdigest()[:12]}{suffix}"
     if target.exists():
         return str(target)
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
-        raise FileNotFoundError(f"heat1d_executable: the C compiler {compiler!r} (from $CC, "
+        raise FileNotFoundError(f"compiling {source.name}: the C compiler {compiler!r} (from $CC, "
                                 f"default 'cc') was not found; install gcc or set CC")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / "heat1d"
-        cmd = [compiler, "-O2", "-std=c99", "-D_GNU_SOURCE", "-o", str(built), str(SOURCE), "-lm"]
+        built = Path(tmp) / target.name
+        flags = ["-shared", "-fPIC"] if shared else []
+        cmd = [compiler, "-O2", "-std=c99", "-D_GNU_SOURCE", *flags, "-o", str(built), str(source),
+               "-lm"]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
-            raise RuntimeError(f"heat1d_executable: compiling failed ({' '.join(cmd)}):\n"
-                               f"{run.stderr}")
+            raise RuntimeError(f"compiling {source.name} failed ({' '.join(cmd)}):\n{run.stderr}")
         os.replace(built, target)  # atomic, so concurrent builders never see half a file
     return str(target)
+
+
+def heat1d_executable() -> str:
+    """Path of the heat1d executable, compiled from heat1d.c if needed."""
+    return compiled(SOURCE)
 
 
 def heat1d(parameters=("conductivity", "convection"), **settings) -> ExternalProgram:
@@ -69,3 +78,7 @@ def heat1d(parameters=("conductivity", "convection"), **settings) -> ExternalPro
 
     return ExternalProgram([heat1d_executable(), "{input}", "{output}"], write_input=write_input,
                            read_output=read_output, name="heat1d")
+
+
+from .spice import ngspice  # noqa: E402  (they use compiled() and cache_dir() above)
+from .xfoil import naca4, xfoil  # noqa: E402

@@ -31,7 +31,9 @@ function pullback(f, args...)
         grads = back(seed(y, dy))
         grads === nothing && return nothing
         return map(args, grads, wanted) do x, dx, w
-            w && x isa AbstractArray && dx !== nothing ? dense(ProjectTo(x)(unthunk(dx))) : nothing
+            w && x isa AbstractArray && dx !== nothing ?
+                dense(ProjectTo(x)(unthunk(dx))) :
+                nothing
         end
     end
     return to_python(y), vjp
@@ -61,14 +63,16 @@ to_python(y) = y
 # Zygote seeds an output with a cotangent of the same structure: a number for a number
 seed(y, dy) = dy
 seed(y::Number, dy) = dy === nothing ? nothing : dy[]
-seed(y::Integer, dy) = nothing  # integer outputs have no tangent
+seed(y::Integer, dy) = nothing # integer outputs have no tangent
 seed(y::AbstractArray{<:Integer}, dy) = nothing
 seed(y::Tuple, dy::Tuple) = map(seed, y, dy)
 
 dense(dx::Array) = dx
 dense(dx::AbstractArray) = Array(dx)
 dense(::AbstractZero) = nothing
-dense(dx) = throw(ArgumentError("BridgesJL: Zygote returned a gradient of type $(typeof(dx)) " *
-                                "for an array argument, which cannot be made a dense array"))
+dense(dx) = throw(ArgumentError(
+    "BridgesJL: Zygote returned a gradient of type $(typeof(dx)) " *
+        "for an array argument, which cannot be made a dense array",
+))
 
 end

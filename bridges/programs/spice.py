@@ -1,0 +1,61 @@
+"""ngspice, the SPICE3 circuit simulator, as a numpy function of circuit parameters.
+
+Each call writes the netlist with the parameter values filled in, runs ``ngspice -b`` on it, and
+reads the probed waveforms at the requested times, which ngspice's ``meas`` commands interpolate
+from its adaptive time steps. Like any SPICE, ngspice reports those to 7 significant digits and
+its step control reacts to the parameters: its outputs carry noise of about 1e-7 relative, which
+``fd2pytorch``'s noise-aware steps take into account.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .._program import ExternalProgram
+
+
+def ngspice(netlist: str, parameters, *, analysis: str, probes, times, timeout=60,
+            **options) -> ExternalProgram:
+    """A circuit as a numpy function ``x -> probes at times``.
+
+    Args:
+        netlist: the circuit's element and model lines, with ``{name}`` where a parameter's value
+            goes (``R1 in out {R}``); no analysis, control block or ``.end``.
+        parameters: the names, in the order of x.
+        analysis: the ngspice analysis command, e.g. ``"tran 10u 2m"``.
+        probes: vectors to sample, e.g. ``["v(out)", "i(V1)"]``.
+        times: the sample times (seconds).
+        options: passed to ExternalProgram (workers-friendly: each run has its own directory).
+
+    The result has ``len(probes) * len(times)`` values, probe-major.
+    """
+    parameters, probes = tuple(parameters), list(probes)
+    times = [float(t) for t in np.ravel(times)]
+    names = [f"m{i}" for i in range(len(probes) * len(times))]
+    measures = [f"meas tran {n} find {probe} at={t!r}"
+                for n, (probe, t) in zip(names, ((p, t) for p in probes for t in times))]
+    control = "\n".join([analysis, *measures, f"print {' '.join(names)} > output.txt", "quit 0"])
+
+    def write_input(path, x):
+        if x.shape != (len(parameters),):
+            raise ValueError(f"ngspice: expected {len(parameters)} value(s) for {parameters}, got "
+                             f"an array of shape {x.shape}")
+        values = {name: repr(float(v)) for name, v in zip(parameters, x)}
+        with open(path, "w") as file:
+            file.write(f"* written by bridges\n{netlist.format(**values)}\n"
+                       f".control\n{control}\n.endc\n.end\n")
+
+    def read_output(path):
+        found = dict(re.findall(r"^\s*(m\d+)\s*=\s*(\S+)", Path(path).read_text(), re.M))
+        missing = [n for n in names if n not in found]
+        if missing:
+            first = measures[names.index(missing[0])]
+            raise ValueError(f"ngspice measured no value for {missing[0]} ({first}): is the time "
+                             f"inside the analysis, and the probe a circuit vector?")
+        return np.array([float(found[n]) for n in names])
+
+    return ExternalProgram(["ngspice", "-b", "{input}"], write_input=write_input,
+                           read_output=read_output, input_name="circuit.cir", timeout=timeout,
+                           **{"name": "ngspice", **options})
