@@ -775,7 +775,7 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
             all ranks (8 bytes an unknown). Recomputation replays the forward's own step sizes
             (adaptive steps are reproduced, not re-chosen). Methods that carry data between
             steps (arkimex, bosh3, dopri5) restart every step when checkpointed, so the gradient
-            is exact for the forward returned; adaptive arkimex then differs from its
+            is exact for the forward returned; arkimex then differs from its
             stored-trajectory run by its Newton tolerance. PETSc's own
             ``ts_trajectory_max_cps_ram`` needs revolve, which this PETSc build lacks.
     """
