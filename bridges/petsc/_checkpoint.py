@@ -115,7 +115,6 @@ class Recomputation:
 
     def __init__(self, run, who, states):
         self.run, self.who, self.log, self.states = run, who, run.log, states
-        self.recomputed = 0  # forward steps taken by the last adjoint
 
     def _advance(self, n0, n1, trajectory):
         """Steps the TS from step n0 to n1 with the recorded step sizes."""
@@ -132,7 +131,6 @@ class Recomputation:
         run._check(ts.getConvergedReason(), "recomputing the forward for the adjoint")
         if ts.getStepNumber() != n1:
             raise RuntimeError(f"recomputation stopped at step {ts.getStepNumber()}, not {n1}")
-        self.recomputed += n1 - n0
 
     def _replay_step(self, ts):
         """Post-step hook of a recomputation: the recorded time and the next step's size (after
@@ -154,7 +152,6 @@ class Recomputation:
         saved = (swap_adapt(ts, "none"), ts.getMaxSteps(), ts.getMaxTime(), run.chord)
         ts.setMaxTime(2 * abs(log.times[-1]) + 1.0)  # step counts end recomputations
         ts.setPostStep(self._replay_step)
-        self.recomputed = 0
         try:
             for action in schedule(steps, self.states):
                 if isinstance(action, cs.Forward):
