@@ -2,6 +2,9 @@
 
 - `trajectory_prefix`: TSGetTrajectory + PetscObjectSetOptionsPrefix, so a TS's trajectory reads
   its options under the solver's prefix (TSTrajectory takes none from its TS).
+- `trajectory_memory`: TSTrajectorySetType(memory) on a trajectory made after setFromOptions.
+- `swap_adapt`: TSGetAdapt + TSAdaptGetType/SetType, to switch step adaptivity off and on.
+- `set_pre_stage`: TSSetPreStage with a Python function (petsc4py 3.26 has no setPreStage).
 - `colouring`: DMCreateColoring + ISColoringGetColors, the colour of every point of a DM.
 """
 from __future__ import annotations
@@ -25,6 +28,11 @@ def _lib():
     p, i = ctypes.c_void_p, ctypes.c_int
     for name, args in [("TSGetTrajectory", [p, ctypes.POINTER(p)]),
                        ("PetscObjectSetOptionsPrefix", [p, ctypes.c_char_p]),
+                       ("TSTrajectorySetType", [p, p, ctypes.c_char_p]),
+                       ("TSGetAdapt", [p, ctypes.POINTER(p)]),
+                       ("TSSetPreStage", [p, _PRE_STAGE]),
+                       ("TSAdaptGetType", [p, ctypes.POINTER(ctypes.c_char_p)]),
+                       ("TSAdaptSetType", [p, ctypes.c_char_p]),
                        ("DMCreateColoring", [p, i, ctypes.POINTER(p)]),
                        ("ISColoringGetColors", [p, ctypes.POINTER(_INT), ctypes.POINTER(_INT),
                                                 ctypes.POINTER(ctypes.POINTER(_COLOUR))]),
@@ -37,6 +45,7 @@ def _lib():
 
 
 _INT = {4: ctypes.c_int32, 8: ctypes.c_int64}[np.dtype(PETSc.IntType).itemsize]
+_PRE_STAGE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_double)
 _COLOUR = ctypes.c_ushort  # ISColoringValue: unsigned short in this build (petscconf.h)
 
 
@@ -55,6 +64,38 @@ def trajectory_prefix(ts, prefix: str) -> None:
     lib, tj = _lib(), ctypes.c_void_p()
     _check(lib.TSGetTrajectory(ts.handle, ctypes.byref(tj)), "TSGetTrajectory")
     _check(lib.PetscObjectSetOptionsPrefix(tj, prefix.encode()), "PetscObjectSetOptionsPrefix")
+
+
+def trajectory_memory(ts) -> None:
+    """Make the trajectory of `ts` (after ts.setSaveTrajectory()) keep its steps in memory."""
+    lib, tj = _lib(), ctypes.c_void_p()
+    _check(lib.TSGetTrajectory(ts.handle, ctypes.byref(tj)), "TSGetTrajectory")
+    _check(lib.TSTrajectorySetType(tj, ts.handle, b"memory"), "TSTrajectorySetType")
+
+
+def swap_adapt(ts, kind: str) -> str:
+    """Give the step adaptivity of `ts` the type `kind` ("none", "basic", ...); returns the
+    type it had."""
+    lib, adapt, old = _lib(), ctypes.c_void_p(), ctypes.c_char_p()
+    _check(lib.TSGetAdapt(ts.handle, ctypes.byref(adapt)), "TSGetAdapt")
+    _check(lib.TSAdaptGetType(adapt, ctypes.byref(old)), "TSAdaptGetType")
+    previous = old.value.decode()
+    _check(lib.TSAdaptSetType(adapt, kind.encode()), "TSAdaptSetType")
+    return previous
+
+
+def set_pre_stage(ts, fn):
+    """Have PETSc call fn() before each stage of a step of `ts`; returns the C callback, which
+    must be kept alive as long as the TS may call it."""
+    def hook(_ts, _time):
+        try:
+            fn()
+        except BaseException:  # noqa: BLE001 - PETSc must see the failure, not a Python frame
+            return 1
+        return 0
+    callback = _PRE_STAGE(hook)
+    _check(_lib().TSSetPreStage(ts.handle, callback), "TSSetPreStage")
+    return callback
 
 
 def colouring(dm, *, ghosted: bool) -> np.ndarray:

@@ -19,7 +19,8 @@ import torch
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError, SolverFailure, check_finite
 from .._linearise import Linearisation, probe
-from ._capi import trajectory_prefix
+from ._capi import set_pre_stage, trajectory_prefix
+from ._checkpoint import MEMORYLESS, Recomputation, StepLog, budget
 from ._grid import SerialLayout
 from ._jacobian import TorchJacobian, block_jacobian
 from ._linear import check_solution, use_block_lu
@@ -53,8 +54,9 @@ class _ODEProblem:
     """Everything fixed across solves: the function, its parameters, the solver settings."""
 
     def __init__(self, func, params, method, step_size, steps_per_interval, rtol, atol, options,
-                 prefix, jacobian, products, assembler, grid):
+                 prefix, jacobian, products, assembler, grid, checkpoints):
         self.func, self.params = func, params
+        self.checkpoints = checkpoints  # states the adjoint may store (None: every step)
         self.ts_type, self.scheme, self.form = METHODS[method]
         self.method, self.step_size, self.rtol, self.atol = method, step_size, rtol, atol
         self.steps_per_interval = steps_per_interval
@@ -104,7 +106,8 @@ class _ODESolve:
         self.layout = problem.grid or SerialLayout(y0.shape)
         self.shape = self.layout.owned_shape
         self.y0 = y0.clone(memory_format=torch.contiguous_format)
-        self.steps = None
+        self.steps = self.log = None
+        self.store_all = record and problem.checkpoints is None  # PETSc's trajectory
         self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = self.jac = None
         self.dm = None
         self._last_linearisation = self._jacp_point = None
@@ -112,7 +115,7 @@ class _ODESolve:
         self.block_lu = None
         self._states, self._newton_size = None, 0.0
         self.options = SolverOptions(WHO, problem.prefix, problem.options,
-                                     problem.defaults(times, record))
+                                     problem.defaults(times, self.store_all))
         lagged = (self.options.given.keys() | self.options.inherited.keys()) & \
             {"snes_lag_jacobian", "snes_lag_jacobian_persists"}
         if record and lagged:
@@ -164,12 +167,18 @@ class _ODESolve:
             # stops with state errors of |F| * h, which at steps of 1e10 are no errors of F
             ts.getSNES().setConvergenceTest(self._newton_converged)
         self.outputs = _Outputs(self.layout.owned_view)
-        ts.setPostStep(self.outputs)
-        if self.record:
+        if self.record and not self.store_all:  # checkpointed: keep the steps, not the states
+            self.log = StepLog(self.outputs, p.fixed,
+                               restart=None if p.ts_type in MEMORYLESS else self.restart_step)
+        ts.setPostStep(self.log or self.outputs)
+        if self.store_all:
             ts.setSaveTrajectory()
             trajectory_prefix(ts, self.options.prefix)
         with petsc_errors(WHO, "setting up PETSc TS from the options"):
             ts.setFromOptions()
+        self._restarting, self._pre_stage = False, None
+        if ts.getType() == "arkimex" and p.form == "implicit":
+            self._pre_stage = set_pre_stage(ts, self._stage_begins)
         user_step = self.options.given.keys() & {"ts_time_step", "ts_dt"} or \
             self.options.inherited.keys() & {"ts_time_step", "ts_dt"}
         if p.fixed or user_step:
@@ -318,6 +327,8 @@ class _ODESolve:
         self.jac.at(self._rhs_at(t), self._ghosted(U).clone())
 
     def _ifunction(self, ts, t, U, Udot, F):
+        if self._restarting:  # see restart_step
+            t = ts.getTime()
         with torch.no_grad():
             torch.sub(self._owned(Udot), self.p.rhs(t, self._ghosted(U)), out=self._owned(F, "w"))
 
@@ -349,6 +360,17 @@ class _ODESolve:
                 else Linearisation(self._rhs_at(t), u.clone())
             last = self._last_linearisation = (t, point)
         return last[1]
+
+    def restart_step(self):
+        """Start the next step afresh (no data from the step before). ARKIMEX then solves
+        F(t, y, slope) = 0 for the first stage's slope, but at the time of the last stage it
+        computed, forward or adjoint, not at the step's start: until the step's first stage
+        begins, func gets the step's start time."""
+        self.ts.restartStep()
+        self._restarting = self._pre_stage is not None
+
+    def _stage_begins(self):
+        self._restarting = False
 
     def _pre_step(self, ts):
         self._new_step = True
@@ -424,6 +446,9 @@ class _ODESolve:
         ts.setStepNumber(0)
         ts.setMaxTime(float(times[-1]))
         self.outputs.start(ts, times, self.y0, self.p.steps_per_interval, self.dt0)
+        self.restart_step()  # as TSSolve does at step 0
+        if self.log:
+            self.log.start(float(times[0]))
         with petsc_errors(WHO, f"the forward solve (PETSc TS '{ts.getType()}')"):
             ts.solve(self.u)
         self._check(ts.getConvergedReason(), "the forward solve")
@@ -461,8 +486,8 @@ class _ODESolve:
         cotangents = grad_ys if batched else grad_ys.unsqueeze(0)
         chord, self.chord = self.chord, False  # the adjoint: exact Jacobians
         ksp = ts.getSNES().getKSP()
-        if self.block_lu is None:  # (BlockLU checks and refines its own transposed solves)
-            ksp.setPostSolve(self._check_adjoint_solve)
+        if self.block_lu is None and self.log is None:  # (BlockLU checks and refines its
+            ksp.setPostSolve(self._check_adjoint_solve)  # own transposed solves)
         want_params = any(needs_input_grad[3:])
         lams = [self.layout.global_vec() for _ in cotangents]
         mus = [PETSc.Vec().createMPI((self.n_params, None), comm=self.layout.comm)
@@ -473,14 +498,23 @@ class _ODESolve:
                 if want_params:
                     mu.zeroEntries()
             ts.setCostGradients(lams, mus or None)
-            for k in range(len(self.steps) - 1, 0, -1):
-                ts.adjointSetSteps(self.steps[k] - self.steps[k - 1])
-                with petsc_errors(WHO, f"the adjoint solve (PETSc TS '{ts.getType()}')"):
-                    ts.adjointSolve()
-                self._check(ts.getConvergedReason(), "the adjoint solve")
-                for lam, g in zip(lams, cotangents):
-                    self._owned(lam, "rw").add_(g[k - 1])
-            self.steps = None  # TSAdjoint consumed the trajectory
+            if self.log is None:  # PETSc's trajectory of every step
+                for k in range(len(self.steps) - 1, 0, -1):
+                    ts.adjointSetSteps(self.steps[k] - self.steps[k - 1])
+                    with petsc_errors(WHO, f"the adjoint solve (PETSc TS '{ts.getType()}')"):
+                        ts.adjointSolve()
+                    self._check(ts.getConvergedReason(), "the adjoint solve")
+                    for lam, g in zip(lams, cotangents):
+                        self._owned(lam, "rw").add_(g[k - 1])
+                self.steps = None  # TSAdjoint consumed the trajectory
+            else:  # recomputed from checkpoints; each output's cotangent added at its step
+                outputs = {step: k for k, step in enumerate(self.steps[:-1])}
+
+                def cotangent_at(step):
+                    if step in outputs:
+                        for lam, g in zip(lams, cotangents):
+                            self._owned(lam, "rw").add_(g[outputs[step]])
+                Recomputation(self, WHO, self.p.checkpoints).adjoint(cotangent_at, chord)
             grad_params = [None] * len(self.p.params)
             if want_params:  # this rank's share (see odeint_adjoint)
                 mu_t, offset = torch.stack([vec_as_tensor(mu, "r") for mu in mus]), 0
@@ -675,7 +709,7 @@ _ODEINT = foreign_function(_forward, name="petsc_odeint", pass_needs_input_grad=
 @eager_under_compile(WHO)
 def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_interval=None,
                    rtol=1e-6, atol=1e-8, options=None, prefix=None, adjoint_params=None,
-                   jacobian="auto", products="auto", sparsity=None, grid=None):
+                   jacobian="auto", products="auto", sparsity=None, grid=None, checkpoints=None):
     """Solve dy/dt = func(t, y) with PETSc TS; gradients by TSAdjoint (discrete adjoint).
 
     Follows torchdiffeq's convention: returns the solution at every time in ``t``, a tensor of
@@ -734,6 +768,18 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
             assembled from the grid's stencil. Each rank's parameter gradient is its share:
             the shares of all ranks sum to the gradient of the total loss (see
             `sum_gradients`).
+        checkpoints: memory for the adjoint. ``None`` (default): PETSc's trajectory stores every
+            step (its stages too). An int ``k >= 1``: at most ``k`` states are stored (y0 among
+            them) and the rest recomputed during the adjoint, on the optimal binomial (Revolve)
+            schedule of ``checkpoint_schedules``: n steps cost Griewank and Walther's optimum
+            of recomputed steps (about 2n when k is near sqrt(n), n(n+1)/2 when k = 1). A
+            string such as ``"2GB"`` or ``"512MiB"``: as many states as fit in that memory over
+            all ranks (8 bytes an unknown). Recomputation replays the forward's own step sizes
+            (adaptive steps are reproduced, not re-chosen). Methods that carry data between
+            steps (arkimex, bosh3, dopri5) restart every step when checkpointed, so the gradient
+            is exact for the forward returned; arkimex then differs from its
+            stored-trajectory run by its Newton tolerance. PETSc's own
+            ``ts_trajectory_max_cps_ram`` needs revolve, which this PETSc build lacks.
     """
     if not callable(func):
         raise TypeError(f"{WHO}: func must be callable as func(t, y), got {type(func).__name__}")
@@ -787,6 +833,11 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
     if jacobian == "blocks" and grid is not None:
         raise ValueError(f"{WHO}: jacobian='blocks' is for independent samples; on a grid use "
                          f"'assembled' or 'matrix-free'")
+    unknowns = int(np.prod(grid.shape)) * grid.dof if grid is not None else y0.numel()
+    states = budget(WHO, checkpoints, unknowns)
+    if states is not None and any(k.startswith("ts_trajectory") for k in options or {}):
+        raise ValueError(f"{WHO}: checkpoints= replaces PETSc's trajectory; drop the "
+                         f"ts_trajectory_* options, or checkpoints")
     problem = _ODEProblem(func, params, method, step_size, steps_per_interval, rtol, atol, options,
-                          prefix, jacobian, products, assembler, grid)
+                          prefix, jacobian, products, assembler, grid, states)
     return _ODEINT(y0, t, problem, *params)
