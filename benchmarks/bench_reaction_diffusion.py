@@ -1,8 +1,9 @@
 """Loss + gradient of the 2-D reaction-diffusion demo (BRUSS-2D, periodic, dof 2) w.r.t. its
-three rates, from n = 10^3 to 10^6 unknowns: bridges (odeint_adjoint on a Grid: Crank-Nicolson
-with fixed steps, the sparse Jacobian assembled from coloured products, GMRES + ILU, TSAdjoint)
-against diffrax (Kvaerno5, adaptive, discretise-then-optimise reverse mode, its default dense LU),
-timed side by side in one run; diffrax stops at the first size whose run passes the time limit.
+three rates, from 10^3 to 10^6 unknowns: bridges (odeint_adjoint on a Grid: Crank-Nicolson with
+fixed steps, the sparse Jacobian assembled from coloured products, TSAdjoint) with its grid
+defaults (GMRES + ILU on small grids, GMRES + geometric multigrid on the DMDA hierarchy on large
+ones), against the other preconditioner at the sizes near the switch, and against diffrax
+(Kvaerno5, adaptive, discretise-then-optimise reverse mode, its default dense LU) in the quick run.
 (diffrax with lineax's matrix-free GMRES in its Newton solves fails under reverse-mode
 differentiation with jax 0.10.2 / diffrax 0.7.2 / lineax 0.1.1: "TypeError: ... Jaxpr ... is not
 a valid JAX type", so it is not offered.)
@@ -12,9 +13,18 @@ of y^2 at the two outputs, gradient w.r.t. (log a, log b, log alpha). bridges st
 (10 CN steps); diffrax runs at rtol = atol = 1e-6. 'gradient difference' is the relative 2-norm
 difference of the two gradients: both approximate the same exact gradient (CN's error is
 O(dt^2)), so it bounds how far apart the two accuracies are.
+
+Each bridges run is one loss + gradient in a fresh process (after a small warm-up solve there),
+so that its peak resident memory is its own; Newton and linear iterations are counted from
+PETSc's converged-reason reports of that run.
 """
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -22,21 +32,66 @@ import torch
 
 from ._timing import fmt_time, markdown_table
 
-TITLE = "2-D reaction-diffusion (BRUSS-2D) loss + gradient: bridges (sparse CN) vs diffrax"
+TITLE = "2-D reaction-diffusion (BRUSS-2D) loss + gradient from 10^3 to 10^6 unknowns: bridges (sparse CN) vs diffrax"
 T_END, FRAMES, DT, TOL = 0.1, 2, 0.01, 1e-6
 DENSE_LIMIT = 10_000  # unknowns beyond which diffrax's dense Jacobian (N^2 doubles) is not tried
 
 
-def _bridges(n):
+def _bridges(n, options=None):
     """(seconds, loss, gradient) of one loss + gradient."""
     from bridges.demos.reaction_diffusion import build_problem
     problem = build_problem(n, t_end=T_END, frames=FRAMES, step_size=DT)
     start = time.perf_counter()
-    ys = problem.solve()
+    ys = problem.solve(options)
     loss = (ys[1:] ** 2).mean()
     loss.backward()
     seconds = time.perf_counter() - start
     return seconds, float(loss.detach()), problem.func.log_rates.grad.numpy().copy()
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def worker(n, options):
+    """In a fresh process: one loss + gradient after a warm-up, with PETSc reporting every
+    Newton and linear solve on stdout; the result on the last line."""
+    torch.set_num_threads(1)  # as the demo: stencil-sized ops run best on one thread
+    _bridges(12)
+    report = {"ksp_converged_reason": True, "snes_converged_reason": True}
+    print("START", flush=True)
+    before = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the current RSS
+        f.write("5")
+    seconds, loss, grad = _bridges(n, {**options, **report})
+    print("RESULT " + json.dumps({"seconds": seconds, "loss": loss, "grad": grad.tolist(),
+                                  "peak_mib": _rss_kib("VmHWM") / 1024,
+                                  "growth_mib": (_rss_kib("VmHWM") - before) / 1024}),
+          flush=True)
+
+
+def _measure(n, options=None):
+    """One bridges loss + gradient in a subprocess: seconds, loss, gradient, memory, and the
+    Newton and linear iterations of the forward solve and the adjoint's linear iterations."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_reaction_diffusion",
+                           "--worker", str(n), json.dumps(options or {})], capture_output=True,
+                          text=True, cwd=root)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bridges at n = {n} failed:\n{proc.stdout[-2000:]}"
+                           f"\n{proc.stderr[-2000:]}")
+    text = proc.stdout[proc.stdout.index("START"):]
+    out = json.loads(text[text.index("RESULT ") + 7:].splitlines()[0])
+    newton = [int(k) for k in re.findall(r"Nonlinear \S* ?solve converged.* iterations (\d+)",
+                                         text)]
+    linear = [int(k) for k in re.findall(r"Linear \S* ?solve converged.* iterations (\d+)", text)]
+    if len(linear) != sum(newton) + len(newton) or "did not converge" in text:
+        raise RuntimeError(f"bridges at n = {n}: unexpected solver reports:\n{text[:2000]}")
+    forward = linear[:sum(newton)]
+    out.update(steps=len(newton), newton=sum(newton), linear=sum(forward),
+               adjoint_linear=sum(linear[sum(newton):]))
+    return out
 
 
 def _diffrax_setup():
@@ -91,69 +146,85 @@ def run(quick=False, plot_dir=None):
 
 
 def _run(quick, plot_dir):
-    sizes = [12, 16, 24] if quick else [24, 48, 96, 192, 384, 724]
-    limit = 60.0 if quick else 180.0
+    from bridges.petsc._ode import MULTIGRID_FROM
+    sizes = [12, 16, 24] if quick else [30, 60, 120, 240, 480, 720]
+    other_from = 24 if quick else 240  # sizes that are also timed with the other preconditioner
+    limit = 60.0
     try:
         _diffrax_setup()
-        diffrax_on, why_not = True, None
+        diffrax_on, why_not = quick, None if quick else "not run in the full benchmark"
     except ImportError as exc:
         diffrax_on, why_not = False, f"diffrax not installed ({exc}); pip install jax diffrax"
-    _bridges(12)  # warm up PETSc and torch
     rows, table = [], []
     for n in sizes:
         unknowns = 2 * n * n
-        seconds, loss, grad = _bridges(n)
-        row = {"n": n, "unknowns": unknowns, "bridges_s": seconds, "loss": loss}
-        cells = [f"{n}² ({unknowns:,})", fmt_time(seconds)]
-        if diffrax_on and unknowns > DENSE_LIMIT:
-            diffrax_on = False
-            cells += [f"not run (its dense Jacobian: {unknowns ** 2 * 8 / 2 ** 30:.1f} GiB)", "",
-                      ""]
-        elif diffrax_on:
+        mg = unknowns >= MULTIGRID_FROM
+        r = _measure(n)
+        row = {"n": n, "unknowns": unknowns, "bridges_s": r["seconds"], "pc": "mg" if mg else
+               "ilu", **r}
+        cells = [f"{n}² ({unknowns:,})", fmt_time(r["seconds"]),
+                 "multigrid" if mg else "ILU", f"{r['newton'] / r['steps']:.1f}",
+                 f"{r['linear'] / r['newton']:.1f}", f"{r['adjoint_linear'] / r['steps']:.1f}",
+                 f"{r['peak_mib']:,.0f} MiB (+{r['growth_mib']:,.0f})"]
+        if n >= other_from:
+            other = _measure(n, {"pc_type": "ilu" if mg else "mg"})
+            row["other"] = other
+            cells.append(f"{'ILU' if mg else 'multigrid'}: {fmt_time(other['seconds'])}, "
+                         f"{other['linear'] / other['newton']:.1f} + "
+                         f"{other['adjoint_linear'] / other['steps']:.1f} its")
+        else:
+            cells.append("")
+        if diffrax_on and unknowns <= DENSE_LIMIT:
             d_s, compile_s, d_loss, d_grad, steps = _diffrax(n)
+            grad = np.array(r["grad"])
             difference = float(np.linalg.norm(d_grad - grad) / np.linalg.norm(d_grad))
             row["diffrax"] = {"seconds": d_s, "compile_s": compile_s, "steps": steps,
                               "difference": difference}
             cells += [f"{fmt_time(d_s)} (+ {fmt_time(compile_s)} compile, {steps} steps)",
-                      f"{d_s / seconds:.3g}", f"{difference:.1e}"]
-            if d_s > limit:
-                diffrax_on = False
+                      f"{d_s / r['seconds']:.3g}", f"{difference:.1e}"]
+            diffrax_on = d_s <= limit
         else:
-            cells += ["stopped (time limit)" if why_not is None else "not run", "", ""]
+            cells += ["not run" if why_not or unknowns > DENSE_LIMIT else
+                      "stopped (time limit)", "", ""]
         rows.append(row)
         table.append(cells)
-    header = ["grid (unknowns)", "bridges loss + gradient", "diffrax Kvaerno5 (dense LU)",
+    header = ["grid (unknowns)", "bridges loss + gradient", "preconditioner (default)",
+              "Newton its / step", "linear its / Newton it", "adjoint linear its / step",
+              "peak RSS (growth)", "other preconditioner: time, its", "diffrax Kvaerno5 (dense LU)",
               "diffrax / bridges", "gradient difference"]
-    notes = []
-    big = [r for r in rows if r["n"] >= 96] or rows
+    x = np.log([r["unknowns"] for r in rows])
+    y = np.log([r["bridges_s"] for r in rows])
+    notes = [f"- Fitted exponent (least squares on log time vs log unknowns): N^"
+             f"{np.polyfit(x, y, 1)[0]:.2f} over all sizes"]
+    big = [i for i, r in enumerate(rows) if r["unknowns"] >= 10_000]
     if len(big) >= 2:
-        a, b = big[0], big[-1]
-        slope = np.log(b["bridges_s"] / a["bridges_s"]) / np.log(b["unknowns"] / a["unknowns"])
-        notes.append(f"- bridges' cost grows as N^{slope:.2f} from {a['unknowns']:,} to "
-                     f"{b['unknowns']:,} unknowns ({fmt_time(a['bridges_s'] / a['unknowns'] / 10)}"
-                     f" to {fmt_time(b['bridges_s'] / b['unknowns'] / 10)} per unknown and step, "
-                     f"forward + adjoint).")
-    timed = [r for r in rows if "diffrax" in r]
-    if len(timed) >= 2:
-        a, b = timed[0], timed[-1]
-        slope = np.log(b["diffrax"]["seconds"] / a["diffrax"]["seconds"]) / \
-            np.log(b["unknowns"] / a["unknowns"])
-        notes.append(f"- diffrax grows as N^{slope:.2f} from {a['unknowns']:,} to "
-                     f"{b['unknowns']:,} unknowns (dense LU of the N x N Newton matrix).")
-    notes.append(f"- diffrax stops after the first run over {limit:.0f} s (compilation not "
-                 f"counted), and is not tried beyond {DENSE_LIMIT:,} unknowns, where its dense "
-                 f"Jacobian alone would need gigabytes.")
-    if why_not:
-        notes.append(f"- diffrax: {why_not}")
+        notes[-1] += (f", N^{np.polyfit(x[big], y[big], 1)[0]:.2f} from "
+                      f"{rows[big[0]]['unknowns']:,} unknowns on")
+    a, b = rows[big[0] if big else 0], rows[-1]
+    notes[-1] += (f" ({fmt_time(a['bridges_s'] / a['unknowns'] / 10)} to "
+                  f"{fmt_time(b['bridges_s'] / b['unknowns'] / 10)} per unknown and step, "
+                  f"forward + adjoint).")
     notes += [
-        f"- Horizon t in [0, {T_END}] with {FRAMES} outputs: bridges {round(T_END / DT)} CN steps "
-        f"of {DT} (Newton to 1e-10, GMRES + ILU on the exact sparse Jacobian, assembled once per "
-        f"Newton iteration from 10 coloured reverse-mode products); diffrax adaptive at rtol = "
-        f"atol = {TOL:g} (its step count listed). Each time is one call after a warm-up; "
-        f"diffrax's one-off compilation is listed apart.",
-        "- One process, torch with 1 thread; JAX uses what it likes. 2 cores shared with "
-        "other jobs (load average ~5 during this run): times vary by up to ~2x between runs.",
+        f"- Defaults on a grid: GMRES + ILU below {MULTIGRID_FROM:,} unknowns, GMRES + geometric "
+        f"multigrid on the DMDA hierarchy (Galerkin coarse operators, one Richardson step of "
+        f"block Jacobi + ILU per level) from there; 'other preconditioner' is the same run with "
+        f"options {{'pc_type': 'ilu'}} or {{'pc_type': 'mg'}}, its linear iterations per Newton "
+        f"iteration + the adjoint's per step.",
+        f"- Horizon t in [0, {T_END}] with {FRAMES} outputs: {round(T_END / DT)} CN steps of {DT}, "
+        f"full Newton to snes_rtol 1e-10 with ksp_rtol 1e-12 (the demo's options), the exact "
+        f"sparse Jacobian assembled from 10 coloured products per Newton iteration (forward "
+        f"mode: these sizes are multiples of 5, where DMDA's colouring of a periodic grid "
+        f"separates the columns of a row; other sizes use reverse mode, about 2x slower); the "
+        f"adjoint reuses the Jacobian at the state both its CN steps share.",
+        "- Peak RSS is the process's (torch, PETSc and Python included); the growth is above "
+        "its resident size after a warm-up solve.",
+        "- One process per run, torch with 1 thread; 2 cores shared with other jobs: times vary "
+        "by up to ~2x between runs.",
     ]
+    if why_not:
+        notes.append(f"- diffrax: {why_not} (measured 2026-12-01 at 24² = 1,152 unknowns: 412 s "
+                     f"+ 20 s compile, 1,740x bridges' time then)." if not quick else
+                     f"- diffrax: {why_not}")
     plots = []
     if plot_dir is not None:
         from bridges.demos._util import pyplot
@@ -161,15 +232,18 @@ def _run(quick, plot_dir):
         if plt is not None:
             fig, ax = plt.subplots(figsize=(6, 4.2))
             ax.loglog([r["unknowns"] for r in rows], [r["bridges_s"] for r in rows], "o-",
-                      label="bridges (CN, sparse Jacobian, TSAdjoint)")
-            timed = [r for r in rows if "diffrax" in r]
-            if timed:
-                ax.loglog([r["unknowns"] for r in timed],
-                          [r["diffrax"]["seconds"] for r in timed], "s--",
-                          label="diffrax Kvaerno5 (dense LU)")
+                      label="bridges, grid defaults")
+            other = [r for r in rows if "other" in r]
+            for pc, marker in (("ilu", "s--"), ("mg", "^--")):
+                pts = [(r["unknowns"], r["other"]["seconds"]) for r in other if r["pc"] != pc]
+                if pts:
+                    ax.loglog(*zip(*pts), marker, label=f"bridges, pc_type {pc}")
+            ax.loglog([rows[0]["unknowns"], rows[-1]["unknowns"]],
+                      [rows[0]["bridges_s"], rows[0]["bridges_s"] * rows[-1]["unknowns"] /
+                       rows[0]["unknowns"]], ":", color="gray", label="linear in N")
             ax.set_xlabel("unknowns")
             ax.set_ylabel("seconds, loss + gradient")
-            ax.set_title("BRUSS-2D loss + gradient")
+            ax.set_title("BRUSS-2D loss + gradient (10 CN steps)")
             ax.legend(fontsize=8)
             fig.tight_layout()
             path = plot_dir / "bench_reaction_diffusion.png"
@@ -178,3 +252,8 @@ def _run(quick, plot_dir):
             plots.append(str(path))
     return {"title": TITLE, "table": markdown_table(header, table), "notes": "\n".join(notes),
             "plots": plots}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        worker(int(sys.argv[2]), json.loads(sys.argv[3]))

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import scipy.sparse
 import torch
@@ -95,7 +97,8 @@ class TorchJacobian:
 
 def _distinct(keys, colours) -> bool:
     """Whether no two entries with the same key (row or column) have the same colour."""
-    return np.unique(np.stack([keys, colours]), axis=1).shape[1] == len(keys)
+    pairs = np.sort(keys.astype(np.int64) * (int(colours.max()) + 2) + colours + 1)
+    return not (pairs[1:] == pairs[:-1]).any()
 
 
 def _groups_to_colours(groups, n):
@@ -209,6 +212,7 @@ class ColouredJacobian:
         coo = (owned_in[rows].astype(PETSc.IntType), cols.astype(PETSc.IntType))
         (mat.setPreallocationCOOLocal if local else mat.setPreallocationCOO)(*coo)
         self.evaluations = 0
+        self._memo = None  # (weak reference to a Linearisation, mode, its values)
 
     @property
     def n(self):
@@ -232,7 +236,8 @@ class ColouredJacobian:
     def values(self, fn, u, mode=None, out_shape=None, linearisation=None):
         """The pattern's entries of dfn/du at u (in COO order), by coloured products; `mode`
         overrides the one given at construction. `out_shape`: fn's output shape (default u's);
-        `linearisation`: a `Linearisation` of fn at u to reuse."""
+        `linearisation`: a `Linearisation` of fn at u to reuse (the values of the last one given
+        are kept, and given again for it)."""
         mode = mode or self.requested_mode
         if self.mode is None:  # decided once, at the first assembly
             caps = probe(fn, u, "ColouredJacobian")
@@ -245,6 +250,9 @@ class ColouredJacobian:
         elif mode not in ("forward", "reverse"):
             raise ValueError(f"ColouredJacobian: unknown mode {mode!r}; valid: auto, forward, "
                              f"reverse")
+        memo = self._memo
+        if linearisation is not None and memo and memo[0]() is linearisation and memo[1] == mode:
+            return memo[2]  # the same point again, e.g. with another shift (CN's adjoint)
         lin = linearisation or Linearisation(fn, u)
         if mode == "forward":
             products = lin.jvps(self._seeds(self.col_colour, u.dtype, u.shape))
@@ -255,7 +263,10 @@ class ColouredJacobian:
             take = (self.row_colour[self.rows], self.cols)
         self.evaluations += products.shape[0]
         products = products.reshape(products.shape[0], -1)
-        return products[torch.from_numpy(take[0]), torch.from_numpy(take[1])]
+        values = products[torch.from_numpy(take[0]), torch.from_numpy(take[1])]
+        if linearisation is not None:
+            self._memo = (weakref.ref(linearisation), mode, values)
+        return values
 
     def assemble(self, fn, u, diag_shift=0.0, factor=1.0, mode=None, out_shape=None,
                  linearisation=None):

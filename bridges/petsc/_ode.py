@@ -26,7 +26,7 @@ from ._jacobian import TorchJacobian, block_jacobian
 from ._linear import check_solution, use_block_lu
 from ._options import SolverOptions, check_options
 from ._runtime import PETSc, destroy, diverged, petsc_errors
-from ._solve import _assembler
+from ._solve import _assembler, multigrid_defaults
 from ._vec import as_vec, check_tensor, vec_as_tensor
 
 # method -> (TS type, its scheme option or None, form)
@@ -46,6 +46,10 @@ PRODUCTS = ("auto", "forward", "reverse", "fd")
 BLOCK_LIMIT = 64  # largest per-sample system whose Jacobian blocks are assembled by default
 NEWTON_TOLERANCE = 1e-3  # adaptive steps: Newton's first update, in units of the tolerances,
 NEWTON_REMAINDER = 3e-2  # and its estimated remaining error after later ones
+# grids of at least this many unknowns precondition implicit steps with geometric multigrid:
+# in benchmarks/bench_reaction_diffusion.py its iterations stay flat (5 per solve up to 10^6
+# unknowns, ILU's grow to 23), ILU is faster below, the two take about the same time above
+MULTIGRID_FROM = 1 << 18
 WHO = "odeint_adjoint"
 COLLAPSE = 64 * np.finfo(np.float64).eps  # a step below this times |t| makes no progress
 
@@ -110,7 +114,7 @@ class _ODESolve:
         self.store_all = record and problem.checkpoints is None  # PETSc's trajectory
         self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = self.jac = None
         self.dm = None
-        self._last_linearisation = self._jacp_point = None
+        self._last_linearisation, self._jacp_point = [], None
         self.dense = self.stacked = self.chord = False
         self.block_lu = None
         self._states, self._newton_size = None, 0.0
@@ -268,6 +272,9 @@ class _ODESolve:
             # a sparse Jacobian: GMRES with PETSc's default PC
             block_lu = jacobian == "blocks"
             defaults = {"ksp_type": "preonly" if block_lu else "gmres"}
+            if jacobian == "assembled" and self.layout.dm is not None:  # multigrid where it
+                unknowns = int(np.prod(self.layout.shape)) * self.layout.dof  # measured faster
+                defaults.update(multigrid_defaults(self.layout, unknowns >= MULTIGRID_FROM))
         else:
             if products == "reverse":
                 raise ValueError(f"{WHO}: a matrix-free Jacobian needs J v, which reverse mode "
@@ -353,13 +360,15 @@ class _ODESolve:
 
     def _linearisation(self, t, u):
         """func linearised at (t, u), shared by the Jacobian and parameter-Jacobian products
-        PETSc asks for at the same point (one evaluation of func for both)."""
-        last = self._last_linearisation
-        if last is None or last[0] != t or not torch.equal(last[1].u, u):
-            point = _DensePoint(self._rhs_at(t), u.clone(), self.stacked) if self.dense \
-                else Linearisation(self._rhs_at(t), u.clone())
-            last = self._last_linearisation = (t, point)
-        return last[1]
+        PETSc asks for at the same point (one evaluation of func for both). The last two points
+        are kept: a Crank-Nicolson adjoint step asks for both ends of its step, in turn."""
+        for last_t, point in self._last_linearisation:
+            if last_t == t and torch.equal(point.u, u):
+                return point
+        point = _DensePoint(self._rhs_at(t), u.clone(), self.stacked) if self.dense \
+            else Linearisation(self._rhs_at(t), u.clone())
+        self._last_linearisation = [(t, point)] + self._last_linearisation[:1]
+        return point
 
     def restart_step(self):
         """Start the next step afresh (no data from the step before). ARKIMEX then solves
@@ -553,7 +562,8 @@ class _ODESolve:
                 None if self.blocks is None or self.blocks is self.p.assembler else
                 self.blocks.mat)
         self.ts = self.dm = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = None
-        self.jac = self._last_linearisation = self._jacp_point = None  # closures over self
+        self.jac = self._jacp_point = None  # closures over self
+        self._last_linearisation = []
         self.options.close()
 
 
@@ -765,9 +775,14 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
             boolean array (N = y0.numel()) or a ColouredJacobian such as
             ``stencil_sparsity(y0.shape)`` (reuse it across solves).
         grid: a `Grid` to integrate on, over all of its ranks (see func and y0); the Jacobian is
-            assembled from the grid's stencil. Each rank's parameter gradient is its share:
-            the shares of all ranks sum to the gradient of the total loss (see
-            `sum_gradients`).
+            assembled from the grid's stencil. Newton's linear solves (forward and adjoint) use
+            GMRES with ILU (block Jacobi + ILU on many ranks) below ``MULTIGRID_FROM`` (2^18)
+            unknowns, and from there geometric multigrid on the grid's DMDA hierarchy where it
+            has at least 3 levels (`mg_levels`): Galerkin coarse operators from the assembled
+            Jacobian, one Richardson step of block Jacobi + ILU per level. Options override
+            any of it; ``{"pc_type": "mg"}`` alone brings the rest of that configuration.
+            Each rank's parameter gradient is its share: the shares of all ranks sum to the
+            gradient of the total loss (see `sum_gradients`).
         checkpoints: memory for the adjoint. ``None`` (default): PETSc's trajectory stores every
             step (its stages too). An int ``k >= 1``: at most ``k`` states are stored (y0 among
             them) and the rest recomputed during the adjoint, on the optimal binomial (Revolve)

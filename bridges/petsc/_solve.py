@@ -86,6 +86,20 @@ def mg_levels(grid) -> int:
         sizes, levels = coarse, levels + 1
 
 
+def multigrid_defaults(grid, use=True) -> dict:
+    """PETSc options for geometric multigrid on `grid`'s DMDA hierarchy as the preconditioner of
+    a Jacobian assembled on the fine grid only: Galerkin coarse operators, as many levels as
+    `mg_levels`, one smoothing step of block Jacobi + ILU (it has a transpose, for adjoints; SOR
+    has none for a non-symmetric matrix). With ``use=False`` all but ``pc_type mg``, so that
+    choosing mg by options gets the rest. Empty when the grid allows fewer than 3 levels."""
+    levels = mg_levels(grid)
+    if levels < 3:
+        return {}
+    return {**({"pc_type": "mg"} if use else {}), "pc_mg_levels": levels,
+            "pc_mg_galerkin": "both", "mg_levels_ksp_type": "richardson",
+            "mg_levels_ksp_max_it": 1, "mg_levels_pc_type": "bjacobi"}
+
+
 def multigrid_levels(pc, layout, options) -> None:
     """For pc_type mg on a grid without pc_mg_levels given: as many levels as `mg_levels`."""
     if layout.dm is not None and pc.getType() == "mg" and options["pc_mg_levels"] is None:
