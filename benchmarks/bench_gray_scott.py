@@ -21,7 +21,6 @@ bridges' whole call (set-up and the Jacobian's colouring included) is listed apa
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
 import subprocess

@@ -5,7 +5,12 @@ missing Julia or DPFEHM into a failure, so that a machine meant to run the real-
 pass them by skipping.
 """
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 REQUIRED = ("Julia is not available", "DPFEHM is not available")
@@ -30,3 +35,22 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _fail_if_required(outcome.get_result())  # a module-level skip (tests/test_julia.py)
+
+
+@pytest.fixture(scope="session")
+def run_under_mpiexec(tmp_path_factory):
+    """run_under_mpiexec(script, ranks) runs tests/<script> under `mpiexec -n ranks` with an
+    output path as its argument and returns the arrays it saved (a dict); skips without mpiexec."""
+    mpiexec = shutil.which("mpiexec")
+
+    def run(script, ranks):
+        if mpiexec is None:
+            pytest.skip("mpiexec is not on PATH: install MPICH (bash .ci/setup does) to run the "
+                        "distributed tests")
+        out = tmp_path_factory.mktemp("mpi") / f"ranks{ranks}.npz"
+        done = subprocess.run([mpiexec, "-n", str(ranks), sys.executable,
+                               str(Path(__file__).resolve().parent / script), str(out)],
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"mpiexec -n {ranks} failed:\n{done.stdout}\n{done.stderr}"
+        return dict(np.load(out))
+    return run

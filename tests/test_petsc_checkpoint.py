@@ -1,10 +1,6 @@
 """odeint_adjoint(..., checkpoints=): gradients from a budget of stored states and recomputation,
 checked against the gradient over PETSc's stored trajectory, central differences, the
 schedule's step count, and across MPI ranks (tests/mpi_checkpoint_cases.py)."""
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +11,6 @@ from bridges.petsc import PETSc, odeint_adjoint
 from bridges.petsc._checkpoint import budget, predicted_steps
 
 F64 = torch.float64
-HERE = Path(__file__).resolve().parent
 TIGHT = {"snes_rtol": 1e-13, "snes_atol": 1e-50}
 
 
@@ -158,20 +153,8 @@ def test_checkpoints_refuse_trajectory_options_and_non_integers():
 
 # -- many ranks -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def distributed(tmp_path_factory):
-    mpiexec = shutil.which("mpiexec")
-    if mpiexec is None:
-        pytest.skip("mpiexec is not on PATH: install MPICH (bash .ci/setup does) to run the "
-                    "distributed tests")
-    results = {}
-    for ranks in (1, 2):
-        out = tmp_path_factory.mktemp("mpi") / f"ranks{ranks}.npz"
-        run = subprocess.run([mpiexec, "-n", str(ranks), sys.executable,
-                              str(HERE / "mpi_checkpoint_cases.py"), str(out)],
-                             capture_output=True, text=True, timeout=900)
-        assert run.returncode == 0, f"mpiexec -n {ranks} failed:\n{run.stdout}\n{run.stderr}"
-        results[ranks] = dict(np.load(out))
-    return results
+def distributed(run_under_mpiexec):
+    return {ranks: run_under_mpiexec("mpi_checkpoint_cases.py", ranks) for ranks in (1, 2)}
 
 
 @pytest.mark.parametrize("ranks", [1, 2])

@@ -1,9 +1,5 @@
 """Grids on PETSc's DMDA: blocks and halos, DMDA colourings in Jacobians, multigrid levels, and
 distributed solves and ODE adjoints that agree with one rank (mpiexec -n 2 and -n 4)."""
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +9,6 @@ from bridges.petsc import (ColouredJacobian, Grid, mg_levels, odeint_adjoint, so
                            stencil_sparsity, sum_gradients)
 
 F64 = torch.float64
-HERE = Path(__file__).resolve().parent
 
 
 # -- one rank -------------------------------------------------------------------------------------
@@ -246,21 +241,9 @@ def test_sum_gradients_is_the_identity_on_one_rank():
 
 # -- many ranks -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def distributed(tmp_path_factory):
+def distributed(run_under_mpiexec):
     """Every case of tests/mpi_cases.py on 1, 2 and 4 ranks (4 oversubscribe these 2 cores)."""
-    mpiexec = shutil.which("mpiexec")
-    if mpiexec is None:
-        pytest.skip("mpiexec is not on PATH: install MPICH (bash .ci/setup does) to run the "
-                    "distributed tests")
-    results = {}
-    for ranks in (1, 2, 4):
-        out = tmp_path_factory.mktemp("mpi") / f"ranks{ranks}.npz"
-        run = subprocess.run([mpiexec, "-n", str(ranks), sys.executable,
-                              str(HERE / "mpi_cases.py"), str(out)],
-                             capture_output=True, text=True, timeout=900)
-        assert run.returncode == 0, f"mpiexec -n {ranks} failed:\n{run.stdout}\n{run.stderr}"
-        results[ranks] = dict(np.load(out))
-    return results
+    return {ranks: run_under_mpiexec("mpi_cases.py", ranks) for ranks in (1, 2, 4)}
 
 
 @pytest.mark.parametrize("ranks", [2, 4])

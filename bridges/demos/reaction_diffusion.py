@@ -24,7 +24,6 @@ import argparse
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from bridges.demos._util import figure_path, progress, pyplot
