@@ -388,3 +388,27 @@ def test_torch_compile_breaks_the_graph_only_at_the_op_and_matches_eager():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="bridged op 'tanh_mul' runs foreign code"):
         torch.compile(model, fullgraph=True)(x)
+
+
+def test_a_batched_pullback_is_called_once_for_all_cotangents_under_vmap():
+    """A pullback marked `batched = True` gets every cotangent at once under torch.func.vmap
+    (here vmap over autograd.grad, as jacrev does), and its gradients equal the per-row ones."""
+    a = torch.tensor([[2.0, 1.0], [0.5, 3.0]], dtype=torch.float64)
+    calls = []
+
+    def forward(x):
+        def pullback(g, batched=False):
+            calls.append(tuple(g.shape))
+            return g @ a  # (..., 2) @ (2, 2): each row's J^T g
+        pullback.batched = True
+        return a @ x, pullback
+    op = bridges.foreign_function(forward, name="batched_matvec")
+    x = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
+    y = op(x)
+    rows = torch.eye(2, dtype=torch.float64)
+    jac = torch.func.vmap(lambda v: torch.autograd.grad(y, x, v, retain_graph=True)[0])(rows)
+    torch.testing.assert_close(jac, a)
+    assert calls == [(2, 2)]  # one call, with the batch of two cotangents
+    (g,) = torch.autograd.grad(y, x, torch.tensor([1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(g, a[0])
+    assert calls[-1] == (2,)  # plain backward: one cotangent, no batch

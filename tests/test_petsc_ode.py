@@ -468,3 +468,13 @@ def test_misspelt_options_warn_and_flags_given_as_true_work(capfd):
     odeint_adjoint(func, y0, t, step_size=0.25, options={"ts_monitor": True, "ts_view": True})
     out = capfd.readouterr().out
     assert re.search(r"4 TS \(bridges\d+_\) dt 0.25 time 1\.", out) and "TS Object: (bridges" in out
+
+
+def test_jacrev_through_odeint_is_one_adjoint_sweep_and_exact():
+    """torch.func.jacrev of y(1) w.r.t. y0 for y' = A y equals expm(A) (every row from one
+    TSAdjoint sweep that carries all cotangents)."""
+    a = torch.tensor([[-1.0, 0.5], [0.2, -2.0]], dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    jac = torch.func.jacrev(lambda y0: odeint_adjoint(lambda s, y: a @ y, y0, t, rtol=1e-10,
+                                                      atol=1e-12)[-1])(torch.ones(2, dtype=F64))
+    torch.testing.assert_close(jac, torch.linalg.matrix_exp(a), rtol=1e-7, atol=1e-9)
