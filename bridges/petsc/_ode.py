@@ -404,7 +404,8 @@ class _ODESolve:
             check_progress(self.ts, self.outputs.times)
             return 0
         x, dx = self._owned(snes.getSolution()), self._owned(snes.getSolutionUpdate())
-        if step <= 1e-14 * xnorm and bool((dx.abs() <= 1e-13 * x.abs()).all()):
+        if step <= 1e-14 * xnorm and _on_every_rank(snes.getComm(),
+                                                   bool((dx.abs() <= 1e-13 * x.abs()).all())):
             return reason.CONVERGED_SNORM_RELATIVE  # every component down to rounding
         scaled = float((dx / (self.p.atol + self.p.rtol * x.abs())).square().sum())
         count = dx.numel()
@@ -607,12 +608,20 @@ class _Outputs:
         ts.setTimeStep(self._toward(k, t, dt))
 
 
+def _on_every_rank(comm, flag: bool) -> bool:
+    """Whether `flag` holds on every rank of `comm` (so that all ranks decide alike)."""
+    if comm.getSize() == 1:
+        return flag
+    return comm.tompi4py().allreduce(int(not flag)) == 0
+
+
 def check_progress(ts, times, state=None):
     """Stop a solve that cannot succeed, at once: a step size collapsed to a few rounding
     units of t (a blow-up, a singularity, or Newton failing at every step size), or a
     non-finite state."""
     t, dt = ts.getTime(), ts.getTimeStep()
-    if state is not None and not bool(torch.isfinite(state).all()):
+    if state is not None and not _on_every_rank(ts.getComm(),
+                                                bool(torch.isfinite(state).all())):
         raise SolverFailure(f"{WHO}: the solution became non-finite (nan/inf) at t = {t:.10g} "
                             f"(PETSc TS '{ts.getType()}', step size {dt:.3g}); the problem may "
                             f"blow up there, or the method may be unstable at this step size")
