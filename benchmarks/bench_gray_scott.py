@@ -52,7 +52,7 @@ PROFILE = ("TSFunctionEval", "TSJacobianEval", "KSPSolve", "KSPSolveTranspos", "
 def options(m):
     """SOLVER and the preconditioner bridges chooses by default on an m x m grid."""
     from bridges.petsc import Grid
-    from bridges.petsc._ode import MULTIGRID_FROM
+    from bridges.petsc._ode_jacobians import MULTIGRID_FROM
     from bridges.petsc._solve import multigrid_defaults
     grid = Grid((m, m), dof=2, boundary="periodic")
     return {**SOLVER, **multigrid_defaults(grid, 2 * m * m >= MULTIGRID_FROM)}
@@ -187,7 +187,7 @@ def run(quick=False, plot_dir=None):
 
 def _run(quick):
     from bridges.petsc import PETSc
-    from bridges.petsc._ode import MULTIGRID_FROM
+    from bridges.petsc._ode_jacobians import MULTIGRID_FROM
     PETSc.Log.begin()
     exe = build_c()
     sizes = [64, 128] if quick else [128, 256, 512, 1024]

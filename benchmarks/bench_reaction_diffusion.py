@@ -146,7 +146,7 @@ def run(quick=False, plot_dir=None):
 
 
 def _run(quick, plot_dir):
-    from bridges.petsc._ode import MULTIGRID_FROM
+    from bridges.petsc._ode_jacobians import MULTIGRID_FROM
     sizes = [12, 16, 24] if quick else [30, 60, 120, 240, 480, 720]
     other_from = 24 if quick else 240  # sizes that are also timed with the other preconditioner
     limit = 60.0

@@ -161,8 +161,8 @@ def test_multigrid_time_stepping_gradient_matches_central_differences(monkeypatc
     forward solve and the adjoint; TSAdjoint's gradient equals central differences of the same
     discrete solve, for the parameters and for y0."""
     from bridges.petsc import PETSc
-    from bridges.petsc import _ode
-    monkeypatch.setattr(_ode, "MULTIGRID_FROM", 0)
+    from bridges.petsc import _ode_jacobians
+    monkeypatch.setattr(_ode_jacobians, "MULTIGRID_FROM", 0)
     PETSc.Log.begin()
     ptap = PETSc.Log.Event("MatPtAPNumeric")
     grid = Grid((33, 33))  # 5 levels: 33, 17, 9, 5, 3 points per axis

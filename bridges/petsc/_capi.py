@@ -2,6 +2,8 @@
 
 - `trajectory_prefix`: TSGetTrajectory + PetscObjectSetOptionsPrefix, so a TS's trajectory reads
   its options under the solver's prefix (TSTrajectory takes none from its TS).
+- `renew_trajectory`: TSResetTrajectory and the new trajectory's options, before a TS that has
+  run an adjoint records another forward solve.
 - `trajectory_memory`: TSTrajectorySetType(memory) on a trajectory made after setFromOptions.
 - `swap_adapt`: TSGetAdapt + TSAdaptGetType/SetType, to switch step adaptivity off and on.
 - `set_pre_stage`: TSSetPreStage with a Python function (petsc4py 3.26 has no setPreStage).
@@ -29,6 +31,8 @@ def _lib():
     for name, args in [("TSGetTrajectory", [p, ctypes.POINTER(p)]),
                        ("PetscObjectSetOptionsPrefix", [p, ctypes.c_char_p]),
                        ("TSTrajectorySetType", [p, p, ctypes.c_char_p]),
+                       ("TSResetTrajectory", [p]),
+                       ("TSTrajectorySetFromOptions", [p, p]),
                        ("TSGetAdapt", [p, ctypes.POINTER(p)]),
                        ("TSSetPreStage", [p, _PRE_STAGE]),
                        ("TSAdaptGetType", [p, ctypes.POINTER(ctypes.c_char_p)]),
@@ -64,6 +68,17 @@ def trajectory_prefix(ts, prefix: str) -> None:
     lib, tj = _lib(), ctypes.c_void_p()
     _check(lib.TSGetTrajectory(ts.handle, ctypes.byref(tj)), "TSGetTrajectory")
     _check(lib.PetscObjectSetOptionsPrefix(tj, prefix.encode()), "PetscObjectSetOptionsPrefix")
+
+
+def renew_trajectory(ts, prefix: str) -> None:
+    """Give `ts` a new, empty trajectory configured from the options under prefix. A memory
+    trajectory refilled after TSAdjoint has consumed it crashes PETSc 3.26 when destroyed
+    (TSTrajectoryDestroy -> VecDestroy, SIGSEGV) unless a new one is made."""
+    lib, tj = _lib(), ctypes.c_void_p()
+    _check(lib.TSResetTrajectory(ts.handle), "TSResetTrajectory")
+    _check(lib.TSGetTrajectory(ts.handle, ctypes.byref(tj)), "TSGetTrajectory")
+    _check(lib.PetscObjectSetOptionsPrefix(tj, prefix.encode()), "PetscObjectSetOptionsPrefix")
+    _check(lib.TSTrajectorySetFromOptions(tj, ts.handle), "TSTrajectorySetFromOptions")
 
 
 def trajectory_memory(ts) -> None:

@@ -149,7 +149,7 @@ class Recomputation:
         run, ts, log = self.run, self.run.ts, self.log
         ksp, steps = ts.getSNES().getKSP(), len(log.sizes)
         stored, at = {}, None  # step -> state; the step the TS's state is at (None: unknown)
-        saved = (swap_adapt(ts, "none"), ts.getMaxSteps(), ts.getMaxTime(), run.chord)
+        saved = (swap_adapt(ts, "none"), ts.getMaxSteps(), ts.getMaxTime(), run.jacobians.chord)
         ts.setMaxTime(2 * abs(log.times[-1]) + 1.0)  # step counts end recomputations
         ts.setPostStep(self._replay_step)
         try:
@@ -163,13 +163,13 @@ class Recomputation:
                         run.restart_step()
                     if action.write_ics:
                         stored[action.n0] = run._owned(run.u).clone()
-                    run.chord = chord
+                    run.jacobians.chord = chord
                     self._advance(action.n0, action.n1, action.write_adj_deps)
                     at = action.n1
                 elif isinstance(action, cs.Reverse):
-                    run.chord = False  # the adjoint: exact Jacobians
+                    run.jacobians.chord = False  # the adjoint: exact Jacobians
                     ts.adjointSetSteps(action.n1 - action.n0)
-                    if run.block_lu is None:  # (BlockLU checks its own transposed solves)
+                    if run.jacobians.block_lu is None:  # (BlockLU checks its own transposed solves)
                         ksp.setPostSolve(run._check_adjoint_solve)
                     with petsc_errors(self.who, f"the adjoint solve (PETSc TS '{ts.getType()}')"):
                         ts.adjointSolve()
@@ -194,5 +194,5 @@ class Recomputation:
             swap_adapt(ts, saved[0])
             ts.setMaxSteps(saved[1])
             ts.setMaxTime(saved[2])
-            run.chord = saved[3]
+            run.jacobians.chord = saved[3]
             ts.setPostStep(log)

@@ -19,20 +19,19 @@ import torch
 
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError, check_finite
-from .._linearise import Linearisation, probe
 from .._runs import RunPool, check_choice, check_state
 from .._runs import forward as run_forward
-from ._capi import set_pre_stage, trajectory_prefix
+from ._capi import renew_trajectory, set_pre_stage, trajectory_prefix
 from ._checkpoint import MEMORYLESS, Recomputation, StepLog, budget
 from ._grid import SerialLayout
-from ._jacobian import (JACOBIANS, PRODUCTS, ParameterJacobian, TorchJacobian, block_jacobian,
-                        plan_jacobian)
-from ._linear import check_solution, use_block_lu
+from ._jacobian import JACOBIANS, PRODUCTS
+from ._linear import check_solution
+from ._ode_jacobians import ODEJacobians
 from ._options import SolverOptions, check_options
 from ._runtime import PETSc, destroy, diverged, petsc_errors
-from ._solve import _assembler, multigrid_defaults
+from ._solve import _assembler
 from ._stepping import NewtonTest, check_progress, starting_step
-from ._vec import as_vec, check_tensor, vec_as_tensor
+from ._vec import check_tensor, vec_as_tensor
 
 # method -> (TS type, its scheme option or None, form)
 METHODS = {
@@ -46,11 +45,6 @@ METHODS = {
     "dopri5": ("rk", ("ts_rk_type", "5dp"), "explicit"),
 }
 ADJOINT_TS_TYPES = ("beuler", "cn", "theta", "arkimex", "rk")  # TS types with TSAdjoint
-BLOCK_LIMIT = 64  # largest per-sample system whose Jacobian blocks are assembled by default
-# grids of at least this many unknowns precondition implicit steps with geometric multigrid:
-# in benchmarks/bench_reaction_diffusion.py its iterations stay flat (5 per solve up to 10^6
-# unknowns, ILU's grow to 23), ILU is faster below, the two take about the same time above
-MULTIGRID_FROM = 1 << 18
 WHO = "odeint_adjoint"
 
 
@@ -135,13 +129,8 @@ class _ODESolve:
         self.y0 = y0.clone(memory_format=torch.contiguous_format)
         self.steps = self.log = None
         self.store_all = record and problem.checkpoints is None  # PETSc's trajectory
-        self.ts = self.u = self.F = self.jac_mat = self.jacp = self.blocks = self.jac = None
-        self.dm = self.newton = None
-        self._last_linearisation = []
-        self.dense = self.stacked = self.chord = False
-        self.block_lu = None
-        self._states = None
-        self.stats, self.n_func, self.n_jac = ODEStats(), 0, 0
+        self.ts = self.u = self.F = self.jacobians = self.dm = self.newton = None
+        self.stats, self.n_func, self._solves = ODEStats(), 0, 0
         self.options = SolverOptions(WHO, problem.prefix, problem.options,
                                      problem.defaults(times, self.store_all))
         lagged = (self.options.given.keys() | self.options.inherited.keys()) & \
@@ -193,10 +182,7 @@ class _ODESolve:
         p, layout = self.p, self.layout
         self.u, self.F = layout.global_vec(), layout.global_vec()
         self._check_func(float(self.times[0]))
-        self.jac = TorchJacobian(layout.ghosted_shape, layout=layout)
-        self.jac_mat = self.jac.mat()
-        self.jacp = ParameterJacobian(p.params, int(np.prod(self.shape)), layout.owned_view,
-                                      1.0 if p.form == "explicit" else -1.0, layout.comm)
+        self.jacobians = ODEJacobians(self, WHO)
         ts = self.ts = PETSc.TS().create(comm=layout.comm)
         ts.setOptionsPrefix(self.options.prefix)
         if layout.dm is not None:
@@ -205,27 +191,20 @@ class _ODESolve:
             # the other's callbacks, or freed ones)
             self.dm = layout.dm.clone()
             ts.setDM(self.dm)
-        if p.form == "explicit":
-            ts.setRHSFunction(self._rhs_function, self.F)
-            ts.setRHSJacobian(self._rhs_jacobian, self.jac_mat)  # the adjoint's transposes
-            ts.setRHSJacobianP(self._jacobian_p, self.jacp.mat)
-        else:
-            ts.setIFunction(self._ifunction, self.F)
-            self._set_ijacobian(ts)
-            ts.setIJacobianP(self._jacobian_p, self.jacp.mat)
-            # adaptive steps: one Jacobian per step (chord Newton; a step whose Newton solve
-            # fails is retried smaller, with a fresh Jacobian), converged in the tolerances'
-            # norm; fixed steps: full Newton to snes_rtol
-            self.chord, self._new_step, self._shift = not p.fixed, True, None
-            ts.setPreStep(self._pre_step)
-            # Newton converges in the tolerances' norm, fixed steps too: a test on |F| alone
-            # stops with state errors of |F| * h, which at steps of 1e10 are no errors of F
-            self.newton = NewtonTest(ts, layout.owned_view, p.rtol, p.atol, p.fixed, WHO)
-            ts.getSNES().setConvergenceTest(self.newton)
         self.outputs = _Outputs(self.layout.owned_view)
         if self.record and not self.store_all:  # checkpointed: keep the steps, not the states
             self.log = StepLog(self.outputs, p.fixed,
                                restart=None if p.ts_type in MEMORYLESS else self.restart_step)
+        if p.form == "explicit":
+            ts.setRHSFunction(self._rhs_function, self.F)
+        else:
+            ts.setIFunction(self._ifunction, self.F)
+            ts.setPreStep(self.jacobians.new_step)
+            # Newton converges in the tolerances' norm, fixed steps too: a test on |F| alone
+            # stops with state errors of |F| * h, which at steps of 1e10 are no errors of F
+            self.newton = NewtonTest(ts, layout.owned_view, p.rtol, p.atol, p.fixed, WHO)
+            ts.getSNES().setConvergenceTest(self.newton)
+        self.jacobians.attach(ts, self, self.newton)
         ts.setPostStep(self.log or self.outputs)
         if self.store_all:
             ts.setSaveTrajectory()
@@ -256,70 +235,6 @@ class _ODESolve:
                      "check func for a division by zero, a log or sqrt of a negative number, "
                      "or an overflow", error=ForeignError)
 
-    def _set_ijacobian(self, ts):
-        """Jacobian structure and product mode of an implicit method (see odeint_adjoint)."""
-        p = self.p
-        fn = self._rhs_at(float(self.times[0]))
-        self.layout.owned_view(self.u, "w").copy_(self.y0)
-        u0 = self.layout.exchange(self.u).clone()
-        caps = probe(fn, u0, WHO)
-        block = None if self.layout.dm is not None else self.shape[-1] if self.y0.ndim else 1
-        independent = True
-        if p.jacobian in ("auto", "blocks") and p.assembler is None and block <= BLOCK_LIMIT \
-                and p.products != "fd":  # (kept to precondition a matrix-free Jacobian)
-            self.blocks = block_jacobian(self.shape, mode=p.products)
-            independent = p.jacobian == "blocks" or self._rows_independent(fn)
-        jacobian, products = plan_jacobian(WHO, p.jacobian, p.products, assembler=p.assembler,
-                                           block=block, block_limit=BLOCK_LIMIT,
-                                           independent=independent, forward=caps.forward)
-        if jacobian == "assembled":
-            self.blocks = p.assembler
-        self.assembled = jacobian in ("assembled", "blocks")
-        # one small system of plain torch: its whole Jacobian comes from one reverse pass per
-        # point (see _DensePoint)
-        n = self.y0.numel()
-        self.dense = (jacobian == "blocks" and n == self.blocks.n_in and products != "forward"
-                      and n <= BLOCK_LIMIT and not caps.bridged)
-        self.stacked = self.dense and acts_on_rows(fn, u0)
-        if self.assembled:
-            ts.setIJacobian(self._ijacobian, self.blocks.mat, self.blocks.mat)
-            block_lu = jacobian == "blocks"  # blocks: solved by their pivoted LU factors
-            # a sparse Jacobian: GMRES with PETSc's default PC
-            defaults = {"ksp_type": "preonly" if block_lu else "gmres"}
-            if jacobian == "assembled" and self.layout.dm is not None:  # multigrid where it
-                unknowns = int(np.prod(self.layout.shape)) * self.layout.dof  # measured faster
-                defaults.update(multigrid_defaults(self.layout, unknowns >= MULTIGRID_FROM))
-        else:
-            self.jac.products = products
-            self.pmat = self.jac_mat if self.blocks is None else self.blocks.mat
-            ts.setIJacobian(self._ijacobian, self.jac_mat, self.pmat)
-            block_lu = self.blocks is not None
-            defaults = {"ksp_type": "gmres"} if block_lu else \
-                {"ksp_type": "gmres", "pc_type": "none"}
-        for key, value in defaults.items():  # below the user's options and the command line
-            if self.options[key] is None:
-                PETSc.Options()[self.options.prefix + key] = value
-                self.options.keys.append(key)
-        if block_lu and self.options["pc_type"] is None:  # options may still choose another PC
-            self.block_lu = use_block_lu(ts.getSNES().getKSP(), WHO)
-
-    def _rhs_at(self, t):
-        return lambda y: self.p.rhs(t, y)
-
-    def _rows_independent(self, fn):
-        """Whether func acts on each sample (last-dimension row) of y on its own, so that the
-        block-diagonal Jacobian is exact: checked with one reverse-mode product in a random
-        direction at y0 against the assembled blocks."""
-        if self.y0.ndim <= 1:
-            return True
-        w = torch.randn(self.shape, dtype=self.y0.dtype, generator=torch.Generator().manual_seed(0))
-        exact = Linearisation(fn, self.y0).vjp(w).reshape(-1)
-        mat = self.blocks.assemble(fn, self.y0)
-        approx = torch.zeros_like(exact)
-        mat.multTranspose(as_vec(w.reshape(-1).clone()), as_vec(approx))
-        return bool(torch.allclose(approx, exact, rtol=1e-8,
-                                   atol=1e-12 * float(exact.abs().max())))
-
     # -- PETSc callbacks (they record linearisation points; torch does the algebra) -------------
     def _owned(self, vec, mode="r"):
         return self.layout.owned_view(vec, mode)
@@ -332,47 +247,12 @@ class _ODESolve:
         with torch.no_grad():
             self._owned(F, "w").copy_(self.p.rhs(t, self._ghosted(U)))
 
-    def _rhs_jacobian(self, ts, t, U, A, P):
-        self.jac.at(self._rhs_at(t), self._ghosted(U).clone())
-
     def _ifunction(self, ts, t, U, Udot, F):
         self.n_func += 1
         if self._restarting:  # see restart_step
             t = ts.getTime()
         with torch.no_grad():
             torch.sub(self._owned(Udot), self.p.rhs(t, self._ghosted(U)), out=self._owned(F, "w"))
-
-    def _ijacobian(self, ts, t, U, Udot, shift, A, P):
-        # the chord method: this step's Jacobian for every stage and iteration, unless PETSc
-        # changed the matrices since (ARKIMEX rescales them when it solves for the first
-        # stage's derivative)
-        if self.chord and not self._new_step and shift == self._shift and \
-                self._states == (A.stateGet(), P.stateGet()):
-            return
-        self._new_step, self._shift = False, shift
-        self.n_jac += 1
-        lin = self._linearisation(t, self._ghosted(U))
-        if self.dense:
-            self.blocks.set_dense(lin.jacobian, diag_shift=shift, factor=-1.0)
-        else:
-            if not self.assembled:
-                self.jac.at(lin.fn, lin.u, diag_shift=shift, factor=-1.0)
-            if self.blocks is not None:
-                self.blocks.assemble(lin.fn, lin.u, diag_shift=shift, factor=-1.0,
-                                     out_shape=self.shape, linearisation=lin)
-        self._states = (A.stateGet(), P.stateGet())
-
-    def _linearisation(self, t, u):
-        """func linearised at (t, u), shared by the Jacobian and parameter-Jacobian products
-        PETSc asks for at the same point (one evaluation of func for both). The last two points
-        are kept: a Crank-Nicolson adjoint step asks for both ends of its step, in turn."""
-        for last_t, point in self._last_linearisation:
-            if last_t == t and torch.equal(point.u, u):
-                return point
-        point = _DensePoint(self._rhs_at(t), u.clone(), self.stacked) if self.dense \
-            else Linearisation(self._rhs_at(t), u.clone())
-        self._last_linearisation = [(t, point)] + self._last_linearisation[:1]
-        return point
 
     def restart_step(self):
         """Start the next step afresh (no data from the step before). ARKIMEX then solves
@@ -385,18 +265,15 @@ class _ODESolve:
     def _stage_begins(self):
         self._restarting = False
 
-    def _pre_step(self, ts):
-        self._new_step = True
-
-    def _jacobian_p(self, ts, t, U, *rest):  # RHS form: (A); implicit form: (Udot, shift, A)
-        self.jacp.at(self._linearisation(t, self._ghosted(U)))
-
     # -- forward and adjoint --------------------------------------------------------------------
     def solve(self):
         """Integrates from times[0] through every output time; returns (len(t), *shape)."""
         ts, times = self.ts, self.times
-        self._last_linearisation, self._states, self._new_step = [], None, True
-        self.n_func = self.n_jac = 0
+        self.jacobians.reset()
+        self.n_func = 0
+        if self.store_all and self._solves:  # (see renew_trajectory)
+            renew_trajectory(ts, self.options.prefix)
+        self._solves += 1
         if self.newton is not None:
             self.newton.size, self.newton.calls = 0.0, 0
         self._owned(self.u, "w").copy_(self.y0)
@@ -423,7 +300,7 @@ class _ODESolve:
         self.stats = ODEStats(
             steps=ts.getStepNumber(), rejections=ts.getStepRejections(),
             newton_iterations=ts.getSNESIterations(), linear_iterations=ts.getKSPIterations(),
-            func_calls=self.n_func, jacobians=self.n_jac,
+            func_calls=self.n_func, jacobians=self.jacobians.count,
             newton_tests=self.newton.calls if self.newton is not None else 0)
         ys = torch.stack(values)
         finite = torch.isfinite(ys.reshape(len(times), -1)).all(dim=1)
@@ -447,15 +324,16 @@ class _ODESolve:
         if self.steps is None:  # the trajectory went with an earlier adjoint: solve again
             self.solve()
         cotangents = grad_ys if batched else grad_ys.unsqueeze(0)
-        chord, self.chord = self.chord, False  # the adjoint: exact Jacobians
+        jacobians = self.jacobians
+        chord, jacobians.chord = jacobians.chord, False  # the adjoint: exact Jacobians
         ksp = ts.getSNES().getKSP()
-        if self.block_lu is None and self.log is None:  # (BlockLU checks and refines its
+        if jacobians.block_lu is None and self.log is None:  # (BlockLU checks and refines its
             ksp.setPostSolve(self._check_adjoint_solve)  # own transposed solves)
         want_params = any(needs_input_grad[3:])
         lams = [self.layout.global_vec() for _ in cotangents]
-        mus = [PETSc.Vec().createMPI((self.jacp.n, None), comm=self.layout.comm)
+        mus = [PETSc.Vec().createMPI((jacobians.params.n, None), comm=self.layout.comm)
                for _ in cotangents] if want_params else []
-        jacobians, self.jacp.products = self.n_jac, 0
+        count, jacobians.params.products = jacobians.count, 0
         try:
             for lam, mu, g in zip(lams, mus or lams, cotangents):
                 self._owned(lam, "w").copy_(g[-1])
@@ -488,12 +366,13 @@ class _ODESolve:
                     offset += param.numel()
             grad_y0 = torch.stack([self._owned(lam) for lam in lams])
         finally:
-            destroy(*lams, *mus)  # TS does not own its cost gradients
+            ts.adjointReset()  # the TS keeps no pointer to the cost gradients, which it does
+            destroy(*lams, *mus)  # not own (a later solve with this TS would use them)
             ksp.setPostSolve(None)
         self.stats.adjoint_steps += self.stats.steps
-        self.stats.adjoint_jacobians += self.n_jac - jacobians
-        self.stats.parameter_products += self.jacp.products
-        self.chord = chord
+        self.stats.adjoint_jacobians += jacobians.count - count
+        self.stats.parameter_products += jacobians.params.products
+        jacobians.chord = chord
         self.options.report_unused(final=True)
         if not batched:
             grad_y0, grad_params = grad_y0[0], [g if g is None else g[0] for g in grad_params]
@@ -516,14 +395,10 @@ class _ODESolve:
 
     def release(self):
         """Free every PETSc object of this solve (idempotent)."""
-        destroy(self.ts, self.dm, self.u, self.F, self.jac_mat,
-                None if self.blocks is None or self.blocks is self.p.assembler else
-                self.blocks.mat)
-        if self.jacp is not None:
-            self.jacp.release()
-        self.ts = self.dm = self.u = self.F = self.jac_mat = self.jacp = self.blocks = None
-        self.jac = self.newton = None  # closures over self
-        self._last_linearisation = []
+        destroy(self.ts, self.dm, self.u, self.F)
+        if self.jacobians is not None:
+            self.jacobians.release()
+        self.ts = self.dm = self.u = self.F = self.jacobians = self.newton = None
         self.options.close()
 
 
@@ -565,63 +440,6 @@ class _Outputs:
             if self.per_interval:
                 dt = (times[k] - times[k - 1]) / self.per_interval
         ts.setTimeStep(self._toward(k, t, dt))
-
-
-class _DensePoint(Linearisation):
-    """func at one point of a small system of plain torch, with its whole n x n Jacobian made on
-    first use: by one reverse pass over n stacked copies of the point when func acts on each
-    row of a leading batch dimension on its own (`stacked`, checked once per solve), else by a
-    batched backward over the n unit cotangents. Parameter products go through the graph."""
-
-    def __init__(self, fn, u, stacked):
-        super().__init__(fn, u)
-        self.stacked = stacked
-        self._jacobian = None
-
-    @property
-    def jacobian(self):
-        """d func / d u, (n, n)."""
-        if self._jacobian is None:
-            self._jacobian = stacked_jacobian(self.fn, self.u) if self.stacked else \
-                batched_jacobian(self.fn, self.u)
-        return self._jacobian
-
-
-def stacked_jacobian(fn, u):
-    """J of fn at u from one reverse pass: row i of the stacked input is u, and row i of the
-    output is seeded with e_i, so the gradient's row i is J's row i."""
-    n = u.numel()
-    eye = torch.eye(n, dtype=u.dtype)
-    with torch.enable_grad():
-        leaf = u.reshape(1, n).expand(n, n).clone().requires_grad_()
-        value = fn(leaf.view(n, *u.shape))
-        (grad,) = torch.autograd.grad(value, leaf, eye.view(value.shape))
-    return grad
-
-
-def batched_jacobian(fn, u):
-    """J of fn at u from one backward batched over the n unit cotangents."""
-    n = u.numel()
-    with torch.enable_grad():
-        leaf = u.clone().requires_grad_()
-        value = fn(leaf)
-        (grad,) = torch.autograd.grad(value, leaf, torch.eye(n, dtype=u.dtype).view(n, *value.shape),
-                                      is_grads_batched=True)
-    return grad.reshape(n, n)
-
-
-def acts_on_rows(fn, u):
-    """Whether fn, given n stacked copies of u, returns n copies of fn(u) whose Jacobians are
-    fn's at u: checked once against the batched backward."""
-    try:
-        with torch.no_grad():
-            value = fn(u.reshape(1, -1).expand(u.numel(), -1).reshape(u.numel(), *u.shape))
-        if value.shape != (u.numel(), *u.shape):
-            return False
-        return bool(torch.allclose(stacked_jacobian(fn, u), batched_jacobian(fn, u),
-                                   rtol=1e-12, atol=0))
-    except (RuntimeError, IndexError, ValueError):  # func does not take a batch dimension
-        return False
 
 
 def _forward(y0, t, problem, *params, needs_input_grad):

@@ -1,0 +1,256 @@
+"""The Jacobians of an ODE solve as PETSc's TS asks for them: dfunc/dy for Newton and the adjoint
+(assembled from coloured products, as per-sample dense blocks, or matrix-free), and dfunc/dparams
+for TSAdjoint, sharing one linearisation of func per point.
+
+Newton's Jacobian follows the chord method: one per step for the stages and iterations of an
+adaptive step, and for a small dense system one kept across steps (as CVODE does) until Newton
+slows down, a step is rejected or KEEP_STEPS steps have passed; `chord = False` (the adjoint)
+gives the exact Jacobian at every point asked for.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._linearise import Linearisation, probe
+from ._jacobian import ParameterJacobian, TorchJacobian, block_jacobian, plan_jacobian
+from ._linear import use_block_lu
+from ._runtime import PETSc
+from ._solve import multigrid_defaults
+from ._vec import as_vec
+
+BLOCK_LIMIT = 64  # largest per-sample system whose Jacobian blocks are assembled by default
+# grids of at least this many unknowns precondition implicit steps with geometric multigrid:
+# in benchmarks/bench_reaction_diffusion.py its iterations stay flat (5 per solve up to 10^6
+# unknowns, ILU's grow to 23), ILU is faster below, the two take about the same time above
+MULTIGRID_FROM = 1 << 18
+KEEP_STEPS = 50  # adaptive steps of a small system renew dfunc/dy at least this often
+
+
+class ODEJacobians:
+    """dfunc/dy and dfunc/dparams of one solve (`run`: its problem, layout, state vector and
+    options), attached to its TS by `attach`."""
+
+    def __init__(self, run, who):
+        p, layout = run.p, run.layout
+        self.p, self.layout, self.shape, self.who = p, layout, run.shape, who
+        self.jac = TorchJacobian(layout.ghosted_shape, layout=layout)
+        self.mat = self.jac.mat()
+        self.params = ParameterJacobian(p.params, int(np.prod(self.shape)), layout.owned_view,
+                                        1.0 if p.form == "explicit" else -1.0, layout.comm)
+        self.blocks = self.block_lu = self.newton = None
+        self.dense = self.stacked = self.chord = self.keep = False
+        self.count = 0
+        self.reset()
+
+    def reset(self):
+        """Before a forward solve: nothing kept from the last one."""
+        self._points, self._states, self._shift, self._new_step = [], None, None, True
+        self._kept, self._kept_at, self._rejections = None, 0, 0
+        self.count = 0
+
+    def rhs_at(self, t):
+        return lambda y: self.p.rhs(t, y)
+
+    def attach(self, ts, run, newton):
+        """Register the callbacks with `ts` (`run` gives y0 and the options; `newton` is the
+        Newton test of an implicit method, which says when a kept Jacobian converges poorly)."""
+        if self.p.form == "explicit":
+            ts.setRHSJacobian(self.rhs_jacobian, self.mat)  # the adjoint's transposes
+            ts.setRHSJacobianP(self.jacobian_p, self.params.mat)
+            return
+        self._plan(ts, run)
+        ts.setIJacobianP(self.jacobian_p, self.params.mat)
+        # adaptive steps: chord Newton (a step whose Newton solve fails is retried smaller,
+        # with a fresh Jacobian); fixed steps: a Jacobian at every Newton iteration
+        self.chord, self.newton = not self.p.fixed, newton
+        # a small dense system keeps dfunc/dy across steps; a checkpointed forward must be
+        # recomputed exactly, so it takes each step's own
+        self.keep = self.chord and self.dense and run.log is None
+
+    def _plan(self, ts, run):
+        """Jacobian structure and product mode of an implicit method (see odeint_adjoint)."""
+        p, layout, options = self.p, self.layout, run.options
+        y0, fn = run.y0, self.rhs_at(float(run.times[0]))
+        layout.owned_view(run.u, "w").copy_(y0)
+        u0 = layout.exchange(run.u).clone()
+        caps = probe(fn, u0, self.who)
+        block = None if layout.dm is not None else self.shape[-1] if y0.ndim else 1
+        independent = True
+        if p.jacobian in ("auto", "blocks") and p.assembler is None and block <= BLOCK_LIMIT \
+                and p.products != "fd":  # (kept to precondition a matrix-free Jacobian)
+            self.blocks = block_jacobian(self.shape, mode=p.products)
+            independent = p.jacobian == "blocks" or self._rows_independent(fn, y0)
+        jacobian, products = plan_jacobian(self.who, p.jacobian, p.products,
+                                           assembler=p.assembler, block=block,
+                                           block_limit=BLOCK_LIMIT, independent=independent,
+                                           forward=caps.forward)
+        if jacobian == "assembled":
+            self.blocks = p.assembler
+        self.assembled = jacobian in ("assembled", "blocks")
+        # one small system of plain torch: its whole Jacobian comes from one reverse pass per
+        # point (see _DensePoint)
+        n = y0.numel()
+        self.dense = (jacobian == "blocks" and n == self.blocks.n_in and products != "forward"
+                      and n <= BLOCK_LIMIT and not caps.bridged)
+        self.stacked = self.dense and acts_on_rows(fn, u0)
+        if self.assembled:
+            ts.setIJacobian(self.ijacobian, self.blocks.mat, self.blocks.mat)
+            block_lu = jacobian == "blocks"  # blocks: solved by their pivoted LU factors
+            # a sparse Jacobian: GMRES with PETSc's default PC
+            defaults = {"ksp_type": "preonly" if block_lu else "gmres"}
+            if jacobian == "assembled" and layout.dm is not None:  # multigrid where it
+                unknowns = int(np.prod(layout.shape)) * layout.dof  # measured faster
+                defaults.update(multigrid_defaults(layout, unknowns >= MULTIGRID_FROM))
+        else:
+            self.jac.products = products
+            ts.setIJacobian(self.ijacobian, self.mat,
+                            self.mat if self.blocks is None else self.blocks.mat)
+            block_lu = self.blocks is not None
+            defaults = {"ksp_type": "gmres"} if block_lu else \
+                {"ksp_type": "gmres", "pc_type": "none"}
+        for key, value in defaults.items():  # below the user's options and the command line
+            if options[key] is None:
+                PETSc.Options()[options.prefix + key] = value
+                options.keys.append(key)
+        if block_lu and options["pc_type"] is None:  # options may still choose another PC
+            self.block_lu = use_block_lu(ts.getSNES().getKSP(), self.who)
+
+    def _rows_independent(self, fn, y0):
+        """Whether func acts on each sample (last-dimension row) of y on its own, so that the
+        block-diagonal Jacobian is exact: checked with one reverse-mode product in a random
+        direction at y0 against the assembled blocks."""
+        if y0.ndim <= 1:
+            return True
+        w = torch.randn(self.shape, dtype=y0.dtype, generator=torch.Generator().manual_seed(0))
+        exact = Linearisation(fn, y0).vjp(w).reshape(-1)
+        mat = self.blocks.assemble(fn, y0)
+        approx = torch.zeros_like(exact)
+        mat.multTranspose(as_vec(w.reshape(-1).clone()), as_vec(approx))
+        return bool(torch.allclose(approx, exact, rtol=1e-8,
+                                   atol=1e-12 * float(exact.abs().max())))
+
+    # -- PETSc callbacks (they record linearisation points; torch does the algebra) -------------
+    def rhs_jacobian(self, ts, t, U, A, P):
+        self.jac.at(self.rhs_at(t), self.layout.exchange(U).clone())
+
+    def ijacobian(self, ts, t, U, Udot, shift, A, P):
+        # the chord method: this step's Jacobian for every stage and iteration, unless PETSc
+        # changed the matrices since (ARKIMEX rescales them when it solves for the first
+        # stage's derivative)
+        current = self._states == (A.stateGet(), P.stateGet())
+        if self.chord and not self._new_step and shift == self._shift and current:
+            return
+        self._new_step = False
+        if self.chord and self._kept is not None and not self.newton.poor:
+            # dfunc/dy kept from an earlier step: only shift*I - J is rebuilt, without
+            # evaluating func (see `new_step` for when J is renewed)
+            if shift != self._shift or not current:
+                self.blocks.set_dense(self._kept.jacobian, diag_shift=shift, factor=-1.0)
+                self._shift, self._states = shift, (A.stateGet(), P.stateGet())
+            return
+        self._shift = shift
+        self.count += 1
+        lin = self.linearisation(t, self.layout.exchange(U))
+        if self.keep and self.chord:
+            self._kept, self._kept_at, self.newton.poor = lin, ts.getStepNumber(), False
+        if self.dense:
+            self.blocks.set_dense(lin.jacobian, diag_shift=shift, factor=-1.0)
+        else:
+            if not self.assembled:
+                self.jac.at(lin.fn, lin.u, diag_shift=shift, factor=-1.0)
+            if self.blocks is not None:
+                self.blocks.assemble(lin.fn, lin.u, diag_shift=shift, factor=-1.0,
+                                     out_shape=self.shape, linearisation=lin)
+        self._states = (A.stateGet(), P.stateGet())
+
+    def jacobian_p(self, ts, t, U, *rest):  # RHS form: (A); implicit form: (Udot, shift, A)
+        self.params.at(self.linearisation(t, self.layout.exchange(U)))
+
+    def new_step(self, ts):
+        """TS pre-step: the chord method's next Jacobian; a kept one goes when it is old or
+        the last step was rejected with it."""
+        self._new_step = True
+        if self._kept is not None and (ts.getStepNumber() - self._kept_at >= KEEP_STEPS or
+                                       ts.getStepRejections() > self._rejections):
+            self._kept = None
+        self._rejections = ts.getStepRejections()
+
+    def linearisation(self, t, u):
+        """func linearised at (t, u), shared by the Jacobian and parameter-Jacobian products
+        PETSc asks for at the same point (one evaluation of func for both). The last two points
+        are kept: a Crank-Nicolson adjoint step asks for both ends of its step, in turn."""
+        for last_t, point in self._points:
+            if last_t == t and torch.equal(point.u, u):
+                return point
+        point = _DensePoint(self.rhs_at(t), u.clone(), self.stacked) if self.dense \
+            else Linearisation(self.rhs_at(t), u.clone())
+        self._points = [(t, point)] + self._points[:1]
+        return point
+
+    def release(self):
+        """Free the matrices (the assembler's is the caller's) and the closures over func."""
+        if self.blocks is not None and self.blocks is not self.p.assembler:
+            self.blocks.mat.destroy()
+        if self.mat is not None:
+            self.mat.destroy()
+        self.params.release()
+        self.mat = self.blocks = self.jac = self.newton = self._kept = None
+        self._points = []
+
+
+class _DensePoint(Linearisation):
+    """func at one point of a small system of plain torch, with its whole n x n Jacobian made on
+    first use: by one reverse pass over n stacked copies of the point when func acts on each
+    row of a leading batch dimension on its own (`stacked`, checked once per solve), else by a
+    batched backward over the n unit cotangents. Parameter products go through the graph."""
+
+    def __init__(self, fn, u, stacked):
+        super().__init__(fn, u)
+        self.stacked = stacked
+        self._jacobian = None
+
+    @property
+    def jacobian(self):
+        """d func / d u, (n, n)."""
+        if self._jacobian is None:
+            self._jacobian = stacked_jacobian(self.fn, self.u) if self.stacked else \
+                batched_jacobian(self.fn, self.u)
+        return self._jacobian
+
+
+def stacked_jacobian(fn, u):
+    """J of fn at u from one reverse pass: row i of the stacked input is u, and row i of the
+    output is seeded with e_i, so the gradient's row i is J's row i."""
+    n = u.numel()
+    eye = torch.eye(n, dtype=u.dtype)
+    with torch.enable_grad():
+        leaf = u.reshape(1, n).expand(n, n).clone().requires_grad_()
+        value = fn(leaf.view(n, *u.shape))
+        (grad,) = torch.autograd.grad(value, leaf, eye.view(value.shape))
+    return grad
+
+
+def batched_jacobian(fn, u):
+    """J of fn at u from one backward batched over the n unit cotangents."""
+    n = u.numel()
+    with torch.enable_grad():
+        leaf = u.clone().requires_grad_()
+        value = fn(leaf)
+        (grad,) = torch.autograd.grad(value, leaf, torch.eye(n, dtype=u.dtype).view(n, *value.shape),
+                                      is_grads_batched=True)
+    return grad.reshape(n, n)
+
+
+def acts_on_rows(fn, u):
+    """Whether fn, given n stacked copies of u, returns n copies of fn(u) whose Jacobians are
+    fn's at u: checked once against the batched backward."""
+    try:
+        with torch.no_grad():
+            value = fn(u.reshape(1, -1).expand(u.numel(), -1).reshape(u.numel(), *u.shape))
+        if value.shape != (u.numel(), *u.shape):
+            return False
+        return bool(torch.allclose(stacked_jacobian(fn, u), batched_jacobian(fn, u),
+                                   rtol=1e-12, atol=0))
+    except (RuntimeError, IndexError, ValueError):  # func does not take a batch dimension
+        return False
