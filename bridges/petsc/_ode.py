@@ -199,12 +199,11 @@ class _ODESolve:
             ts.setRHSFunction(self._rhs_function, self.F)
         else:
             ts.setIFunction(self._ifunction, self.F)
-            ts.setPreStep(self.jacobians.new_step)
             # Newton converges in the tolerances' norm, fixed steps too: a test on |F| alone
             # stops with state errors of |F| * h, which at steps of 1e10 are no errors of F
             self.newton = NewtonTest(ts, layout.owned_view, p.rtol, p.atol, p.fixed, WHO)
             ts.getSNES().setConvergenceTest(self.newton)
-        self.jacobians.attach(ts, self, self.newton)
+        self.jacobians.attach(ts, self)
         ts.setPostStep(self.log or self.outputs)
         if self.store_all:
             ts.setSaveTrajectory()

@@ -3,9 +3,10 @@
 for TSAdjoint, sharing one linearisation of func per point.
 
 Newton's Jacobian follows the chord method: one per step for the stages and iterations of an
-adaptive step, and for a small dense system one kept across steps (as CVODE does) until Newton
-slows down, a step is rejected or KEEP_STEPS steps have passed; `chord = False` (the adjoint)
-gives the exact Jacobian at every point asked for.
+adaptive step; `chord = False` (fixed steps, the adjoint) gives the exact Jacobian at every point
+asked for. (Keeping a small system's dfunc/dy across steps, as CVODE does, was measured and
+dropped: on ROBER and HIRES it saved 20-40 % of the Jacobians but added 3-7 % Newton iterations,
+no faster in all, and a checkpointed forward could no longer be recomputed exactly.)
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ BLOCK_LIMIT = 64  # largest per-sample system whose Jacobian blocks are assemble
 # in benchmarks/bench_reaction_diffusion.py its iterations stay flat (5 per solve up to 10^6
 # unknowns, ILU's grow to 23), ILU is faster below, the two take about the same time above
 MULTIGRID_FROM = 1 << 18
-KEEP_STEPS = 50  # adaptive steps of a small system renew dfunc/dy at least this often
 
 
 class ODEJacobians:
@@ -38,35 +38,31 @@ class ODEJacobians:
         self.mat = self.jac.mat()
         self.params = ParameterJacobian(p.params, int(np.prod(self.shape)), layout.owned_view,
                                         1.0 if p.form == "explicit" else -1.0, layout.comm)
-        self.blocks = self.block_lu = self.newton = None
-        self.dense = self.stacked = self.chord = self.keep = False
+        self.blocks = self.block_lu = None
+        self.dense = self.stacked = self.chord = False
         self.count = 0
         self.reset()
 
     def reset(self):
         """Before a forward solve: nothing kept from the last one."""
         self._points, self._states, self._shift, self._new_step = [], None, None, True
-        self._kept, self._kept_at, self._rejections = None, 0, 0
         self.count = 0
 
     def rhs_at(self, t):
         return lambda y: self.p.rhs(t, y)
 
-    def attach(self, ts, run, newton):
-        """Register the callbacks with `ts` (`run` gives y0 and the options; `newton` is the
-        Newton test of an implicit method, which says when a kept Jacobian converges poorly)."""
+    def attach(self, ts, run):
+        """Register the callbacks with `ts` (`run` gives y0, the state vector and options)."""
         if self.p.form == "explicit":
             ts.setRHSJacobian(self.rhs_jacobian, self.mat)  # the adjoint's transposes
             ts.setRHSJacobianP(self.jacobian_p, self.params.mat)
             return
         self._plan(ts, run)
         ts.setIJacobianP(self.jacobian_p, self.params.mat)
+        ts.setPreStep(self.new_step)
         # adaptive steps: chord Newton (a step whose Newton solve fails is retried smaller,
         # with a fresh Jacobian); fixed steps: a Jacobian at every Newton iteration
-        self.chord, self.newton = not self.p.fixed, newton
-        # a small dense system keeps dfunc/dy across steps; a checkpointed forward must be
-        # recomputed exactly, so it takes each step's own
-        self.keep = self.chord and self.dense and run.log is None
+        self.chord = not self.p.fixed
 
     def _plan(self, ts, run):
         """Jacobian structure and product mode of an implicit method (see odeint_adjoint)."""
@@ -138,22 +134,12 @@ class ODEJacobians:
         # the chord method: this step's Jacobian for every stage and iteration, unless PETSc
         # changed the matrices since (ARKIMEX rescales them when it solves for the first
         # stage's derivative)
-        current = self._states == (A.stateGet(), P.stateGet())
-        if self.chord and not self._new_step and shift == self._shift and current:
+        if self.chord and not self._new_step and shift == self._shift and \
+                self._states == (A.stateGet(), P.stateGet()):
             return
-        self._new_step = False
-        if self.chord and self._kept is not None and not self.newton.poor:
-            # dfunc/dy kept from an earlier step: only shift*I - J is rebuilt, without
-            # evaluating func (see `new_step` for when J is renewed)
-            if shift != self._shift or not current:
-                self.blocks.set_dense(self._kept.jacobian, diag_shift=shift, factor=-1.0)
-                self._shift, self._states = shift, (A.stateGet(), P.stateGet())
-            return
-        self._shift = shift
+        self._new_step, self._shift = False, shift
         self.count += 1
         lin = self.linearisation(t, self.layout.exchange(U))
-        if self.keep and self.chord:
-            self._kept, self._kept_at, self.newton.poor = lin, ts.getStepNumber(), False
         if self.dense:
             self.blocks.set_dense(lin.jacobian, diag_shift=shift, factor=-1.0)
         else:
@@ -168,13 +154,8 @@ class ODEJacobians:
         self.params.at(self.linearisation(t, self.layout.exchange(U)))
 
     def new_step(self, ts):
-        """TS pre-step: the chord method's next Jacobian; a kept one goes when it is old or
-        the last step was rejected with it."""
+        """TS pre-step: the chord method's next Jacobian."""
         self._new_step = True
-        if self._kept is not None and (ts.getStepNumber() - self._kept_at >= KEEP_STEPS or
-                                       ts.getStepRejections() > self._rejections):
-            self._kept = None
-        self._rejections = ts.getStepRejections()
 
     def linearisation(self, t, u):
         """func linearised at (t, u), shared by the Jacobian and parameter-Jacobian products
@@ -195,7 +176,7 @@ class ODEJacobians:
         if self.mat is not None:
             self.mat.destroy()
         self.params.release()
-        self.mat = self.blocks = self.jac = self.newton = self._kept = None
+        self.mat = self.blocks = self.jac = None
         self._points = []
 
 

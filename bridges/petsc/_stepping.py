@@ -11,8 +11,6 @@ from ._vec import vec_as_tensor
 
 NEWTON_TOLERANCE = 1e-3  # adaptive steps: Newton's first update, in units of the tolerances,
 NEWTON_REMAINDER = 3e-2  # and its estimated remaining error after later ones
-POOR_RATE = 0.5  # a kept Jacobian is renewed when Newton contracts by less than this per
-SLOW_AFTER = 3  # iteration, or has not converged after this many
 COLLAPSE = 64 * np.finfo(np.float64).eps  # a step below this times |t| makes no progress
 
 
@@ -79,15 +77,13 @@ class NewtonTest:
     |x_i|). Diverged when q >= 1, unless the updates have stalled at the rounding floor (|dx| <=
     1e-12 |x|, or within the tolerances for a fixed step); an adaptive step is then retried
     smaller, with a fresh Jacobian, while a fixed step, which cannot be, iterates on (up to
-    snes_max_it). The first call of each solve also checks the step has not collapsed.
-    `poor` is raised when Newton converges slowly (rate above POOR_RATE, or SLOW_AFTER
-    updates without converging): a Jacobian kept from an earlier step is then renewed."""
+    snes_max_it). The first call of each solve also checks the step has not collapsed."""
 
     def __init__(self, ts, owned, rtol, atol, fixed, who):
         self.ts, self.owned, self.who = ts, owned, who
         self.rtol, self.atol, self.fixed = rtol, atol, fixed
         self.times, self.size = None, 0.0
-        self.calls, self.poor = 0, False
+        self.calls = 0
 
     def __call__(self, snes, it, norms):
         xnorm, step, fnorm = norms
@@ -112,7 +108,6 @@ class NewtonTest:
         if it == 1:
             return reason.CONVERGED_SNORM_RELATIVE if size <= NEWTON_TOLERANCE else 0
         rate = size / previous
-        self.poor = self.poor or rate > POOR_RATE or it >= SLOW_AFTER
         if rate >= 1.0:  # no progress: converged at the rounding floor (of the whole state,
             # or within the tolerances for a fixed step); a fixed step cannot be retried
             # smaller, so its Newton iterations go on (up to snes_max_it)
