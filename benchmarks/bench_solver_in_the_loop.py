@@ -1,4 +1,4 @@
-"""Solver-in-the-loop (the demo's option 2): one training iteration of the hybrid solver unrolled
+"""Solver-in-the-loop (the demo's option 2, on `bridges.problems.turbulence`): one training iteration of the hybrid solver unrolled
 through PETSc pressure solves (`bridges.petsc.solve`: CG + geometric multigrid, adjoint CG in
 backward) against the same iteration with the pure-torch FFT pressure solve, interleaved; the
 pressure solve alone (forward + backward) both ways; how a solve's cost grows with the number of
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bridges.demos import solver_in_the_loop as demo
+from bridges.problems import turbulence
 from bridges.flow import FFTPoisson, PetscPoisson
 
 from ._timing import compare, fmt_time, markdown_table
@@ -25,13 +25,13 @@ TITLE = "Solver in the loop: unrolled training through PETSc pressure solves vs 
 
 
 def _iteration(flow, net, data, starts, unroll):
-    """One option-2 iteration (as demo.train): unrolled loss per window, backward, Adam step."""
+    """One option-2 iteration (as the demo trains): unrolled loss per window, backward, Adam step."""
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-6)
 
     def step():
         optimiser.zero_grad()
         for start in starts:
-            (demo.unrolled_loss(net, flow, data["train"], [start], unroll) / len(starts)).backward()
+            (turbulence.unrolled_loss(net, flow, data["train"], [start], unroll) / len(starts)).backward()
         optimiser.step()
     return step
 
@@ -45,7 +45,7 @@ def _poisson(solver, b, w):
 
 def _alive_cost(n_alive, repeats):
     """Median seconds of one more forward PETSc solve while n_alive solves await backward."""
-    n = demo.PHYSICS["n"]
+    n = turbulence.PHYSICS["n"]
     solver = PetscPoisson(n, 1.0)
     gen = torch.Generator().manual_seed(0)
     b = torch.randn(n, n, dtype=torch.float64, generator=gen).requires_grad_()
@@ -111,16 +111,16 @@ def run(quick=False, plot_dir=None):
 
 
 def _run(quick):
-    cfg = dict(demo.SETTINGS["full"])
+    cfg = dict(turbulence.SETTINGS["full"])
     if quick:
         cfg.update(batch=2, unroll=4)
     cfg.update(horizon=2 * cfg["unroll"], train_flows=cfg["batch"], test_flows=1)
-    data = demo.load_data(cfg)
+    data = turbulence.load_data(cfg)
     starts = [(i, i % cfg["unroll"]) for i in range(cfg["batch"])]
-    n = demo.PHYSICS["n"]
-    flows = {p: demo.coarse_flow(p) for p in ("petsc", "fft")}
+    n = turbulence.PHYSICS["n"]
+    flows = {p: turbulence.coarse_flow(p) for p in ("petsc", "fft")}
     torch.manual_seed(0)
-    net = demo.Correction(flows["fft"].h, width=cfg["width"])
+    net = turbulence.Correction(flows["fft"].h, width=cfg["width"])
     torch.nn.init.normal_(net.body[-1].weight, std=0.1)  # a non-zero correction
     iterations = {f"option-2 iteration, {p} pressure": _iteration(flows[p], net, data, starts,
                                                                  cfg["unroll"])
