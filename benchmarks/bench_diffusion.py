@@ -59,6 +59,22 @@ def _gradient_ratio(row, repeats):
     ratios = [b / f for f, b in zip(forward, backward)]
     return statistics.median(forward), statistics.median(backward), statistics.median(ratios)
 
+def _plot(rows, plot_dir):
+    """Seconds against unknowns: the PETSc solve, its one-off pattern, the seed's LBFGS."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    unknowns = [(r["n"] - 2) ** 2 for r in rows]
+    ax.loglog(unknowns, [r["solve_s"] for r in rows], "o-", label="PETSc solve (CG + MG)")
+    ax.loglog(unknowns, [r["pattern_s"] for r in rows], "^:", label="+ sparsity pattern (once)")
+    seed = [r for r in rows if "lbfgs_s" in r]
+    ax.loglog([(r["n"] - 2) ** 2 for r in seed], [r["lbfgs_s"] for r in seed], "s--",
+              label="seed 002: LBFGS, stopped by its time limit")
+    ax.set(xlabel="unknowns", ylabel="seconds", title="steady diffusion: time to solve")
+    ax.legend(fontsize=8)
+    return save_figure(fig, plot_dir, "bench_diffusion.png", dpi=110)
+
 
 def run(quick=False, plot_dir=None):
     # one torch thread for both methods: on 2 shared cores, waking a second intra-op thread for
@@ -111,23 +127,5 @@ def _run(quick, plot_dir):
         "- torch runs with 1 intra-op thread for both methods; 2 CPU cores shared with other "
         "jobs, so times vary by up to ~2x between runs.",
     ]
-    plots = [] if plot_dir is None else [_plot(rows, plot_dir)]
     return {"title": TITLE, "table": markdown_table(header, table), "notes": "\n".join(notes),
-            "plots": [str(p) for p in plots if p]}
-
-
-def _plot(rows, plot_dir):
-    """Seconds against unknowns: the PETSc solve, its one-off pattern, the seed's LBFGS."""
-    plt = pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    unknowns = [(r["n"] - 2) ** 2 for r in rows]
-    ax.loglog(unknowns, [r["solve_s"] for r in rows], "o-", label="PETSc solve (CG + MG)")
-    ax.loglog(unknowns, [r["pattern_s"] for r in rows], "^:", label="+ sparsity pattern (once)")
-    seed = [r for r in rows if "lbfgs_s" in r]
-    ax.loglog([(r["n"] - 2) ** 2 for r in seed], [r["lbfgs_s"] for r in seed], "s--",
-              label="seed 002: LBFGS, stopped by its time limit")
-    ax.set(xlabel="unknowns", ylabel="seconds", title="steady diffusion: time to solve")
-    ax.legend(fontsize=8)
-    return save_figure(fig, plot_dir, "bench_diffusion.png", dpi=110)
+            "plots": [] if plot_dir is None else [_plot(rows, plot_dir)]}

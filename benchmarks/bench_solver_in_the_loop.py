@@ -10,8 +10,6 @@ one intra-op thread (the demo's default).
 """
 from __future__ import annotations
 
-import cProfile
-import pstats
 import time
 
 import torch
@@ -19,7 +17,7 @@ import torch
 from bridges.problems import turbulence
 from bridges.flow import FFTPoisson, PetscPoisson
 
-from ._timing import compare, fmt_time, markdown_table
+from ._timing import compare, fmt_time, markdown_table, profiled
 
 TITLE = "Solver in the loop: unrolled training through PETSc pressure solves vs a torch FFT solve"
 
@@ -69,13 +67,7 @@ PROFILED = {  # (file suffix, function) -> label, for the cProfile breakdown
 
 
 def _profile(step):
-    profile = cProfile.Profile()
-    start = time.perf_counter()
-    profile.enable()
-    step()
-    profile.disable()
-    total = time.perf_counter() - start
-    stats = pstats.Stats(profile).stats
+    total, stats = profiled(step)
     found = {label: 0.0 for label in PROFILED.values()}
     for (path, _, name), (_, _, _, cumulative, _) in stats.items():
         for (suffix, fn), label in PROFILED.items():
