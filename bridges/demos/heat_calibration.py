@@ -75,8 +75,8 @@ def plot(result, out=None):
 
 
 def main(argv=None):
-    parser = demo_parser(__doc__, quick="30 iterations (smoke test)")
-    parser.add_argument("--iterations", type=int, help="Adam iterations (150, --quick 30)")
+    parser = demo_parser(__doc__, quick="60 iterations (smoke test)")
+    parser.add_argument("--iterations", type=int, help="Adam iterations (150, --quick 60)")
     parser.add_argument("--lr", type=float, default=0.08, help="Adam step on log-parameters")
     parser.add_argument("--noise", type=float, default=0.2, help="sensor noise std [K]")
     parser.add_argument("--seed", type=int, default=0)
@@ -85,7 +85,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    iterations = args.iterations or (30 if args.quick else 150)
+    iterations = args.iterations or (60 if args.quick else 150)
     result = calibrate(iterations, args.lr, args.noise, args.seed, args.workers, args.scheme)
     elapsed = time.perf_counter() - start
     print(f"\n{'parameter':<14}{'true':>8}{'initial':>9}{'fitted':>9}{'error':>9}")
