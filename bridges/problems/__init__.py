@@ -12,6 +12,11 @@ al., *Test Set for IVP Solvers*, University of Bari, release 2.4, https://archim
 ~testset/) publishes one, its reference value at the final time. ``reference`` and
 ``sensitivities`` (forward sensitivities, for reference gradients) are computed by scipy's Radau
 and cached per process. Nothing here imports a solver of bridges.
+
+The models the demos, benchmarks and tests share have modules of their own: `brusselator`
+(BRUSS-2D, whole-array and on a `bridges.petsc.Grid`), `diffusion` (steady diffusion and its
+solvers), `turbulence` (solver in the loop's flows, network and unrolled loss) and `noisy` (a
+noisy map for finite differences). They import bridges.petsc and bridges.flow where they need them.
 """
 from __future__ import annotations
 
