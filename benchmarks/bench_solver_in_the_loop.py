@@ -1,6 +1,7 @@
-"""Solver-in-the-loop (the demo's option 2, on `bridges.problems.turbulence`): one training iteration of the hybrid solver unrolled
-through PETSc pressure solves (`bridges.petsc.solve`: CG + geometric multigrid, adjoint CG in
-backward) against the same iteration with the pure-torch FFT pressure solve, interleaved; the
+"""Solver-in-the-loop (the demo's option 2, on `bridges.problems.turbulence`): one training
+iteration of the hybrid solver unrolled through PETSc pressure solves (`bridges.petsc.solve`: CG +
+geometric multigrid, adjoint CG in backward) against the same iteration with the pure-torch FFT
+pressure solve, interleaved; the
 pressure solve alone (forward + backward) both ways; how a solve's cost grows with the number of
 solves alive at once (an unroll keeps every step's solve until backward); and where the time of
 a PETSc iteration goes (cProfile and PETSc's event log).
@@ -23,13 +24,15 @@ TITLE = "Solver in the loop: unrolled training through PETSc pressure solves vs 
 
 
 def _iteration(flow, net, data, starts, unroll):
-    """One option-2 iteration (as the demo trains): unrolled loss per window, backward, Adam step."""
+    """One option-2 iteration (as the demo trains): unrolled loss per window, backward, Adam
+    step."""
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-6)
 
     def step():
         optimiser.zero_grad()
         for start in starts:
-            (turbulence.unrolled_loss(net, flow, data["train"], [start], unroll) / len(starts)).backward()
+            loss = turbulence.unrolled_loss(net, flow, data["train"], [start], unroll)
+            (loss / len(starts)).backward()
         optimiser.step()
     return step
 

@@ -25,14 +25,16 @@ def test_quick_training_lowers_the_unrolled_loss(quick):
     cfg, data, flow = quick
     windows = _fixed_windows(data, cfg)
     with torch.no_grad():
-        untrained = turbulence.Correction(flow.h, width=cfg["width"])  # zero output: the coarse solver
+        # zero output: the coarse solver
+        untrained = turbulence.Correction(flow.h, width=cfg["width"])
         before = float(turbulence.unrolled_loss(untrained, flow, data["train"], windows,
                                           cfg["unroll"]))
     for variant in ("option 2", "option 1"):
         net, losses, _ = demo.train(variant, data, cfg, flow)
         assert len(losses) == cfg["iterations"]
         with torch.no_grad():
-            after = float(turbulence.unrolled_loss(net, flow, data["train"], windows, cfg["unroll"]))
+            after = float(turbulence.unrolled_loss(net, flow, data["train"], windows,
+                                                   cfg["unroll"]))
         assert after < 0.9 * before, (variant, before, after)
 
 

@@ -65,7 +65,8 @@ def _dpfehm_op():
     reason = dpfehm_unavailable_reason()
     if reason is not None:
         raise JuliaUnavailableError(f"{WHO}: {reason}")
-    return julia2pytorch("pressure", include_setup(FRACTURE_DPFEHM_JL, "FractureDPFEHM", "pressure"))
+    setup = include_setup(FRACTURE_DPFEHM_JL, "FractureDPFEHM", "pressure")
+    return julia2pytorch("pressure", setup)
 
 
 def pressure_dpfehm(k, p_left=2.0, p_right=1.0, *, reltol=RELTOL, maxiter=MAXITER):

@@ -27,8 +27,8 @@ Conventions:
 
 The Julia side is the package BridgesJL, shipped inside this package (`bridges/julia/BridgesJL`),
 which juliapkg installs (with Zygote and ChainRulesCore) from `bridges/juliapkg.json` on first use.
-`include_setup(path, module, name)` writes the setup code for a function in a Julia file of your own;
-`julia_has_package(name)` says whether an optional Julia package is installed.
+`include_setup(path, module, name)` writes the setup code for a function in a Julia file of your
+own; `julia_has_package(name)` says whether an optional Julia package is installed.
 """
 from ._bridge import JuliaFunction, julia2pytorch
 from ._code import include_setup
