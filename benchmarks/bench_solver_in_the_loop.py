@@ -1,10 +1,9 @@
 """Solver-in-the-loop (the demo's option 2, on `bridges.problems.turbulence`): one training
 iteration of the hybrid solver unrolled through PETSc pressure solves (`bridges.petsc.solve`: CG +
 geometric multigrid, adjoint CG in backward) against the same iteration with the pure-torch FFT
-pressure solve, interleaved; the
-pressure solve alone (forward + backward) both ways; how a solve's cost grows with the number of
-solves alive at once (an unroll keeps every step's solve until backward); and where the time of
-a PETSc iteration goes (cProfile and PETSc's event log).
+pressure solve, interleaved; the pressure solve alone (forward + backward) both ways; how a solve's
+cost grows with the number of solves alive at once (an unroll keeps every step's solve until
+backward); and where the time of a PETSc iteration goes (cProfile and PETSc's event log).
 
 The coarse grid is the demo's (32 x 32, periodic, two pressure solves per step); torch runs with
 one intra-op thread (the demo's default).
