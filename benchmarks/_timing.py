@@ -1,7 +1,9 @@
 """Side-by-side timing: variants are interleaved in every round, so machine noise hits all alike."""
 from __future__ import annotations
 
+import cProfile
 import gc
+import pstats
 import statistics
 import time
 
@@ -53,3 +55,14 @@ def fmt_time(seconds: float) -> str:
         if seconds >= scale:
             return f"{seconds / scale:.3g} {unit}"
     return f"{seconds / 1e-9:.3g} ns"
+
+
+def profiled(fn):
+    """(seconds, pstats' table {(file, line, function): (calls, ..., cumulative seconds, ...)})
+    of one call of fn under cProfile."""
+    profile = cProfile.Profile()
+    start = time.perf_counter()
+    profile.enable()
+    fn()
+    profile.disable()
+    return time.perf_counter() - start, pstats.Stats(profile).stats

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from bridges.demos import steady_diffusion as demo
+from bridges.plotting import pyplot, save_figure
+from bridges.problems import diffusion
 
 from ._timing import fmt_time, markdown_table
 
@@ -30,12 +31,12 @@ def _median_time(fn, repeats):
 
 
 def _petsc(n, repeats):
-    kappa, source = demo.seed_problem(n)
-    pattern_s, sparsity = _median_time(lambda: demo.interior_grid(n), 1)
-    solve_s, (T, stats) = _median_time(lambda: demo.solve_petsc(kappa, source,
+    kappa, source = diffusion.seed_problem(n)
+    pattern_s, sparsity = _median_time(lambda: diffusion.interior_grid(n), 1)
+    solve_s, (T, stats) = _median_time(lambda: diffusion.solve_petsc(kappa, source,
                                                                 grid=sparsity), repeats)
     return {"n": n, "pattern_s": pattern_s, "solve_s": solve_s, "T": T,
-            "residual": demo.residual_norm(T, kappa, source), "cg": stats["ksp_iterations"],
+            "residual": diffusion.residual_norm(T, kappa, source), "cg": stats["ksp_iterations"],
             "kappa": kappa, "source": source, "sparsity": sparsity}
 
 
@@ -49,7 +50,7 @@ def _gradient_ratio(row, repeats):
     forward, backward = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        T = demo.solve_petsc(kappa, source, grid=row["sparsity"])[0]
+        T = diffusion.solve_petsc(kappa, source, grid=row["sparsity"])[0]
         loss = torch.sum(weights * T)
         forward.append(time.perf_counter() - start)
         start = time.perf_counter()
@@ -57,6 +58,22 @@ def _gradient_ratio(row, repeats):
         backward.append(time.perf_counter() - start)
     ratios = [b / f for f, b in zip(forward, backward)]
     return statistics.median(forward), statistics.median(backward), statistics.median(ratios)
+
+def _plot(rows, plot_dir):
+    """Seconds against unknowns: the PETSc solve, its one-off pattern, the seed's LBFGS."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    unknowns = [(r["n"] - 2) ** 2 for r in rows]
+    ax.loglog(unknowns, [r["solve_s"] for r in rows], "o-", label="PETSc solve (CG + MG)")
+    ax.loglog(unknowns, [r["pattern_s"] for r in rows], "^:", label="+ sparsity pattern (once)")
+    seed = [r for r in rows if "lbfgs_s" in r]
+    ax.loglog([(r["n"] - 2) ** 2 for r in seed], [r["lbfgs_s"] for r in seed], "s--",
+              label="seed 002: LBFGS, stopped by its time limit")
+    ax.set(xlabel="unknowns", ylabel="seconds", title="steady diffusion: time to solve")
+    ax.legend(fontsize=8)
+    return save_figure(fig, plot_dir, "bench_diffusion.png", dpi=110)
 
 
 def run(quick=False, plot_dir=None):
@@ -75,13 +92,13 @@ def _run(quick, plot_dir):
     lbfgs = {128: 10.0} if quick else {128: 60.0, 256: 60.0}
     repeats = 1 if quick else 3
     rows, table = [], []
-    demo.solve_petsc(*demo.seed_problem(34))  # warm up PETSc and torch once
+    diffusion.solve_petsc(*diffusion.seed_problem(34))  # warm up PETSc and torch once
     for n in grids:
         row = _petsc(n, repeats)
         if n in lbfgs:
-            T_l, info = demo.solve_lbfgs(row["kappa"], row["source"], time_limit=lbfgs[n])
+            T_l, info = diffusion.solve_lbfgs(row["kappa"], row["source"], time_limit=lbfgs[n])
             row.update(lbfgs_s=info["seconds"], lbfgs_steps=info["steps"],
-                       lbfgs_residual=demo.residual_norm(T_l, row["kappa"], row["source"]))
+                       lbfgs_residual=diffusion.residual_norm(T_l, row["kappa"], row["source"]))
         rows.append(row)
         table.append([f"{n}x{n} ({(n - 2) ** 2:,} unknowns)", fmt_time(row["solve_s"]),
                       fmt_time(row["pattern_s"]), f"{row['residual']:.1e}", row["cg"],
@@ -110,13 +127,5 @@ def _run(quick, plot_dir):
         "- torch runs with 1 intra-op thread for both methods; 2 CPU cores shared with other "
         "jobs, so times vary by up to ~2x between runs.",
     ]
-    plots = []
-    if plot_dir is not None:
-        path = demo.plot_timing([{"n": r["n"], "petsc_s": r["solve_s"],
-                                  **({"lbfgs_s": r["lbfgs_s"],
-                                      "lbfgs_residual": r["lbfgs_residual"]}
-                                     if "lbfgs_s" in r else {})} for r in rows],
-                                plot_dir / "bench_diffusion.png")
-        plots = [str(path)] if path else []
     return {"title": TITLE, "table": markdown_table(header, table), "notes": "\n".join(notes),
-            "plots": plots}
+            "plots": [] if plot_dir is None else [_plot(rows, plot_dir)]}

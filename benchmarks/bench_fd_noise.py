@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from bridges import fd2pytorch
+from bridges.problems.noisy import noisy_map, noisy_map_jacobian
 from bridges.programs import ngspice
 
 from ._timing import markdown_table
@@ -31,19 +32,6 @@ def rc_jacobian(x):
 
 def column_errors(jac, exact):
     return np.linalg.norm(jac - exact, axis=0) / np.linalg.norm(exact, axis=0)
-
-
-def smooth(sigma):
-    def f(x):
-        rng = np.random.default_rng(int.from_bytes(x.tobytes()[:16], "little") % 2 ** 63)
-        clean = np.array([np.sin(x[0]) * x[1], np.exp(0.5 * x[0]) + x[1] ** 2, x[0] * x[1]])
-        return clean + sigma * rng.standard_normal(3)
-    return f
-
-
-def smooth_jacobian(x):
-    return np.array([[np.cos(x[0]) * x[1], np.sin(x[0])], [0.5 * np.exp(0.5 * x[0]), 2 * x[1]],
-                     [x[1], x[0]]])
 
 
 def run(quick=False, plot_dir=None):
@@ -73,10 +61,10 @@ def run(quick=False, plot_dir=None):
     x = np.array([0.7, 1.3])
     noise_rows = []
     for sigma in sigmas:
-        fixed = column_errors(fd2pytorch(smooth(sigma), noise=None).jacobian_at(x),
-                              smooth_jacobian(x)).max()
-        aware = fd2pytorch(smooth(sigma))
-        err = column_errors(aware.jacobian_at(x), smooth_jacobian(x)).max()
+        fixed = column_errors(fd2pytorch(noisy_map(sigma), noise=None).jacobian_at(x),
+                              noisy_map_jacobian(x)).max()
+        aware = fd2pytorch(noisy_map(sigma))
+        err = column_errors(aware.jacobian_at(x), noisy_map_jacobian(x)).max()
         noise_rows.append([f"{sigma:.0e}" if sigma else "0 (rounding)",
                            f"{aware.noise.level.min():.1e} ... {aware.noise.level.max():.1e}",
                            f"{fixed:.1e}", f"{err:.1e}", f"{aware.noise.steps.min():.1e}"])

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from bridges.demos._util import pyplot
+from bridges.plotting import pyplot, save_figure
 from bridges.julia import JuliaUnavailableError, julia2pytorch
 
 from ._timing import compare, fmt_time, markdown_table
@@ -36,6 +36,20 @@ A = randn(Random.MersenneTwister(0), {n}, {n})
 matvec(x) = A * x
 outer(x) = x * x'
 """
+
+def _plot(ratios, plot_dir):
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, marker in (("matvec", "s"), ("outer", "o")):
+        n, vs_native, vs_views = map(np.array, zip(*[r[1:] for r in ratios if r[0] == name]))
+        ax.loglog(n, vs_native, marker + "-", label=f"{name}: bridged / native torch")
+        ax.loglog(n, vs_views, marker + ":", label=f"{name}: copies / views")
+    ax.axhline(1.0, color="grey", ls=":")
+    ax.set(xlabel="n (x has n entries)", ylabel="time ratio", title="Julia adapter overhead")
+    ax.legend(fontsize=8)
+    return save_figure(fig, plot_dir, "julia_overhead.png", dpi=110)
 
 
 def run(quick=False, plot_dir=None):
@@ -99,25 +113,5 @@ def run(quick=False, plot_dir=None):
              f"is the bridge's own cost (core checks, tensor-numpy transfers). x reaches Julia as "
              f"a PyArray view (no copy). The first call of each function includes Julia "
              f"compiling it and its pullback.")
-    plots = []
-    if plot_dir is not None:
-        plots.append(_plot(ratios, plot_dir / "julia_overhead.png"))
-    return {"title": TITLE, "table": table, "notes": notes, "plots": [p for p in plots if p]}
-
-
-def _plot(ratios, path):
-    plt = pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, marker in (("matvec", "s"), ("outer", "o")):
-        n, vs_native, vs_views = map(np.array, zip(*[r[1:] for r in ratios if r[0] == name]))
-        ax.loglog(n, vs_native, marker + "-", label=f"{name}: bridged / native torch")
-        ax.loglog(n, vs_views, marker + ":", label=f"{name}: copies / views")
-    ax.axhline(1.0, color="grey", ls=":")
-    ax.set(xlabel="n (x has n entries)", ylabel="time ratio", title="Julia adapter overhead")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return {"title": TITLE, "table": table, "notes": notes,
+            "plots": [] if plot_dir is None else [_plot(ratios, plot_dir)]}

@@ -2,7 +2,7 @@
 strong scaling of the 1025^2-unknown problem on 1, 2 and 4 ranks, weak scaling at a fixed block
 per rank, the bytes each rank exchanges, and where each rank's time goes.
 
-The problem is the steady-diffusion demo's (`bridges.demos.steady_diffusion`, seed 002's kappa =
+The problem is steady diffusion (`bridges.problems.diffusion`, seed 002's kappa =
 1, s = 1): CG + geometric multigrid on the DMDA hierarchy to a residual of 1e-11, then the
 gradient of L = sum(w T) w.r.t. kappa and s (one adjoint CG + MG solve and one autograd pass), the
 ranks' gradient shares summed by `sum_gradients`. Each configuration runs in its own
@@ -36,7 +36,7 @@ def _worker(shape, repeats, out, independent=False):
     import torch
     from bridges.petsc import PETSc
     PETSc.Log.begin()
-    from bridges.demos import steady_diffusion as demo
+    from bridges.problems import diffusion
     from bridges.petsc import Grid, solve, sum_gradients
     torch.set_num_threads(1)  # one thread per rank: the ranks take the cores
     world = PETSc.COMM_WORLD
@@ -55,12 +55,12 @@ def _worker(shape, repeats, out, independent=False):
     kappa = torch.ones(ny + 2, nx + 2, dtype=torch.float64, requires_grad=True)
     source = torch.ones(ny, nx, dtype=torch.float64, requires_grad=True)
     weights = torch.linspace(0, 1, ny * nx, dtype=torch.float64).view(ny, nx)[grid.owned]
-    residual = demo.grid_residual(grid)
+    residual = diffusion.grid_residual(grid)
     rows = []
     for k in range(repeats + 1):  # the first includes the one-off assembly set-up
         before = {e: PETSc.Log.Event(e).getPerfInfo() for e in EVENTS}
         stats = {}
-        options = {**demo.SOLVER, **demo.PRECONDITIONERS["mg"]}
+        options = {**diffusion.SOLVER, **diffusion.PRECONDITIONERS["mg"]}
         T, forward_s = timed(lambda: solve(residual, grid.zeros(), kappa, source, grid=grid,
                                            linear=True, symmetric=True, stats=stats,
                                            options=options))

@@ -8,7 +8,7 @@ ones), against the other preconditioner at the sizes near the switch, and agains
 differentiation with jax 0.10.2 / diffrax 0.7.2 / lineax 0.1.1: "TypeError: ... Jaxpr ... is not
 a valid JAX type", so it is not offered.)
 
-Problem: `bridges.demos.reaction_diffusion.build_problem(n, t_end=0.1, frames=2)`, loss the mean
+Problem: `bridges.problems.brusselator.bruss2d_grid(n, t_end=0.1, frames=2)`, loss the mean
 of y^2 at the two outputs, gradient w.r.t. (log a, log b, log alpha). bridges steps dt = 0.01
 (10 CN steps); diffrax runs at rtol = atol = 1e-6. 'gradient difference' is the relative 2-norm
 difference of the two gradients: both approximate the same exact gradient (CN's error is
@@ -39,8 +39,8 @@ DENSE_LIMIT = 10_000  # unknowns beyond which diffrax's dense Jacobian (N^2 doub
 
 def _bridges(n, options=None):
     """(seconds, loss, gradient) of one loss + gradient."""
-    from bridges.demos.reaction_diffusion import build_problem
-    problem = build_problem(n, t_end=T_END, frames=FRAMES, step_size=DT)
+    from bridges.problems.brusselator import bruss2d_grid
+    problem = bruss2d_grid(n, t_end=T_END, frames=FRAMES, step_size=DT)
     start = time.perf_counter()
     ys = problem.solve(options)
     loss = (ys[1:] ** 2).mean()
@@ -106,7 +106,7 @@ def _diffrax(n):
     """(seconds, compile seconds, loss, gradient, steps) of one loss + gradient, compiled first
     (the one-off compilation timed apart)."""
     jax, jnp, diffrax = _diffrax_setup()
-    from bridges.demos.reaction_diffusion import RATES, initial_state
+    from bridges.problems.brusselator import RATES, initial_state
 
     def rhs(t, y, log_rates):
         a, b, alpha = jnp.exp(log_rates)
@@ -227,7 +227,7 @@ def _run(quick, plot_dir):
                      f"- diffrax: {why_not}")
     plots = []
     if plot_dir is not None:
-        from bridges.demos._util import pyplot
+        from bridges.plotting import pyplot, save_figure
         plt = pyplot()
         if plt is not None:
             fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -245,11 +245,7 @@ def _run(quick, plot_dir):
             ax.set_ylabel("seconds, loss + gradient")
             ax.set_title("BRUSS-2D loss + gradient (10 CN steps)")
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = plot_dir / "bench_reaction_diffusion.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            plots.append(str(path))
+            plots.append(str(save_figure(fig, plot_dir, "bench_reaction_diffusion.png", dpi=110)))
     return {"title": TITLE, "table": markdown_table(header, table), "notes": "\n".join(notes),
             "plots": plots}
 

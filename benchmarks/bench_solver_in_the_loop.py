@@ -1,37 +1,37 @@
-"""Solver-in-the-loop (the demo's option 2): one training iteration of the hybrid solver unrolled
-through PETSc pressure solves (`bridges.petsc.solve`: CG + geometric multigrid, adjoint CG in
-backward) against the same iteration with the pure-torch FFT pressure solve, interleaved; the
-pressure solve alone (forward + backward) both ways; how a solve's cost grows with the number of
-solves alive at once (an unroll keeps every step's solve until backward); and where the time of
-a PETSc iteration goes (cProfile and PETSc's event log).
+"""Solver-in-the-loop (the demo's option 2, on `bridges.problems.turbulence`): one training
+iteration of the hybrid solver unrolled through PETSc pressure solves (`bridges.petsc.solve`: CG +
+geometric multigrid, adjoint CG in backward) against the same iteration with the pure-torch FFT
+pressure solve, interleaved; the pressure solve alone (forward + backward) both ways; how a solve's
+cost grows with the number of solves alive at once (an unroll keeps every step's solve until
+backward); and where the time of a PETSc iteration goes (cProfile and PETSc's event log).
 
 The coarse grid is the demo's (32 x 32, periodic, two pressure solves per step); torch runs with
 one intra-op thread (the demo's default).
 """
 from __future__ import annotations
 
-import cProfile
-import pstats
 import time
 
 import torch
 
-from bridges.demos import solver_in_the_loop as demo
+from bridges.problems import turbulence
 from bridges.flow import FFTPoisson, PetscPoisson
 
-from ._timing import compare, fmt_time, markdown_table
+from ._timing import compare, fmt_time, markdown_table, profiled
 
 TITLE = "Solver in the loop: unrolled training through PETSc pressure solves vs a torch FFT solve"
 
 
 def _iteration(flow, net, data, starts, unroll):
-    """One option-2 iteration (as demo.train): unrolled loss per window, backward, Adam step."""
+    """One option-2 iteration (as the demo trains): unrolled loss per window, backward, Adam
+    step."""
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-6)
 
     def step():
         optimiser.zero_grad()
         for start in starts:
-            (demo.unrolled_loss(net, flow, data["train"], [start], unroll) / len(starts)).backward()
+            loss = turbulence.unrolled_loss(net, flow, data["train"], [start], unroll)
+            (loss / len(starts)).backward()
         optimiser.step()
     return step
 
@@ -45,7 +45,7 @@ def _poisson(solver, b, w):
 
 def _alive_cost(n_alive, repeats):
     """Median seconds of one more forward PETSc solve while n_alive solves await backward."""
-    n = demo.PHYSICS["n"]
+    n = turbulence.PHYSICS["n"]
     solver = PetscPoisson(n, 1.0)
     gen = torch.Generator().manual_seed(0)
     b = torch.randn(n, n, dtype=torch.float64, generator=gen).requires_grad_()
@@ -69,13 +69,7 @@ PROFILED = {  # (file suffix, function) -> label, for the cProfile breakdown
 
 
 def _profile(step):
-    profile = cProfile.Profile()
-    start = time.perf_counter()
-    profile.enable()
-    step()
-    profile.disable()
-    total = time.perf_counter() - start
-    stats = pstats.Stats(profile).stats
+    total, stats = profiled(step)
     found = {label: 0.0 for label in PROFILED.values()}
     for (path, _, name), (_, _, _, cumulative, _) in stats.items():
         for (suffix, fn), label in PROFILED.items():
@@ -111,16 +105,16 @@ def run(quick=False, plot_dir=None):
 
 
 def _run(quick):
-    cfg = dict(demo.SETTINGS["full"])
+    cfg = dict(turbulence.SETTINGS["full"])
     if quick:
         cfg.update(batch=2, unroll=4)
     cfg.update(horizon=2 * cfg["unroll"], train_flows=cfg["batch"], test_flows=1)
-    data = demo.load_data(cfg)
+    data = turbulence.load_data(cfg)
     starts = [(i, i % cfg["unroll"]) for i in range(cfg["batch"])]
-    n = demo.PHYSICS["n"]
-    flows = {p: demo.coarse_flow(p) for p in ("petsc", "fft")}
+    n = turbulence.PHYSICS["n"]
+    flows = {p: turbulence.coarse_flow(p) for p in ("petsc", "fft")}
     torch.manual_seed(0)
-    net = demo.Correction(flows["fft"].h, width=cfg["width"])
+    net = turbulence.Correction(flows["fft"].h, width=cfg["width"])
     torch.nn.init.normal_(net.body[-1].weight, std=0.1)  # a non-zero correction
     iterations = {f"option-2 iteration, {p} pressure": _iteration(flows[p], net, data, starts,
                                                                  cfg["unroll"])

@@ -2,7 +2,8 @@
 
     python -m benchmarks.run [--quick] [--only NAME ...]
 
-Each module defines TITLE and run(quick, plot_dir) -> {"title", "table", "notes", "plots"}.
+Each module defines TITLE and run(quick, plot_dir) -> {"title", "table", "notes", "plots"} (None
+in "plots" for a figure not drawn, e.g. without matplotlib).
 Numbers are ratios of variants timed side by side in one run: this machine is shared and noisy.
 """
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main(argv=None):
         lines = [f"## {s['title']}", "",
                  f"`benchmarks/{s['name']}.py`, {s['seconds']:.0f} s{origin}.",
                  "", s["table"], "", s["notes"], ""]
-        lines += [f"![{Path(p).stem}](plots/{Path(p).name})" for p in s["plots"]] + [""]
+        lines += [f"![{Path(p).stem}](plots/{Path(p).name})" for p in s["plots"] if p] + [""]
         texts[s["name"]] = "\n".join(lines)
     output = Path(args.output)
     if args.only and output.exists():  # keep the other benchmarks' sections as they are

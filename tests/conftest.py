@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REQUIRED = ("Julia is not available", "DPFEHM is not available")
 
@@ -35,6 +36,15 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _fail_if_required(outcome.get_result())  # a module-level skip (tests/test_julia.py)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch with one intra-op thread, as the demos run: a second thread slows small ops down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

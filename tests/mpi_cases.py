@@ -159,10 +159,10 @@ def ddp(results):
 
 
 def brusselator(results):
-    """The reaction-diffusion demo's BRUSS-2D (periodic, dof 2, CN with TSAdjoint) on 16 x 16:
-    y at the outputs, dL/dy0 and dL/d(log rates)."""
-    from bridges.demos.reaction_diffusion import build_problem
-    problem = build_problem(16, t_end=0.2, frames=2, step_size=0.05)
+    """BRUSS-2D on a periodic Grid (dof 2, CN with TSAdjoint) on 16 x 16: y at the outputs,
+    dL/dy0 and dL/d(log rates)."""
+    from bridges.problems.brusselator import bruss2d_grid
+    problem = bruss2d_grid(16, t_end=0.2, frames=2, step_size=0.05)
     grid = problem.grid
     y0 = problem.y0.clone().requires_grad_()
     ys = problem.solve(options=TIGHT, y0=y0)

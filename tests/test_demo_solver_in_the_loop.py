@@ -1,75 +1,18 @@
-"""The solver-in-the-loop demo: gradients of the unrolled hybrid solver, training, the variants,
-memory over a long unrolled backward, and the command line."""
-import gc
-import re
-
+"""The solver-in-the-loop demo: training, the variants, and the command line. (The unrolled
+hybrid solver's gradient and memory: tests/test_problems_turbulence.py.)"""
 import pytest
 import torch
 
 from bridges.demos import solver_in_the_loop as demo
-from bridges.flow import Flow, random_flow, restrict
+from bridges.problems import turbulence
 
-F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """As the demo runs (--threads 1): a second intra-op thread slows these small ops down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _tiny_problem(pressure, n=8):
-    torch.manual_seed(0)
-    net = demo.Correction(2 * torch.pi / n, width=4, dtype=F64)
-    with torch.no_grad():  # every layer random, so that every parameter gets a gradient
-        for p in net.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, dtype=F64))
-    flow = Flow(n, viscosity=1e-2, dt=0.05, pressure=pressure,
-                **({"options": {"ksp_rtol": 1e-13}} if pressure == "petsc" else {}))
-    vel0 = restrict(random_flow(64, 2, seed=3), 64 // n)
-    target = restrict(random_flow(64, 2, seed=4), 64 // n)[:, None].expand(2, 3, 2, n, n)
-    return net, flow, vel0, target
-
-
-def _loss(net, flow, vel0, target):
-    return demo.relative_mse(flow.rollout(vel0, 3, correction=net), target)
-
-
-def test_unrolled_hybrid_gradient_matches_central_differences():
-    """3 hybrid steps on an 8 x 8 grid: 6 PETSc pressure solves each way."""
-    net, flow, vel0, target = _tiny_problem("petsc")
-    params = list(net.parameters())
-    grads = torch.autograd.grad(_loss(net, flow, vel0, target), params)
-    gen = torch.Generator().manual_seed(5)
-    eps = 1e-5
-    for _ in range(3):  # directional derivatives along random directions of all parameters
-        dirs = [torch.randn(p.shape, dtype=F64, generator=gen) for p in params]
-        with torch.no_grad():
-            for p, d in zip(params, dirs):
-                p.add_(eps * d)
-            up = float(_loss(net, flow, vel0, target))
-            for p, d in zip(params, dirs):
-                p.sub_(2 * eps * d)
-            down = float(_loss(net, flow, vel0, target))
-            for p, d in zip(params, dirs):
-                p.add_(eps * d)
-        fd = (up - down) / (2 * eps)
-        ad = float(sum((g * d).sum() for g, d in zip(grads, dirs)))
-        assert abs(fd - ad) <= 1e-6 * abs(ad), (fd, ad)
-    # and the whole gradient equals torch autograd through the FFT pressure solves
-    net_f, flow_f, _, _ = _tiny_problem("fft")
-    grads_f = torch.autograd.grad(_loss(net_f, flow_f, vel0, target), list(net_f.parameters()))
-    for g, g_f in zip(grads, grads_f):
-        torch.testing.assert_close(g, g_f, rtol=1e-7, atol=1e-12)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def quick():
-    cfg = dict(demo.SETTINGS["quick"])
-    return cfg, demo.load_data(cfg), demo.coarse_flow("petsc")
+    cfg = dict(turbulence.SETTINGS["quick"])
+    return cfg, turbulence.load_data(cfg), turbulence.coarse_flow("petsc")
 
 
 def _fixed_windows(data, cfg):
@@ -82,22 +25,24 @@ def test_quick_training_lowers_the_unrolled_loss(quick):
     cfg, data, flow = quick
     windows = _fixed_windows(data, cfg)
     with torch.no_grad():
-        untrained = demo.Correction(flow.h, width=cfg["width"])  # zero output: the coarse solver
-        before = float(demo.unrolled_loss(untrained, flow, data["train"], windows,
+        # zero output: the coarse solver
+        untrained = turbulence.Correction(flow.h, width=cfg["width"])
+        before = float(turbulence.unrolled_loss(untrained, flow, data["train"], windows,
                                           cfg["unroll"]))
     for variant in ("option 2", "option 1"):
         net, losses, _ = demo.train(variant, data, cfg, flow)
         assert len(losses) == cfg["iterations"]
         with torch.no_grad():
-            after = float(demo.unrolled_loss(net, flow, data["train"], windows, cfg["unroll"]))
+            after = float(turbulence.unrolled_loss(net, flow, data["train"], windows,
+                                                   cfg["unroll"]))
         assert after < 0.9 * before, (variant, before, after)
 
 
 def test_the_variants_are_what_they_claim(quick):
     cfg, data, _ = quick
-    flow = demo.coarse_flow("fft")
+    flow = turbulence.coarse_flow("fft")
     torch.manual_seed(1)
-    net = demo.Correction(flow.h, width=4)
+    net = turbulence.Correction(flow.h, width=4)
     torch.nn.init.normal_(net.body[-1].weight, std=0.1)
     nets = {v: net for v in ("option 1", "option 2", "residual")}
     results = demo.evaluate(nets, data, flow)
@@ -114,71 +59,6 @@ def test_the_variants_are_what_they_claim(quick):
     assert 0 < error[:, 0].mean() < error[:, -1].mean()
     with pytest.raises(ValueError, match="unknown variant 'option 3'; valid: option 1"):
         demo.train("option 3", data, cfg, flow)
-
-
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-def _live_solves():
-    """Bridged PETSc solves not yet released: each keeps its options in the database under a
-    prefix of its own (bridges<k>_) until its PETSc objects are destroyed."""
-    from bridges.petsc import PETSc
-    return {m.group() for key in PETSc.Options().getAll()
-            if (m := re.match(r"bridges\d+_", key))}
-
-
-def test_memory_stays_flat_over_200_step_unrolled_backwards():
-    """200 hybrid steps = 400 PETSc solves held for backward, then 400 adjoint solves. Each solve
-    is released as soon as the backward has passed it: memory does not grow during the backward
-    nor from one iteration to the next, and no solve outlives it. The PC is Jacobi: with pc_type
-    mg, bridges.petsc.solve on a shared grid keeps ~0.4 KB per pair of solves alive at once
-    (~14 MB over a 400-solve unroll, measured; a defect of bridges.petsc, not of the flow solver),
-    which would hide what this test checks."""
-    n = 8
-    torch.manual_seed(0)
-    net = demo.Correction(2 * torch.pi / n, width=4)
-    torch.nn.init.normal_(net.body[-1].weight, std=0.01)
-    flow = Flow(n, viscosity=1e-2, dt=0.05, options={"pc_type": "jacobi"})
-    vel0 = restrict(random_flow(64, 1, seed=3), 64 // n)
-    idle = _live_solves()
-
-    def iteration():
-        """Returns the solves alive before the backward and the resident memory when it starts
-        and as it passes steps 200, 160, ..., 40."""
-        steps, memory = [], []
-
-        def corrected(vel):
-            out = net(vel)
-            steps.append(None)
-            if len(steps) % 40 == 0:
-                out.register_hook(lambda grad: memory.append(_rss_bytes()))
-            return out
-        net.zero_grad()
-        states = flow.rollout(vel0, 200, correction=corrected)
-        alive = len(_live_solves() - idle)
-        memory.append(_rss_bytes())
-        states.pow(2).mean().backward()
-        del states
-        assert all(p.grad is not None and torch.isfinite(p.grad).all()
-                   for p in net.parameters())
-        return alive, memory
-
-    iteration()  # warm up: allocators and caches reach a 200-step unroll's high-water mark
-    gc.collect()
-    before = _rss_bytes()
-    alive, during = iteration()
-    gc.collect()
-    assert alive == 2 * 199  # the solves of steps 2-200 await the backward (step 1's has no
-    # input that needs a gradient: released at once) ...
-    assert _live_solves() == idle  # ... and none is left after it
-    assert len(during) == 6
-    rise = max(during) - during[0]
-    assert rise < 2 * 2 ** 20, f"resident memory rose by {rise / 2 ** 20:.1f} MB in the backward"
-    grown = _rss_bytes() - before
-    assert grown < 4 * 2 ** 20, f"resident memory grew by {grown / 2 ** 20:.1f} MB"
-    assert flow.poisson.stats["ksp_iterations"] > 0
 
 
 def test_cli_quick_run_writes_figures_and_table(tmp_path, capsys):

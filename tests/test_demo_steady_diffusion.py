@@ -1,14 +1,11 @@
 """The steady-diffusion demo: its CLI at tiny sizes, and its pieces."""
-import pytest
 import torch
 
 from bridges.demos import steady_diffusion as demo
 
 
-def test_cli_writes_the_figures(tmp_path, capsys):
-    assert demo.main(["--grids", "34", "66", "--lbfgs-grids", "34", "--lbfgs-time", "2",
-                      "--solution-grid", "34", "--inverse-grid", "18", "--inverse-coarse", "4",
-                      "--inverse-iterations", "3", "--out", str(tmp_path)]) == 0
+def test_quick_run_writes_the_figures(tmp_path, capsys):
+    assert demo.main(["--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for name in ("steady_diffusion_T.png", "steady_diffusion_timing.png",
                  "steady_diffusion_inverse.png"):
@@ -23,16 +20,6 @@ def test_petsc_reaches_1e_10_where_lbfgs_does_not():
     assert row["petsc_residual"] <= 1e-10
     assert row["lbfgs_residual"] > row["petsc_residual"]
     assert row["lbfgs_steps"] >= 1
-
-
-@pytest.mark.parametrize("pc", ["mg", "gamg"])
-def test_both_multigrid_preconditioners_solve(pc):
-    kappa, source, boundary = demo.varied_problem(40)
-    T, stats = demo.solve_petsc(kappa, source, boundary, pc=pc)
-    assert stats["pc_type"] == pc
-    assert demo.residual_norm(T, kappa, source, boundary) <= 1e-10
-    # Dirichlet values enter: the solution near the warm left wall is warm
-    assert float(T[T.shape[0] // 2, 0]) > 0.5 * float(boundary[T.shape[0] // 2 + 1, 0])
 
 
 def test_inverse_problem_reduces_the_misfit():

@@ -10,6 +10,7 @@ from torch.autograd import gradcheck
 
 from bridges import ForeignError, NoisyGradientWarning, fd2pytorch
 from bridges._fd import color_columns, noise_from_table
+from bridges.problems.noisy import noisy_map, noisy_map_jacobian
 
 
 def coupled(x):
@@ -177,23 +178,6 @@ def test_invalid_arguments():
 
 
 # -- noise-aware steps ---------------------------------------------------------------------------
-def noisy(sigma, calls=None):
-    """A smooth R^2 -> R^3 map plus noise of standard deviation sigma that is a fixed function of
-    the input (like a simulator's), so repeated inputs give repeated outputs."""
-    def f(x):
-        if calls is not None:
-            calls.append(x.tobytes())
-        rng = np.random.default_rng(int.from_bytes(x.tobytes()[:16], "little") % 2 ** 63)
-        clean = np.array([np.sin(x[0]) * x[1], np.exp(0.5 * x[0]) + x[1] ** 2, x[0] * x[1]])
-        return clean + sigma * rng.standard_normal(3)
-    return f
-
-
-def noisy_jacobian(x):
-    return np.array([[np.cos(x[0]) * x[1], np.sin(x[0])], [0.5 * np.exp(0.5 * x[0]), 2 * x[1]],
-                     [x[1], x[0]]])
-
-
 def test_noise_from_table_recovers_pure_noise():
     rng = np.random.default_rng(3)
     table = 1e-3 * np.linspace(0, 1, 7)[:, None] + 2e-6 * rng.standard_normal((7, 400))
@@ -204,7 +188,7 @@ def test_noise_from_table_recovers_pure_noise():
 
 @pytest.mark.parametrize("sigma", [1e-9, 1e-6])
 def test_noise_estimate_recovers_the_added_noise(sigma):
-    f = fd2pytorch(noisy(sigma))
+    f = fd2pytorch(noisy_map(sigma))
     estimate = f.estimate_noise(np.array([0.7, 1.3]))
     assert estimate.found.all()
     assert (sigma / 3 < estimate.level).all() and (estimate.level < 3 * sigma).all()
@@ -214,9 +198,9 @@ def test_noise_estimate_recovers_the_added_noise(sigma):
 @pytest.mark.parametrize("scheme", ["central", "forward"])
 def test_noise_aware_steps_beat_the_rounding_step_and_estimate_their_error(scheme):
     x = np.array([0.7, 1.3])
-    expected = noisy_jacobian(x)
-    fixed = fd2pytorch(noisy(1e-6), scheme=scheme, noise=None).jacobian_at(x)
-    f = fd2pytorch(noisy(1e-6), scheme=scheme)
+    expected = noisy_map_jacobian(x)
+    fixed = fd2pytorch(noisy_map(1e-6), scheme=scheme, noise=None).jacobian_at(x)
+    f = fd2pytorch(noisy_map(1e-6), scheme=scheme)
     jac = f.jacobian_at(x)
     error = np.abs(jac - expected).max()
     assert error < np.abs(fixed - expected).max() / 10
@@ -227,14 +211,14 @@ def test_noise_aware_steps_beat_the_rounding_step_and_estimate_their_error(schem
 
 
 def test_gradient_error_is_attached_and_large_noise_warns_once():
-    f = fd2pytorch(noisy(1e-2), name="very_noisy")
+    f = fd2pytorch(noisy_map(1e-2), name="very_noisy")
     x = torch.tensor([0.7, 1.3], dtype=torch.float64, requires_grad=True)
     with pytest.warns(NoisyGradientWarning, match=r"very_noisy: the finite-difference derivative "
                                                   r"with respect to input \d is uncertain: "
                                                   r"estimated error .* \(\d+\.\d%\)"):
         f(x).sum().backward()
     assert f.gradient_error.shape == x.shape and (f.gradient_error > 0).all()
-    expected = noisy_jacobian(x.detach().numpy()).sum(0)
+    expected = noisy_map_jacobian(x.detach().numpy()).sum(0)
     assert np.all(np.abs(x.grad.numpy() - expected) <= 3 * f.gradient_error.numpy())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -243,7 +227,7 @@ def test_gradient_error_is_attached_and_large_noise_warns_once():
 
 def test_estimate_is_reused_renewed_when_far_and_never_reruns_an_input():
     calls = []
-    f = fd2pytorch(noisy(1e-6, calls))
+    f = fd2pytorch(noisy_map(1e-6, calls))
     x = np.array([0.7, 1.3])
     f.jacobian_at(x)
     first = f.noise_evaluations
@@ -257,16 +241,16 @@ def test_estimate_is_reused_renewed_when_far_and_never_reruns_an_input():
 
 
 def test_rel_step_wins_and_given_noise_skips_the_measurement():
-    f = fd2pytorch(noisy(1e-6), rel_step=1e-3)
+    f = fd2pytorch(noisy_map(1e-6), rel_step=1e-3)
     f.jacobian_at(np.array([0.7, 1.3]))
     assert f.noise is None and f.noise_evaluations == 0 and f.jacobian_error is None
-    g = fd2pytorch(noisy(1e-6), noise=1e-6)
+    g = fd2pytorch(noisy_map(1e-6), noise=1e-6)
     jac = g.jacobian_at(np.array([0.7, 1.3]))
     assert g.noise_evaluations == 4 * 2  # curvature probes only: x +- b, x +- 2b per column
-    np.testing.assert_allclose(jac, noisy_jacobian(np.array([0.7, 1.3])), atol=2e-4)
+    np.testing.assert_allclose(jac, noisy_map_jacobian(np.array([0.7, 1.3])), atol=2e-4)
     with pytest.raises(ValueError, match="noise must be 'auto', None"):
         fd2pytorch(coupled, noise="high")
     with pytest.raises(ValueError, match="noise levels must be finite and >= 0"):
         fd2pytorch(coupled, noise=-1.0)
     with pytest.raises(ValueError, match="noise has 2 levels but the black box has 3 outputs"):
-        fd2pytorch(noisy(1e-6), noise=[1e-6, 1e-6]).jacobian_at(np.array([0.7, 1.3]))
+        fd2pytorch(noisy_map(1e-6), noise=[1e-6, 1e-6]).jacobian_at(np.array([0.7, 1.3]))

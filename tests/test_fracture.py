@@ -15,7 +15,7 @@ from bridges.fracture import (BACKENDS, DPFEHM_INSTALL, boundary_flux, cubic_law
                               pressure_dpfehm, pressure_petsc, pressure_torch, residual,
                               synthetic_fracture)
 from bridges.fracture._grid import assemble
-from bridges.julia import JuliaUnavailableError, _runtime, julia_unavailable_reason
+from bridges.julia import JuliaUnavailableError, julia_unavailable_reason
 
 F64 = torch.float64
 SOLVERS = {"torch": pressure_torch, "petsc": pressure_petsc}
@@ -256,16 +256,9 @@ def test_dpfehm_arguments_are_checked_before_julia_is_touched():
     assert "dpfehm" in BACKENDS
 
 
-class _NoDPFEHM:
-    """Stands in for a running Julia runtime whose environment lacks DPFEHM."""
-
-    def has_package(self, name):
-        return False
-
-
 def test_dpfehm_missing_says_how_to_install_it(monkeypatch):
-    monkeypatch.setattr(_runtime, "julia_unavailable_reason", lambda: None)
-    monkeypatch.setattr(_runtime, "get_runtime", lambda: _NoDPFEHM())
+    monkeypatch.setattr("bridges.julia.julia_unavailable_reason", lambda: None)  # Julia runs,
+    monkeypatch.setattr("bridges.julia.julia_has_package", lambda name: False)  # without DPFEHM
     with pytest.raises(JuliaUnavailableError) as info:
         pressure(torch.ones(3, 3, dtype=F64), backend="dpfehm")
     message = str(info.value)

@@ -372,11 +372,12 @@ def test_list_arguments_arrive_as_pylist():
 
 def test_setup_includes_a_file_whose_path_has_a_dollar(tmp_path):
     from bridges.fracture import FRACTURE_JL, pressure_torch
-    from bridges.fracture._julia import include_setup
+    from bridges.julia import include_setup
     folder = tmp_path / "run$HOME\\x"
     folder.mkdir()
     shutil.copy(FRACTURE_JL, folder / "Fracture.jl")
-    pressure = julia2pytorch("pressure", include_setup(folder / "Fracture.jl", "Fracture"))
+    setup = include_setup(folder / "Fracture.jl", "Fracture", "pressure")
+    pressure = julia2pytorch("pressure", setup)
     k = torch.exp(_randn(3, 4, requires_grad=False))
     torch.testing.assert_close(pressure(k, 2.0, 1.0), pressure_torch(k))
 

@@ -686,9 +686,9 @@ def test_glue_raw_strings_keep_dollars_and_backslashes_literal(text, literal):
     assert raw_string(text) == literal
 
 
-def test_glue_fracture_setup_includes_its_file_by_raw_path():
-    from bridges.fracture._julia import include_setup
-    assert include_setup("/tmp/run$1/Fracture.jl", "Fracture") == (
+def test_glue_include_setup_includes_its_file_by_raw_path():
+    from bridges.julia import include_setup
+    assert include_setup("/tmp/run$1/Fracture.jl", "Fracture", "pressure") == (
         'Base.include(@__MODULE__, raw"/tmp/run$1/Fracture.jl")\nusing .Fracture: pressure\n')
 
 

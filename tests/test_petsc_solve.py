@@ -9,7 +9,7 @@ import torch
 
 import bridges
 from bridges import ForeignError
-from bridges.demos.steady_diffusion import residual
+from bridges.problems.diffusion import residual
 from bridges.petsc import ColouredJacobian, PETSc, UnusedOptionsWarning, solve, stencil_sparsity
 
 LU = {"ksp_type": "preonly", "pc_type": "lu"}

@@ -1,17 +1,11 @@
-"""A stiff 2-D reaction-diffusion system, the Brusselator with diffusion (BRUSS-2D, Hairer and
-Wanner, Solving ODEs II, IV.10), integrated by PETSc TS with its discrete adjoint on a
-`bridges.petsc.Grid`, and its reaction rates and diffusion coefficient recovered from noisy
-snapshots through ``odeint_adjoint``.
+"""A stiff 2-D reaction-diffusion system, BRUSS-2D (`bridges.problems.brusselator`), integrated by
+PETSc TS with its discrete adjoint on a periodic `bridges.petsc.Grid`, and its reaction rates and
+diffusion coefficient recovered from noisy snapshots through ``odeint_adjoint``.
 
-    du/dt = a + u^2 v - (b + 1) u + alpha Lap(u)
-    dv/dt = b u - u^2 v           + alpha Lap(v),      a = 1, b = 3.4, alpha = 0.002
-
-on the periodic unit square (n x n points, spacing 1/n, 5-point Laplacian), from
-u(0) = 22 y (1 - y)^1.5, v(0) = 27 x (1 - x)^1.5. Periodic, as in the original problem: every
-point is alike, and halo exchange wraps around. Diffusion makes it stiff (eigenvalues down to
--8 alpha n^2: -2e3 at n = 256), so it is integrated by Crank-Nicolson with fixed steps and
-Newton, with the exact sparse Jacobian assembled from coloured products on the grid's stencil
-(dof 2: u and v at each point) and GMRES + ILU (block Jacobi + ILU on many ranks).
+Diffusion makes it stiff (eigenvalues down to -8 alpha n^2: -2e3 at n = 256), so it is integrated
+by Crank-Nicolson with fixed steps and Newton, with the exact sparse Jacobian assembled from
+coloured products on the grid's stencil (dof 2: u and v at each point) and GMRES + ILU (block
+Jacobi + ILU on many ranks). Halo exchange wraps around the periodic square.
 
 The same command runs on one process or distributed, each rank integrating its block:
 
@@ -20,83 +14,13 @@ The same command runs on one process or distributed, each rank integrating its b
 """
 from __future__ import annotations
 
-import argparse
 import time
-from dataclasses import dataclass
 
 import torch
 
-from bridges.demos._util import figure_path, progress, pyplot
-from bridges.petsc import Grid, PETSc, odeint_adjoint, sum_gradients
-
-RATES = (1.0, 3.4, 0.002)  # a, b, alpha
-NAMES = ("a", "b", "alpha")
-# Newton to a tight tolerance, so that the adjoint gradient is that of the computed solution
-OPTIONS = {"snes_rtol": 1e-10, "snes_atol": 1e-12, "ksp_rtol": 1e-12}
-
-
-class Brusselator(torch.nn.Module):
-    """dy/dt of BRUSS-2D on a periodic `grid` (dof 2): maps this rank's ghosted block
-    (rows + 2, cols + 2, 2) to dy/dt on its owned block. Its parameters are the logarithms of
-    (a, b, alpha), so that the three share one scale and stay positive."""
-
-    def __init__(self, grid: Grid, rates=RATES):
-        super().__init__()
-        if grid.dof != 2 or len(grid.shape) != 2 or grid.shape[0] != grid.shape[1]:
-            raise ValueError(f"Brusselator: needs a square 2-D Grid with dof=2, got {grid!r}")
-        self.grid = grid
-        self.log_rates = torch.nn.Parameter(torch.tensor(rates, dtype=torch.float64).log())
-
-    @property
-    def rates(self) -> torch.Tensor:
-        return self.log_rates.detach().exp()
-
-    def forward(self, t, y):
-        a, b, alpha = self.log_rates.exp()
-        n = self.grid.shape[0]
-        c = y[1:-1, 1:-1]  # owned points (stencil width 1)
-        laplacian = (y[:-2, 1:-1] + y[2:, 1:-1] + y[1:-1, :-2] + y[1:-1, 2:] - 4 * c) * n ** 2
-        u, v = c[..., 0], c[..., 1]
-        uuv = u * u * v
-        return torch.stack([a + uuv - (b + 1) * u, b * u - uuv], -1) + alpha * laplacian
-
-
-def initial_state(n: int) -> torch.Tensor:
-    """The full (n, n, 2) initial state: u = 22 y (1 - y)^1.5, v = 27 x (1 - x)^1.5."""
-    x = torch.arange(n, dtype=torch.float64) / n
-    Y, X = torch.meshgrid(x, x, indexing="ij")
-    return torch.stack([22 * Y * (1 - Y) ** 1.5, 27 * X * (1 - X) ** 1.5], -1)
-
-
-@dataclass
-class Problem:
-    """Everything a solve needs: ``odeint_adjoint(func, y0, t, grid=grid, method="cn",
-    step_size=step_size)``. y0 is this rank's owned block."""
-    func: Brusselator
-    y0: torch.Tensor
-    t: torch.Tensor
-    grid: Grid
-    step_size: float
-
-    def solve(self, options=None, t=None, y0=None):
-        """y at the times t (default self.t) from y0 (default self.y0), differentiable."""
-        return odeint_adjoint(self.func, self.y0 if y0 is None else y0,
-                              self.t if t is None else t, method="cn",
-                              step_size=self.step_size, grid=self.grid,
-                              options={**OPTIONS, **(options or {})})
-
-
-def build_problem(n=64, *, t_end=1.0, frames=4, step_size=0.025, rates=RATES, comm=None):
-    """BRUSS-2D on an n x n periodic Grid over `comm` (default: every rank of mpiexec), with
-    frames + 1 output times evenly spaced in [0, t_end] and fixed steps of step_size (clipped
-    to land on each output)."""
-    if n < 4:
-        raise ValueError(f"build_problem: n must be at least 4 (a periodic 5-point stencil), "
-                         f"got {n}")
-    grid = Grid((n, n), dof=2, boundary="periodic", comm=comm)
-    t = torch.linspace(0.0, t_end, frames + 1, dtype=torch.float64)
-    return Problem(Brusselator(grid, rates), grid.scatter(initial_state(n)), t, grid,
-                   float(step_size))
+from bridges.petsc import PETSc, sum_gradients
+from bridges.plotting import demo_parser, progress, pyplot, report_figures, save_figure
+from bridges.problems.brusselator import NAMES, RATES, bruss2d_grid
 
 
 def integrate(problem, show_progress=False):
@@ -193,7 +117,7 @@ def fit(problem, data, iterations=8, show_progress=False):
     return history
 
 
-def plot(frames, times, history, truth, floor, path):
+def plot(frames, times, history, truth, floor, out=None):
     """u at three output times, and the fit's misfit against the noise level."""
     plt = pyplot()
     if plt is None:
@@ -215,15 +139,12 @@ def plot(frames, times, history, truth, floor, path):
                                             zip(NAMES, final, truth)), fontsize=8)
     ax.set_xlabel("iteration")
     ax.set_ylabel("mean squared misfit of u")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, "reaction_diffusion.png", dpi=110)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = demo_parser(__doc__, quick="a smoke run: 24^2 points, t-end 0.4, 2 frames, 2 "
+                                        "iterations")
     parser.add_argument("--n", type=int, default=64, help="grid points per axis (64 ... 512)")
     parser.add_argument("--t-end", type=float, default=1.0, help="final time")
     parser.add_argument("--dt", type=float, default=0.025, help="Crank-Nicolson step")
@@ -237,9 +158,6 @@ def main(argv=None):
                         help="L-BFGS iterations (at most twice as many solves)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the central-difference check of the gradient")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 24^2 points, t-end 0.4, 2 frames, 2 iterations")
-    parser.add_argument("--out", default=None, help="directory for the PNG (default bridges-out)")
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.t_end, args.frames, args.fit_iterations = 24, 0.4, 2, 2
@@ -247,7 +165,7 @@ def main(argv=None):
     root = PETSc.COMM_WORLD.getRank() == 0
     show = print if root else (lambda *a, **k: None)
 
-    problem = build_problem(args.n, t_end=args.t_end, frames=args.frames, step_size=args.dt)
+    problem = bruss2d_grid(args.n, t_end=args.t_end, frames=args.frames, step_size=args.dt)
     grid = problem.grid
     show(f"BRUSS-2D on {args.n}x{args.n} points ({2 * args.n ** 2:,} unknowns), "
          f"{grid.size} MPI rank{'s' if grid.size > 1 else ''}; CN, dt = {args.dt:g}, "
@@ -278,10 +196,7 @@ def main(argv=None):
              + ", ".join(f"{name} = {v:.5g} (true {t:g})"
                          for name, v, t in zip(NAMES, best[1], RATES)))
     if root:
-        path = plot(frames, problem.t, history, RATES, floor,
-                    figure_path(args.out, "reaction_diffusion.png"))
-        if path is not None:
-            show(f"wrote {path}")
+        report_figures(plot(frames, problem.t, history, RATES, floor, args.out))
     return 0
 
 

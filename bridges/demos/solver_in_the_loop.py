@@ -2,11 +2,9 @@
 Navier-Stokes solver after every step, trained through the unrolled solver whose pressure solves
 are PETSc's (`bridges.petsc.solve`, CG + multigrid; gradients by adjoint solves).
 
-The coarse solver (bridges.flow: periodic MAC grid, Heun steps, two pressure solves each) runs at
-32^2; the reference is the same solver at 128^2 with 4 steps per coarse step, its velocity
-face-averaged onto the coarse grid. Random smooth initial flows (decaying 2-D turbulence) are
-seeded; the test flows are not in the training set. Four variants, one network (same
-initialisation, data, Adam settings and iterations):
+The problem (`bridges.problems.turbulence`): decaying 2-D turbulence on the coarse 32^2 solver,
+the reference the same solver at 128^2 face-averaged back; the test flows are not in the training
+set. Four variants, one network (same initialisation, data, Adam settings and iterations):
 
     none      the coarse solver alone
     option 1  hybrid step trained on one-step pairs: coarse step from a reference state ->
@@ -17,126 +15,29 @@ initialisation, data, Adam settings and iterations):
               rollout afterwards (never fed back into the solver)
 
 Errors are relative L2 velocity errors against the reference on held-out flows, rolled out to
-10x the unroll length (5x with --quick). Writes the error-over-time plot, vorticity snapshots and training curves.
+10x the unroll length (5x with --quick). Writes the error-over-time plot, vorticity snapshots and
+training curves.
 
     python -m bridges.demos.solver_in_the_loop [--quick] [--iterations N] [--unroll T]
         [--pressure petsc|fft] [--petsc-option KEY=VALUE ...] [--out DIR]
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import time
 
 import numpy as np
 import torch
 
-from bridges.demos._util import figure_path, progress, pyplot
-from bridges.flow import Flow, curl, random_flow, restrict, vorticity
+from bridges.flow import vorticity
+from bridges.plotting import demo_parser, progress, pyplot, report_figures, save_figure
+from bridges.problems.turbulence import (PHYSICS, SETTINGS, Correction, coarse_flow, load_data,
+                                         relative_mse, relative_squared_error,
+                                         unrolled_loss)
 
 VARIANTS = ("none", "option 1", "option 2", "residual")
-# the physics: decaying turbulence, RMS velocity 1, energy peak at wavenumber 3, in a 2 pi box
-PHYSICS = {"n": 32, "factor": 4, "viscosity": 2e-3, "dt": 0.03, "peak": 3.0}
-SETTINGS = {
-    "full": {"unroll": 8, "horizon": 80, "train_flows": 16, "test_flows": 4, "iterations": 400,
-             "batch": 4, "lr": 1e-3, "width": 16},
-    "quick": {"unroll": 4, "horizon": 20, "train_flows": 4, "test_flows": 2, "iterations": 40,
-              "batch": 2, "lr": 3e-3, "width": 8},
-}
-
-
-class Correction(torch.nn.Module):
-    """A small CNN with periodic (circular) padding from the face velocity (u, v) to a corner
-    stream function psi; the correction is the discrete curl of psi, so it keeps the velocity
-    divergence-free. The last layer starts at zero: the hybrid solver starts as the coarse one.
-    It computes in `dtype` (float32: 5x faster than float64 here) and returns the input's."""
-
-    def __init__(self, h, width=16, scale=0.01, dtype=torch.float32):
-        super().__init__()
-
-        def conv(i, o, k):
-            return torch.nn.Conv2d(i, o, k, padding=k // 2, padding_mode="circular", dtype=dtype)
-        self.body = torch.nn.Sequential(conv(2, width, 5), torch.nn.GELU(),
-                                        conv(width, width, 3), torch.nn.GELU(),
-                                        conv(width, width, 3), torch.nn.GELU(),
-                                        conv(width, 1, 3))
-        torch.nn.init.zeros_(self.body[-1].weight)
-        torch.nn.init.zeros_(self.body[-1].bias)
-        self.h, self.scale = h, scale
-
-    def forward(self, vel):
-        n = vel.shape[-1]
-        x = vel.reshape(-1, 2, n, n).to(self.body[0].weight.dtype)
-        psi = self.body(x).reshape(*vel.shape[:-3], n, n).to(vel.dtype)
-        return curl(self.scale * self.h * psi, self.h)
-
-
-def coarse_flow(pressure="petsc", options=None):
-    return Flow(PHYSICS["n"], viscosity=PHYSICS["viscosity"], dt=PHYSICS["dt"],
-                pressure=pressure, options=options)
-
-
-# -- data ------------------------------------------------------------------------------------------
-def reference(count, steps, seed, show_progress=False):
-    """Restricted reference trajectories (count, steps + 1, 2, n, n) from seeded random flows:
-    the flow solver at factor x the resolution and factor x the steps (FFT pressure solves: the
-    same discrete equations, solved exactly), face-averaged to the coarse grid."""
-    f = PHYSICS["factor"]
-    fine = Flow(PHYSICS["n"] * f, viscosity=PHYSICS["viscosity"], dt=PHYSICS["dt"] / f,
-                pressure="fft")
-    vel = random_flow(PHYSICS["n"] * f, count, seed=seed, peak=PHYSICS["peak"])
-    states = [restrict(vel, f)]
-    with torch.no_grad():
-        for _ in progress(range(steps), desc=f"reference {fine.n}^2", leave=False,
-                          disable=not show_progress):
-            for _ in range(f):
-                vel = fine.step(vel)
-            states.append(restrict(vel, f))
-    return torch.stack(states, dim=1)
-
-
-def load_data(cfg, cache_dir=None, show_progress=False):
-    """Training and test trajectories, cached under cache_dir (when given) by their settings."""
-    spec = {**PHYSICS, "horizon": cfg["horizon"], "train": cfg["train_flows"],
-            "test": cfg["test_flows"], "version": 1}
-    path = None
-    if cache_dir is not None:
-        key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-        path = figure_path(cache_dir, f"solver_in_the_loop_data_{key}.pt")
-        if path.exists():
-            return torch.load(path)
-    data = {"train": reference(cfg["train_flows"], cfg["horizon"], seed=0,
-                               show_progress=show_progress),
-            "test": reference(cfg["test_flows"], cfg["horizon"], seed=1,
-                              show_progress=show_progress)}
-    if path is not None:
-        torch.save(data, path)
-    return data
 
 
 # -- training --------------------------------------------------------------------------------------
-def relative_mse(pred, target):
-    """Mean over samples (and steps) of |pred - target|^2 / |target|^2 per state."""
-    dims = (-3, -2, -1)
-    return ((pred - target).pow(2).sum(dims) / target.pow(2).sum(dims)).mean()
-
-
-def unrolled_loss(net, flow, ref, starts, unroll):
-    """Option 2's objective: the hybrid solver unrolled `unroll` steps from ref[i, t] for each
-    (i, t) in starts, against ref[i, t + 1 : t + 1 + unroll]."""
-    which = torch.tensor([i for i, _ in starts])
-    t0 = torch.tensor([t for _, t in starts])
-    window = torch.stack([ref[i, t + 1:t + 1 + unroll] for i, t in starts])
-    return relative_mse(flow.rollout(ref[which, t0], unroll, correction=net), window)
-
-
-def _pure_coarse(flow, starts, steps):
-    """Coarse rollouts (no gradient) from starts (N, 2, n, n): (N, steps, 2, n, n)."""
-    with torch.no_grad():
-        return flow.rollout(starts, steps)
-
-
 def train(variant, data, cfg, flow, *, seed=0, show_progress=False):
     """Train a fresh network (initialised from `seed`, the same for every variant) for one
     variant; returns (net, losses, seconds per iteration). Option 2 draws `batch` windows of
@@ -147,12 +48,13 @@ def train(variant, data, cfg, flow, *, seed=0, show_progress=False):
     ref = data["train"]
     flows, steps = ref.shape[0], ref.shape[1] - 1
     unroll = cfg["unroll"]
-    if variant == "option 1":  # the coarse step from every reference state, once
-        inputs = _pure_coarse(flow, ref[:, :-1].reshape(-1, *ref.shape[2:]), 1)
-        inputs = inputs.reshape(flows, steps, *ref.shape[2:])
-    elif variant == "residual":  # the pure coarse rollout from each initial state
-        inputs = _pure_coarse(flow, ref[:, 0], steps)
-    elif variant != "option 2":
+    with torch.no_grad():  # the one-step variants' inputs: pure coarse rollouts
+        if variant == "option 1":  # the coarse step from every reference state, once
+            inputs = flow.rollout(ref[:, :-1].reshape(-1, *ref.shape[2:]), 1)
+            inputs = inputs.reshape(flows, steps, *ref.shape[2:])
+        elif variant == "residual":  # the pure coarse rollout from each initial state
+            inputs = flow.rollout(ref[:, 0], steps)
+    if variant not in ("option 1", "option 2", "residual"):
         raise ValueError(f"train: unknown variant {variant!r}; valid: option 1, option 2, "
                          f"residual")
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
@@ -187,18 +89,11 @@ def train(variant, data, cfg, flow, *, seed=0, show_progress=False):
 
 
 # -- evaluation ------------------------------------------------------------------------------------
-def relative_error(pred, target):
-    dims = (-3, -2, -1)
-    return ((pred - target).pow(2).sum(dims) / target.pow(2).sum(dims)).sqrt()
-
-
 def evaluate(nets, data, flow, show_progress=False):
     """Roll every variant out from the test flows' initial states over the data's horizon.
     Returns {variant: {"error": (flows, steps) relative errors, "states": ...}}."""
-    ref = data["test"]
+    ref, out = data["test"], {}
     steps = ref.shape[1] - 1
-    target = ref[:, 1:]
-    out = {}
     with torch.no_grad():
         for variant in progress(VARIANTS, desc="evaluating", leave=False,
                                 disable=not show_progress):
@@ -209,7 +104,8 @@ def evaluate(nets, data, flow, show_progress=False):
                 states = plain + nets[variant](plain)
             else:
                 states = flow.rollout(ref[:, 0], steps, correction=nets[variant])
-            out[variant] = {"states": states, "error": relative_error(states, target).numpy()}
+            error = relative_squared_error(states, ref[:, 1:]).sqrt()
+            out[variant] = {"states": states, "error": error.numpy()}
     return out
 
 
@@ -217,7 +113,7 @@ def evaluate(nets, data, flow, show_progress=False):
 COLOURS = {"none": "k", "option 1": "tab:orange", "option 2": "tab:blue", "residual": "tab:green"}
 
 
-def plot_errors(results, unroll, path):
+def plot_errors(results, unroll, out=None):
     plt = pyplot()
     if plt is None:
         return None
@@ -228,17 +124,13 @@ def plot_errors(results, unroll, path):
         ax.plot(t, 100 * err.mean(0), color=COLOURS[variant], label=variant)
         ax.fill_between(t, 100 * err.min(0), 100 * err.max(0), color=COLOURS[variant], alpha=0.15)
     ax.axvline(unroll, color="gray", ls=":", label=f"training unroll ({unroll} steps)")
-    ax.set_xlabel("coarse step")
-    ax.set_ylabel("relative velocity error [%]")
-    ax.set_title("held-out flows: error against the 128² reference (mean, min-max)")
+    ax.set(xlabel="coarse step", ylabel="relative velocity error [%]",
+           title="held-out flows: error against the 128² reference (mean, min-max)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, "solver_in_the_loop_error.png", dpi=110)
 
 
-def plot_snapshots(results, data, unroll, h, path):
+def plot_snapshots(results, data, unroll, h, out=None):
     plt = pyplot()
     if plt is None:
         return None
@@ -249,8 +141,7 @@ def plot_snapshots(results, data, unroll, h, path):
     fig, axes = plt.subplots(len(times), len(rows), figsize=(2.6 * len(rows), 2.6 * len(times)),
                              squeeze=False)
     for r, t in enumerate(times):
-        w_ref = vorticity(data["test"][0, t], h)
-        lim = float(w_ref.abs().max())
+        lim = float(vorticity(data["test"][0, t], h).abs().max())
         for c, (name, states) in enumerate(rows):
             w = vorticity(states[t - 1], h)
             axes[r, c].imshow(w.numpy(), origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim)
@@ -260,27 +151,20 @@ def plot_snapshots(results, data, unroll, h, path):
             axes[r, c].set_title(f"{name}{err}", fontsize=9)
         axes[r, 0].set_ylabel(f"step {t}")
     fig.suptitle("vorticity of held-out flow 0 (velocity error in brackets)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, "solver_in_the_loop_vorticity.png", dpi=100)
 
 
-def plot_training(histories, path):
+def plot_training(histories, out=None):
     plt = pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant, losses in histories.items():
         ax.semilogy(losses, color=COLOURS[variant], label=variant, alpha=0.8)
-    ax.set_xlabel("Adam iteration")
-    ax.set_ylabel("training loss (relative MSE)")
-    ax.set_title("training losses (each variant's own objective)")
+    ax.set(xlabel="Adam iteration", ylabel="training loss (relative MSE)",
+           title="training losses (each variant's own objective)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, "solver_in_the_loop_training.png", dpi=110)
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -299,27 +183,22 @@ def run(cfg, *, pressure="petsc", options=None, seed=0, out=None, show_progress=
     steps = data["test"].shape[1] - 1
     marks = [t for t in (cfg["unroll"], 5 * cfg["unroll"], 10 * cfg["unroll"]) if t <= steps]
     table = {v: [float(r["error"][:, t - 1].mean()) for t in marks] for v, r in results.items()}
-    paths = [plot_errors(results, cfg["unroll"], figure_path(out, "solver_in_the_loop_error.png")),
-             plot_snapshots(results, data, cfg["unroll"], flow.h,
-                            figure_path(out, "solver_in_the_loop_vorticity.png")),
-             plot_training(histories, figure_path(out, "solver_in_the_loop_training.png"))]
+    paths = [plot_errors(results, cfg["unroll"], out),
+             plot_snapshots(results, data, cfg["unroll"], flow.h, out),
+             plot_training(histories, out)]
     return {"marks": marks, "table": table, "results": results, "histories": histories,
             "per_iteration": per_iteration, "data_s": data_s, "paths": paths,
             "seconds": time.perf_counter() - start}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="small settings (under a minute): 4 training flows, unroll 4")
+    parser = demo_parser(__doc__, quick="small settings (under a minute): 4 training flows, "
+                                        "unroll 4")
     parser.add_argument("--iterations", type=int, help="Adam iterations of every variant")
-    parser.add_argument("--unroll", type=int, help="option 2's unrolled steps (the horizon is "
-                                                   "10x, or 5x in quick mode)")
+    parser.add_argument("--unroll", type=int, help="option 2's steps (horizon 10x, quick 5x)")
     parser.add_argument("--lr", type=float, help="Adam learning rate")
     parser.add_argument("--pressure", default="petsc", choices=["petsc", "fft"],
-                        help="pressure solver of the coarse flow: PETSc CG + multigrid, or the "
-                             "pure-torch FFT solve")
+                        help="the coarse flow's pressure solve: PETSc CG + multigrid or torch FFT")
     parser.add_argument("--petsc-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a PETSc option of the coarse pressure solves, without the dash, "
                              "e.g. pc_type=gamg or ksp_rtol=1e-8 (repeatable)")
@@ -328,22 +207,17 @@ def main(argv=None):
                         help="torch intra-op threads (1 is fastest for these small grids)")
     parser.add_argument("--no-cache", action="store_true",
                         help="recompute the reference data instead of reading the cached copy")
-    parser.add_argument("--out", default=None,
-                        help="directory for the PNGs and the data cache (default bridges-out)")
     args = parser.parse_args(argv)
     cfg = dict(SETTINGS["quick" if args.quick else "full"])
-    for key in ("iterations", "unroll", "lr"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
+    cfg.update({key: getattr(args, key) for key in ("iterations", "unroll", "lr")
+                if getattr(args, key) is not None})
     if cfg["iterations"] < 1 or cfg["unroll"] < 1:
         parser.error("--iterations and --unroll must be positive")
-    options = {}
     for item in args.petsc_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key or key.startswith("-"):
+        if "=" not in item or item.startswith(("-", "=")):
             parser.error(f"--petsc-option expects KEY=VALUE without the dash, e.g. "
                          f"pc_type=gamg; got {item!r}")
-        options[key] = value
+    options = dict(item.split("=", 1) for item in args.petsc_option)
     if options and args.pressure != "petsc":
         parser.error("--petsc-option needs --pressure petsc")
     cfg["horizon"] = cfg["unroll"] * (5 if args.quick else 10)
@@ -366,8 +240,7 @@ def main(argv=None):
     one, two = res["table"]["option 1"], res["table"]["option 2"]
     print("option 2 / option 1 error: " + ", ".join(
         f"{b / a:.2f} at step {t}" for t, a, b in zip(res["marks"], one, two)))
-    for p in res["paths"]:
-        print(f"wrote {p}" if p else "figure skipped: install matplotlib (extra 'demo')")
+    report_figures(*res["paths"])
     print(f"total {res['seconds']:.0f} s (reference data {res['data_s']:.0f} s)")
     return 0
 

@@ -1,136 +1,30 @@
-"""Steady diffusion -div(kappa grad T) = s on the unit square, solved by PETSc through
-``bridges.petsc.solve``, next to seed 002's approach (the same residual minimised by LBFGS), plus a
-small inverse problem: recover a spatially varying kappa (log-kappa on a coarse grid, bicubic) from
-noisy temperatures of two heating experiments by Adam through the differentiable solve.
+"""Steady diffusion -div(kappa grad T) = s on the unit square (`bridges.problems.diffusion`)
+solved by PETSc through ``bridges.petsc.solve``, next to seed 002's approach (the same residual
+minimised by LBFGS), plus a small inverse problem: recover a spatially varying kappa (log-kappa on
+a coarse grid, bicubic) from noisy temperatures of two heating experiments by Adam through the
+differentiable solve. "Residual" means the 2-norm of F = h^2 (-div(kappa grad T) - s). F is linear
+in T: its Jacobian is assembled once from coloured products of the 5-point stencil and solved by
+CG preconditioned by geometric multigrid (or GAMG).
 
-The residual is the seed's conv-stencil finite-difference operator, written in torch: flux form
-with face-averaged kappa (so the Jacobian is symmetric), Dirichlet values on the boundary ring of
-an n x n node grid (h = 1/(n-1)), unknowns the (n-2)^2 interior nodes. It is scaled by h^2 (and
-signed so that the Jacobian is positive definite): F = h^2 (-div(kappa grad T) - s); "residual"
-below means the 2-norm of this F. The Jacobian is linear in T, assembled once from coloured
-products of the 5-point stencil, and solved by CG preconditioned by geometric multigrid (or GAMG).
-
-The unknowns live on a `bridges.petsc.Grid` of (n-2)^2 interior nodes; the boundary ring is its
-ghost layer outside the domain, where the residual puts the Dirichlet values. The same command runs
-on one process or distributed, each rank solving for its block (figures and tables from rank 0):
+The same command runs on one process or distributed, each rank solving for its block (figures and
+tables from rank 0):
 
     [mpiexec -n 2] python -m bridges.demos.steady_diffusion [--grids 131 259 515 1027]
         [--lbfgs-grids 131] [--lbfgs-time 60] [--pc mg|gamg] [--inverse-iterations 200] [--out DIR]
-
-Grid sizes n = 2^k + 3 (2^k + 1 unknowns per axis) let multigrid coarsen all the way down.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
 import numpy as np
 import torch
 
-from bridges.demos._util import figure_path, progress, pyplot
-from bridges.petsc import PETSc, Grid, solve, sum_gradients
-
-# F is linear in T: one Newton step (ksponly) with CG solved until |F| <= 1e-11 (or relative
-# 1e-12), preconditioned by geometric multigrid (SOR smoothing, Galerkin coarse operators) on the
-# grid's DMDA hierarchy; PRECONDITIONERS["gamg"] uses algebraic multigrid instead
-SOLVER = {"snes_type": "ksponly", "ksp_type": "cg", "ksp_rtol": 1e-12, "ksp_atol": 1e-11,
-          "ksp_norm_type": "unpreconditioned"}
-PRECONDITIONERS = {
-    "mg": {"pc_type": "mg", "mg_levels_ksp_type": "richardson", "mg_levels_pc_type": "sor"},
-    "gamg": {"pc_type": "gamg"},
-}
-
-
-# -- the physics -----------------------------------------------------------------------------------
-def residual(T, kappa, source, boundary=None):
-    """F(T) = h^2 (-div(kappa grad T) - s) at the interior nodes of an n x n grid.
-
-    T: (n-2, n-2) interior values; kappa: (n, n) nodal conductivity (face values are averages of
-    the two nodes); source: (n-2, n-2); boundary: (n, n) whose outer ring holds the Dirichlet
-    values (interior entries ignored), or None for T = 0 on the boundary.
-    """
-    n = T.shape[-1] + 2
-    full = torch.nn.functional.pad(T, (1, 1, 1, 1))
-    if boundary is not None:
-        ring = torch.ones_like(boundary)
-        ring[1:-1, 1:-1] = 0
-        full = full + boundary * ring
-    return _flux_residual(full, kappa, source / (n - 1) ** 2)
-
-
-def _flux_residual(full, kappa, h2_source):
-    """-div(kappa grad T) - h^2 s at the inner points of a block of nodal values `full` (the
-    block and kappa one node wider than the result on every side)."""
-    kx = 0.5 * (kappa[:, 1:] + kappa[:, :-1])   # faces between columns
-    ky = 0.5 * (kappa[1:, :] + kappa[:-1, :])   # faces between rows
-    flux_x = kx * (full[:, 1:] - full[:, :-1])
-    flux_y = ky * (full[1:, :] - full[:-1, :])
-    div = (flux_x[1:-1, 1:] - flux_x[1:-1, :-1]) + (flux_y[1:, 1:-1] - flux_y[:-1, 1:-1])
-    return -div - h2_source
-
-
-def interior_grid(n, comm=None) -> Grid:
-    """The Grid of the (n-2)^2 interior nodes of an n x n node grid, split over the ranks of
-    `comm` (default: every rank of mpiexec); its ghost layer outside the domain is the boundary
-    ring."""
-    return Grid((n - 2, n - 2), comm=comm)
-
-
-def grid_residual(grid):
-    """`residual` on `grid`'s blocks: F(u, kappa, source, boundary) maps this rank's ghosted
-    block u of interior values to F on its owned block. kappa, source and boundary are the full
-    arrays (replicated on every rank, as in `residual`); each rank reads its window of them."""
-    nodes = tuple(slice(s.start, s.stop + 2) for s in grid.owned)  # the ghosted block's nodes
-    ring = grid.exterior()  # the ghosted block's points outside the domain: boundary nodes
-
-    def F(u, kappa, source, boundary=None):
-        full = u if boundary is None else torch.where(ring, boundary[nodes], u)
-        h2 = 1.0 / (kappa.shape[-1] - 1) ** 2
-        return _flux_residual(full, kappa[nodes], h2 * source[grid.owned])
-    return F
-
-
-def seed_problem(n, dtype=torch.float64):
-    """The seed's test case on an n x n node grid: kappa = 1, s = 1, T = 0 on the boundary."""
-    return torch.ones(n, n, dtype=dtype), torch.ones(n - 2, n - 2, dtype=dtype)
-
-
-def varied_problem(n, dtype=torch.float64):
-    """A harder case for the figures: smooth kappa varying 20x, a hot blob, warm left wall."""
-    x = torch.linspace(0, 1, n, dtype=dtype)
-    X, Y = torch.meshgrid(x, x, indexing="xy")
-    kappa = true_kappa(X, Y)
-    source = 40.0 * torch.exp(-((X - 0.65) ** 2 + (Y - 0.35) ** 2) / 0.01)[1:-1, 1:-1]
-    boundary = torch.zeros(n, n, dtype=dtype)
-    boundary[:, 0] = torch.sin(math.pi * x)
-    return kappa, source, boundary
-
-
-def true_kappa(X, Y):
-    return 0.2 + 3.8 * torch.sigmoid(12 * (Y - 0.5 - 0.15 * torch.sin(2 * math.pi * X)))
-
-
-def residual_norm(T, kappa, source, boundary=None):
-    with torch.no_grad():
-        return float(torch.linalg.norm(residual(T.double(), kappa.double(), source.double(),
-                                                None if boundary is None else boundary.double())))
-
-
-# -- the two approaches ----------------------------------------------------------------------------
-def solve_petsc(kappa, source, boundary=None, options=None, grid=None, pc="mg"):
-    """T with residual 2-norm <= 1e-10 by PETSc: CG + multigrid (pc "mg" geometric, on the grid's
-    DMDA hierarchy, or "gamg" algebraic) on the Jacobian assembled from coloured products.
-    grid: an `interior_grid(n)` to reuse (default: a new one). Returns (T, solve statistics),
-    T this rank's owned block of the interior values (all of them on one rank)."""
-    grid = grid or interior_grid(kappa.shape[0])
-    stats = {}
-    args = (kappa, source) if boundary is None else (kappa, source, boundary)
-    T = solve(grid_residual(grid), grid.zeros(), *args, grid=grid, linear=True,
-              symmetric=True, stats=stats,
-              options={**SOLVER, **PRECONDITIONERS[pc], **(options or {})})
-    return T, stats
-
+from bridges.petsc import PETSc, sum_gradients
+from bridges.plotting import demo_parser, progress, pyplot, report_figures, save_figure
+from bridges.problems.diffusion import (PRECONDITIONERS, interior_grid, residual_norm,
+                                        seed_problem, solve_lbfgs, solve_petsc, true_kappa,
+                                        varied_problem)
 
 def _total(grid, value, op="sum"):
     """A number summed (or maximised) over the grid's ranks."""
@@ -138,33 +32,6 @@ def _total(grid, value, op="sum"):
         return value
     from mpi4py import MPI
     return grid.comm.tompi4py().allreduce(value, op=MPI.SUM if op == "sum" else MPI.MAX)
-
-
-def solve_lbfgs(kappa, source, *, max_steps=500, time_limit=60.0, dtype=torch.float32,
-                show_progress=False):
-    """Seed 002's method: minimise the mean squared residual (unscaled, as the seed's loss) over
-    T with torch.optim.LBFGS (its defaults: lr 1, 20 inner iterations), in float32 like the seed.
-    Stops at the seed's loss target 1e-10, after max_steps, or after time_limit seconds."""
-    n = kappa.shape[0]
-    h2 = 1.0 / (n - 1) ** 2
-    kappa, source = kappa.to(dtype), source.to(dtype)
-    T = torch.zeros(n - 2, n - 2, dtype=dtype, requires_grad=True)
-    optimiser = torch.optim.LBFGS([T])
-
-    def closure():
-        optimiser.zero_grad()
-        loss = torch.mean((residual(T, kappa, source) / h2) ** 2)
-        loss.backward()
-        return loss
-
-    start, losses = time.perf_counter(), []
-    for _ in progress(range(max_steps), desc=f"LBFGS {n}x{n}", disable=not show_progress,
-                      leave=False):
-        losses.append(float(optimiser.step(closure).detach()))
-        if losses[-1] < 1e-10 or time.perf_counter() - start > time_limit:
-            break
-    return T.detach(), {"seconds": time.perf_counter() - start, "steps": len(losses),
-                        "loss": losses[-1]}
 
 
 def compare(grids, lbfgs_grids, lbfgs_time=60.0, show_progress=True, pc="mg"):
@@ -258,7 +125,7 @@ def recover_kappa(n=51, coarse=6, iterations=200, lr=0.05, noise=0.01, seed=0,
 
 
 # -- figures and CLI -------------------------------------------------------------------------------
-def plot_solution(n, path):
+def plot_solution(n, out=None):
     plt = pyplot()
     kappa, source, boundary = varied_problem(n)
     grid = interior_grid(n)
@@ -273,13 +140,10 @@ def plot_solution(n, path):
         im = ax.imshow(field.numpy(), origin="lower", extent=(0, 1, 0, 1), cmap="inferno")
         ax.set_title(title)
         fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, "steady_diffusion_T.png", dpi=110)
 
 
-def plot_timing(rows, path):
+def plot_timing(rows, out=None):
     plt = pyplot()
     if plt is None:
         return None
@@ -293,17 +157,12 @@ def plot_timing(rows, path):
         for r in lb:
             ax.annotate(f"residual {r['lbfgs_residual']:.1e}", (r["n"] ** 2, r["lbfgs_s"]),
                         fontsize=8)
-    ax.set_xlabel("grid nodes")
-    ax.set_ylabel("seconds")
-    ax.set_title("steady diffusion: time to solve")
+    ax.set(xlabel="grid nodes", ylabel="seconds", title="steady diffusion: time to solve")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, "steady_diffusion_timing.png", dpi=110)
 
 
-def plot_inverse(result, path):
+def plot_inverse(result, out=None):
     plt = pyplot()
     if plt is None:
         return None
@@ -318,18 +177,18 @@ def plot_inverse(result, path):
         fig.colorbar(im, ax=ax)
     axes[2].semilogy(result["history"], label="misfit")
     axes[2].axhline(result["noise_floor"], color="gray", ls=":", label="noise level")
-    axes[2].set_xlabel("Adam iteration")
-    axes[2].set_title("relative mean squared misfit")
+    axes[2].set(xlabel="Adam iteration", title="relative mean squared misfit")
     axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, "steady_diffusion_inverse.png", dpi=110)
+
+
+QUICK = {"grids": [34, 66], "lbfgs_grids": [34], "lbfgs_time": 2.0, "solution_grid": 34,
+         "inverse_grid": 18, "inverse_coarse": 4, "inverse_iterations": 20}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = demo_parser(__doc__, quick="tiny grids and short runs (smoke test): " + ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     parser.add_argument("--grids", type=int, nargs="+", default=[131, 259, 515, 1027],
                         help="grid sizes n (n x n nodes) solved by PETSc")
     parser.add_argument("--lbfgs-grids", type=int, nargs="*", default=[131],
@@ -346,8 +205,9 @@ def main(argv=None):
     parser.add_argument("--inverse-iterations", type=int, default=200)
     parser.add_argument("--noise", type=float, default=0.01,
                         help="observation noise, relative to max |T|")
-    parser.add_argument("--out", default=None, help="directory for the PNGs (default bridges-out)")
     args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
     root = PETSc.COMM_WORLD.getRank() == 0  # rank 0 of mpiexec (or the only process) reports
     show = print if root else (lambda *a, **k: None)
 
@@ -362,19 +222,14 @@ def main(argv=None):
              f"{r['ksp_iterations']:7d} {extra}")
     if rows:
         show(f"({rows[0]['ranks']} MPI rank{'s' if rows[0]['ranks'] > 1 else ''})")
-    figure = (lambda name: figure_path(args.out, name)) if root else (lambda name: None)
-    paths = [plot_solution(args.solution_grid, figure("steady_diffusion_T.png"))]
+    solution = plot_solution(args.solution_grid, args.out)  # on every rank: all ranks solve
     result = recover_kappa(args.inverse_grid, args.inverse_coarse, args.inverse_iterations,
                            noise=args.noise, show_progress=root)
     show(f"inverse problem: misfit {result['history'][0]:.3g} -> {result['history'][-1]:.3g} "
          f"(noise level {result['noise_floor']:.3g}); relative kappa error "
          f"{result['kappa_error']:.3f}")
     if root:
-        paths += [plot_timing(rows, figure("steady_diffusion_timing.png")),
-                  plot_inverse(result, figure("steady_diffusion_inverse.png"))]
-    for p in paths:
-        if p is not None:
-            show(f"wrote {p}")
+        report_figures(solution, plot_timing(rows, args.out), plot_inverse(result, args.out))
     return 0
 
 

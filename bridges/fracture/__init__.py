@@ -15,7 +15,8 @@ k is the cell permeability, shape (ny, nx): k = cubic_law(aperture) * W for lear
 """
 from ._data import SyntheticFracture, aperture_field, cubic_law, roughness_factor, synthetic_fracture
 from ._grid import boundary_flux, linear_profile, residual
-from ._solvers import BACKENDS, pressure, pressure_petsc, pressure_torch
+from ._pressure import BACKENDS, pressure
+from ._torch import pressure_torch
 from ._julia import FRACTURE_JL, pressure_julia
 from ._dpfehm import (DPFEHM_INSTALL, FRACTURE_DPFEHM_JL, dpfehm_unavailable_reason, grid_edges,
                       pressure_dpfehm)
@@ -25,3 +26,11 @@ __all__ = ["pressure", "pressure_torch", "pressure_petsc", "pressure_julia", "pr
            "aperture_field", "roughness_factor", "synthetic_fracture", "SyntheticFracture",
            "FRACTURE_JL", "FRACTURE_DPFEHM_JL", "DPFEHM_INSTALL", "dpfehm_unavailable_reason",
            "grid_edges"]
+
+
+def __getattr__(name):
+    """pressure_petsc on first use, so that importing bridges.fracture does not start PETSc."""
+    if name == "pressure_petsc":
+        from ._petsc import pressure_petsc
+        return pressure_petsc
+    raise AttributeError(f"module 'bridges.fracture' has no attribute {name!r}")

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._grid import check_permeability
-from ._julia import include_setup
-from ._solvers import _check_values
+from ._grid import check_boundary_values, check_permeability
 
 FRACTURE_DPFEHM_JL = Path(__file__).resolve().with_name("FractureDPFEHM.jl")
 DPFEHM_UUID = "8c3ed914-120a-47bd-8d72-56c743732853"
@@ -49,11 +47,11 @@ def dpfehm_unavailable_reason() -> str | None:
 
     Unlike `julia_unavailable_reason`, this starts Julia (where Julia exists) to look for DPFEHM.
     """
-    from ..julia import _runtime
-    reason = _runtime.julia_unavailable_reason()
+    from ..julia import julia_has_package, julia_unavailable_reason
+    reason = julia_unavailable_reason()
     if reason is not None:
         return f"Julia is not available: {reason}"
-    if not _runtime.get_runtime().has_package("DPFEHM"):
+    if not julia_has_package("DPFEHM"):
         return (f"DPFEHM is not available: the Julia package DPFEHM is not installed in Julia's "
                 f"environment. It is optional; install it once with\n    {DPFEHM_INSTALL}\n"
                 f"(or, in a ready environment set by PYTHON_JULIACALL_PROJECT: Pkg.add(name="
@@ -63,11 +61,12 @@ def dpfehm_unavailable_reason() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _dpfehm_op():
-    from ..julia import JuliaUnavailableError, julia2pytorch
+    from ..julia import JuliaUnavailableError, include_setup, julia2pytorch
     reason = dpfehm_unavailable_reason()
     if reason is not None:
         raise JuliaUnavailableError(f"{WHO}: {reason}")
-    return julia2pytorch("pressure", include_setup(FRACTURE_DPFEHM_JL, "FractureDPFEHM"))
+    setup = include_setup(FRACTURE_DPFEHM_JL, "FractureDPFEHM", "pressure")
+    return julia2pytorch("pressure", setup)
 
 
 def pressure_dpfehm(k, p_left=2.0, p_right=1.0, *, reltol=RELTOL, maxiter=MAXITER):
@@ -75,7 +74,7 @@ def pressure_dpfehm(k, p_left=2.0, p_right=1.0, *, reltol=RELTOL, maxiter=MAXITE
     solver (algebraic multigrid to relative residual `reltol`, at most `maxiter` cycles); the
     gradient is DPFEHM's rrule, one multigrid solve with the transposed matrix."""
     check_permeability(k, WHO)
-    _check_values(p_left, p_right, WHO)
+    check_boundary_values(p_left, p_right, WHO)
     if not (isinstance(reltol, float) and 0 < reltol < 1):
         raise ValueError(f"{WHO}: reltol must be a float in (0, 1), got {reltol!r}")
     if not (isinstance(maxiter, int) and maxiter >= 1):

@@ -32,6 +32,13 @@ def check_permeability(k, who: str) -> None:
         raise ValueError(f"{who}: k holds {kd[index].item():.3g} at index {index}; {advice}")
 
 
+def check_boundary_values(p_left, p_right, who: str) -> None:
+    """Raise a clear error unless both boundary pressures are finite numbers."""
+    for name, v in (("p_left", p_left), ("p_right", p_right)):
+        if not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise TypeError(f"{who}: {name} must be a finite number, got {v!r}")
+
+
 def residual(p, k, p_left=2.0, p_right=1.0):
     """A(k) p - b(k) in torch (differentiable in p and k): each cell's net outflow."""
     r = torch.zeros_like(p + k)

@@ -27,10 +27,15 @@ Conventions:
 
 The Julia side is the package BridgesJL, shipped inside this package (`bridges/julia/BridgesJL`),
 which juliapkg installs (with Zygote and ChainRulesCore) from `bridges/juliapkg.json` on first use.
+`include_setup(path, module, name)` writes the setup code for a function in a Julia file of your
+own; `julia_has_package(name)` says whether an optional Julia package is installed.
 """
 from ._bridge import JuliaFunction, julia2pytorch
-from ._runtime import JULIA_PACKAGE, MIN_JULIA, JuliaUnavailableError, julia_unavailable_reason
+from ._code import include_setup
+from ._runtime import (JULIA_PACKAGE, MIN_JULIA, JuliaUnavailableError, julia_has_package,
+                       julia_unavailable_reason)
 from ._threads import JuliaThreadError
 
 __all__ = ["julia2pytorch", "JuliaFunction", "JuliaUnavailableError", "JuliaThreadError",
-           "julia_unavailable_reason", "JULIA_PACKAGE", "MIN_JULIA"]
+           "julia_unavailable_reason", "julia_has_package", "include_setup", "JULIA_PACKAGE",
+           "MIN_JULIA"]

@@ -1,4 +1,4 @@
-"""Python values written into Julia source text."""
+"""Python values written into Julia source text, and setup code that includes a Julia file."""
 from __future__ import annotations
 
 import os
@@ -16,3 +16,10 @@ def raw_string(text) -> str:
     body = re.sub(r'(\\*)"', lambda m: 2 * m.group(1) + '\\"', text)
     body = re.sub(r"(\\+)$", lambda m: 2 * m.group(1), body)
     return f'raw"{body}"'
+
+
+def include_setup(path, module: str, name: str) -> str:
+    """Setup code for `julia2pytorch` that includes the Julia file `path`, which defines the
+    module `module`, and imports `name` from it: ``julia2pytorch(name, include_setup(...))``.
+    The path is written as a raw string, so `$` and backslashes in it stay literal."""
+    return f"Base.include(@__MODULE__, {raw_string(path)})\nusing .{module}: {name}\n"

@@ -168,6 +168,12 @@ class _JuliaRuntime:
         return str(base.sprint(base.showerror, exc.exception)), str(exc)
 
 
+def julia_has_package(name: str) -> bool:
+    """Whether the Julia package `name` can be loaded in Julia's environment (starts Julia;
+    check `julia_unavailable_reason()` first)."""
+    return get_runtime().has_package(name)
+
+
 def get_runtime() -> _JuliaRuntime:
     """The running Julia, started on first use (on the main thread only)."""
     global _RUNTIME

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .._program import ExternalProgram
+from ._build import compiled
 
 PARAMETERS = ("camber", "position", "thickness", "alpha")
 DEFAULTS = {"camber": 0.02, "position": 0.4, "thickness": 0.12, "alpha": 3.0}
@@ -46,7 +47,6 @@ def xfoil(parameters=("camber", "alpha"), *, panels=160, timeout=60, **settings)
     parameters: camber (max camber, chord fractions), position (of max camber), thickness, alpha
     (degrees). ``settings`` fix the others, e.g. ``xfoil(("alpha",), camber=0.04)``.
     """
-    from . import compiled
 
     parameters = tuple(parameters)
     unknown = (set(parameters) | set(settings)) - set(PARAMETERS)

@@ -12,6 +12,11 @@ al., *Test Set for IVP Solvers*, University of Bari, release 2.4, https://archim
 ~testset/) publishes one, its reference value at the final time. ``reference`` and
 ``sensitivities`` (forward sensitivities, for reference gradients) are computed by scipy's Radau
 and cached per process. Nothing here imports a solver of bridges.
+
+The models the demos, benchmarks and tests share have modules of their own: `brusselator`
+(BRUSS-2D, whole-array and on a `bridges.petsc.Grid`), `diffusion` (steady diffusion and its
+solvers), `turbulence` (solver in the loop's flows, network and unrolled loss) and `noisy` (a
+noisy map for finite differences). They import bridges.petsc and bridges.flow where they need them.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from scipy.integrate import solve_ivp
+
+from . import brusselator
 
 __all__ = ["Problem", "ProblemRHS", "problem", "names", "log_times", "clear_cache"]
 
@@ -520,80 +527,20 @@ def pollu():
         source="IVP test set, problem POLLU")
 
 
-# -- 2-D Brusselator --------------------------------------------------------------------------------
-def _laplacian_torch(w, n):
-    return (torch.roll(w, 1, -1) + torch.roll(w, -1, -1) + torch.roll(w, 1, -2)
-            + torch.roll(w, -1, -2) - 4 * w) * (n * n)
-
-
-def _bruss_torch(t, y, a, b, alpha):
-    n = y.shape[-1]
-    u, v = y[..., 0, :, :], y[..., 1, :, :]
-    uuv = u * u * v
-    return torch.stack([a + uuv - (b + 1) * u + alpha * _laplacian_torch(u, n),
-                        b * u - uuv + alpha * _laplacian_torch(v, n)], -3)
-
-
-class _Brusselator:
-    """numpy/scipy side of the 2-D Brusselator on an n x n periodic grid."""
-
-    def __init__(self, n):
-        self.n = n
-        d = sp.diags([1.0, 1.0, -2.0, 1.0, 1.0], [-(n - 1), -1, 0, 1, n - 1], shape=(n, n)) * n * n
-        eye = sp.identity(n)
-        self.L = (sp.kron(eye, d) + sp.kron(d, eye)).tocsr()  # on the row-major flattened grid
-        self.LL = sp.block_diag([self.L, self.L], format="csc")
-
-    def rhs(self, t, y, p):
-        a, b, alpha = float(p["a"]), float(p["b"]), float(p["alpha"])
-        u, v = y[:self.n ** 2], y[self.n ** 2:]
-        uuv = u * u * v
-        return np.concatenate([a + uuv - (b + 1) * u + alpha * (self.L @ u),
-                               b * u - uuv + alpha * (self.L @ v)])
-
-    def jac(self, t, y, p):
-        b, alpha = float(p["b"]), float(p["alpha"])
-        m = self.n ** 2
-        u, v = y[:m], y[m:]
-        local = sp.diags([np.concatenate([2 * u * v - (b + 1), -u * u]), u * u, b - 2 * u * v],
-                         [0, m, -m])  # the reaction's 2 x 2 blocks at every grid point
-        return (alpha * self.LL + local).tocsc()
-
-    def jac_mul(self, t, y, p, V):
-        b, alpha = float(p["b"]), float(p["alpha"])
-        m = self.n ** 2
-        u, v, Vu, Vv = y[:m, None], y[m:, None], V[:m], V[m:]
-        return np.concatenate([(2 * u * v - (b + 1)) * Vu + u * u * Vv + alpha * (self.L @ Vu),
-                               (b - 2 * u * v) * Vu - u * u * Vv + alpha * (self.L @ Vv)])
-
-    def jac_p(self, t, y, p):
-        u, v = y[:self.n ** 2], y[self.n ** 2:]
-        one, zero = np.ones_like(u), np.zeros_like(u)
-        return np.stack([np.concatenate([one, zero]), np.concatenate([-u, u]),
-                         np.concatenate([self.L @ u, self.L @ v])], 1)
-
-
+# -- 2-D Brusselator -------------------------------------------------------------------------------
 def bruss2d(n=32, t_end=1.5, n_times=3):
-    """BRUSS-2D, the Brusselator with diffusion on the periodic unit square (Hairer & Wanner,
-    Solving ODEs II, section IV.10), on an n x n grid; y has shape (2, n, n) = (u, v).
-
-        u' = a + u^2 v - (b + 1) u + alpha Lap(u)
-        v' = b u - u^2 v + alpha Lap(v),        a = 1, b = 3.4, alpha = 0.002
-
-    Lap is the 5-point Laplacian with spacing 1/n (written with torch.roll), u(0) = 22 y (1 - y)^1.5,
-    v(0) = 27 x (1 - x)^1.5 at the grid points x, y = i / n. Diffusion makes it stiff as n grows
-    (eigenvalues down to -8 alpha n^2). Output times: n_times + 1 equally spaced in [0, t_end].
-    """
+    """BRUSS-2D (see bridges.problems.brusselator) on an n x n grid, the whole array at once:
+    y has shape (2, n, n) = (u, v), the Laplacian is written with torch.roll. Output times:
+    n_times + 1 equally spaced in [0, t_end]."""
     if n < 3:
         raise ValueError(f"bruss2d: n must be at least 3 (the periodic stencil), got {n}")
-    x = np.arange(n) / n
-    y0 = np.stack([np.broadcast_to(22 * x[:, None] * (1 - x[:, None]) ** 1.5, (n, n)),
-                   np.broadcast_to(27 * x[None, :] * (1 - x[None, :]) ** 1.5, (n, n))])
-    grid = _Brusselator(n)
+    scipy_side = brusselator.BrusselatorScipy(n)
     return Problem(
-        name="bruss2d", description=bruss2d.__doc__, torch_rhs=_bruss_torch,
-        params={"a": 1.0, "b": 3.4, "alpha": 2e-3}, y0=y0, t=np.linspace(0, t_end, n_times + 1),
-        rhs=grid.rhs, jac=grid.jac, jac_p=grid.jac_p, jac_mul=grid.jac_mul, rtol=1e-6, atol=1e-8,
+        name="bruss2d", description=bruss2d.__doc__, torch_rhs=brusselator.bruss_torch,
+        params=dict(zip(brusselator.NAMES, brusselator.RATES)),
+        y0=brusselator.initial_state(n).permute(2, 0, 1).numpy(),
+        t=np.linspace(0, t_end, n_times + 1), rhs=scipy_side.rhs, jac=scipy_side.jac,
+        jac_p=scipy_side.jac_p, jac_mul=scipy_side.jac_mul, rtol=1e-6, atol=1e-8,
         ref_rtol=1e-10, ref_atol=1e-12, key=("bruss2d", n, t_end, n_times))
 
 
