@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from bridges import as_numpy, as_tensor
-from bridges.demos._util import pyplot
+from bridges.plotting import pyplot, save_figure
 
 from ._timing import compare, fmt_time, markdown_table
 
@@ -49,11 +49,11 @@ def run(quick=False, plot_dir=None):
     notes = ("Target: zero-copy time flat in size. Zero-copy time at the largest size divided by "
              "that at 10 elements: " + ", ".join(f"{d}: **{r:.2f}x**" for d, r in flat.items())
              + f" (size ratio {sizes[-1] // sizes[0]:.0e}).")
-    plots = [_plot(results, plot_dir / "dlpack.png")] if plot_dir is not None else []
+    plots = [_plot(results, plot_dir)] if plot_dir is not None else []
     return {"title": TITLE, "table": table, "notes": notes, "plots": [p for p in plots if p]}
 
 
-def _plot(results, path):
+def _plot(results, plot_dir):
     plt = pyplot()
     if plt is None:
         return None
@@ -64,7 +64,4 @@ def _plot(results, path):
         ax.loglog(n, copy * 1e6, "x--", color=f"C{k}", alpha=0.6, label=f"{direction} (copy)")
     ax.set(xlabel="float64 elements", ylabel="time per transfer [µs]", title=TITLE)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plot_dir, "dlpack.png", dpi=110)

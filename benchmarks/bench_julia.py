@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from bridges.demos._util import pyplot
+from bridges.plotting import pyplot, save_figure
 from bridges.julia import JuliaUnavailableError, julia2pytorch
 
 from ._timing import compare, fmt_time, markdown_table
@@ -101,11 +101,11 @@ def run(quick=False, plot_dir=None):
              f"compiling it and its pullback.")
     plots = []
     if plot_dir is not None:
-        plots.append(_plot(ratios, plot_dir / "julia_overhead.png"))
+        plots.append(_plot(ratios, plot_dir))
     return {"title": TITLE, "table": table, "notes": notes, "plots": [p for p in plots if p]}
 
 
-def _plot(ratios, path):
+def _plot(ratios, plot_dir):
     plt = pyplot()
     if plt is None:
         return None
@@ -117,7 +117,4 @@ def _plot(ratios, path):
     ax.axhline(1.0, color="grey", ls=":")
     ax.set(xlabel="n (x has n entries)", ylabel="time ratio", title="Julia adapter overhead")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plot_dir, "julia_overhead.png", dpi=110)

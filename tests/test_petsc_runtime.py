@@ -1,8 +1,11 @@
-"""The one translator of PETSc failures into ForeignError."""
+"""The PETSc runtime: no command line read at import, `init` to hand one over, and the one
+translator of PETSc failures into ForeignError."""
+from pathlib import Path
+
 import pytest
 
 from bridges import ForeignError
-from bridges.petsc import PETSc
+from bridges.petsc import PETSc, init
 from bridges.petsc._runtime import destroy, petsc_errors, translate
 
 
@@ -56,9 +59,57 @@ def test_petsc_evaluation_time_defect_is_still_present():
     this test fails, PETSc has fixed it; review the work-around in bridges/petsc/_ode.py."""
     import subprocess
     import sys
-    from pathlib import Path
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "petsc_evaluation_times.py"
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "<- wrong" in run.stdout and "DEFECT" in run.stdout
+
+
+def test_import_reads_no_command_line_and_init_hands_it_to_petsc(tmp_path):
+    """A script's own arguments are not PETSc options at import; after bridges.petsc.init() the
+    command line beats the defaults, and a solve's options dict still beats the command line."""
+    import json
+    import subprocess
+    import sys
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import json, scipy.sparse, torch\n"
+        "from bridges.petsc import PETSc, init, solve\n"
+        "before = PETSc.Options().getAll()\n"
+        "def types():\n"
+        "    stats = {}\n"
+        "    solve(lambda x: x - 1.0, torch.zeros(3, dtype=torch.float64), prefix='heat_',\n"
+        "          sparsity=scipy.sparse.identity(3), options={'pc_type': 'jacobi'}, stats=stats)\n"
+        "    return stats['ksp_type'], stats['pc_type']\n"
+        "without = types()\n"
+        "inserted = init()\n"
+        "print(json.dumps([before, without, inserted, types()]))\n")
+    log = tmp_path / "log.txt"
+    argv = ["-ts_type", "euler", "--foo", "-heat_ksp_type", "bcgs", "-heat_pc_type", "lu",
+            "-log_view", f":{log}"]
+    run = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    before, without, inserted, after = json.loads(run.stdout.splitlines()[-1])
+    assert before == {"options_left": "no"}  # nothing of argv, only the unused-options report off
+    assert without == ["gmres", "jacobi"]     # the adapter's default KSP
+    assert inserted == {"ts_type": "euler", "foo": None, "heat_ksp_type": "bcgs",
+                        "heat_pc_type": "lu", "log_view": f":{log}"}
+    assert after == ["bcgs", "jacobi"]        # command line over default, dict over command line
+    assert "PETSc Performance Summary" in log.read_text()  # the log was started, and printed
+
+
+def test_init_reads_flags_negative_numbers_and_skips_plain_words():
+    db = PETSc.Options()
+    try:
+        inserted = init(["out.txt", "-bridges_test_shift", "-2.5e-3", "-bridges_test_flag",
+                         "-bridges_test_name", "x"])
+        assert inserted == {"bridges_test_shift": "-2.5e-3", "bridges_test_flag": None,
+                            "bridges_test_name": "x"}
+        assert db.getReal("bridges_test_shift") == -2.5e-3 and db.getBool("bridges_test_flag")
+    finally:
+        for name in ("bridges_test_shift", "bridges_test_flag", "bridges_test_name"):
+            db.delValue(name)
+    with pytest.raises(TypeError, match=r"bridges.petsc.init: argv must be a list of strings"):
+        init([1.0])

@@ -11,14 +11,13 @@ own output noise (it prints 7 digits).
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import torch
 
 from bridges import fd2pytorch
-from bridges.demos._util import figure_path, progress, pyplot
+from bridges.plotting import demo_parser, progress, pyplot, report_figures, save_figure
 from bridges.programs import ngspice
 
 NETLIST = """V1 in 0 SIN(0 3 1k)
@@ -81,7 +80,7 @@ def identifiable(simulate, fitted, noise):
     return np.sqrt(np.clip(np.diag(covariance), 0, None))
 
 
-def plot(result, path):
+def plot(result, out=None):
     plt = pyplot()
     if plt is None:
         return None
@@ -96,22 +95,15 @@ def plot(result, path):
     ax_fit.plot(t, result["initial"], "--", color="grey", alpha=0.6, label="initial guess")
     ax_fit.set(xlabel="time [ms]", ylabel="v(out) [V]", title="diode clipper output (ngspice)")
     ax_fit.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, "circuit_calibration.png")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=None, help="L-BFGS iterations (default "
-                        "60, --quick 25)")
+    parser = demo_parser(__doc__, quick="a short fit (smoke test)")
+    parser.add_argument("--iterations", type=int, help="L-BFGS iterations (60, --quick 25)")
     parser.add_argument("--noise", type=float, default=5e-3, help="measurement noise std [V]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="parallel ngspice runs")
-    parser.add_argument("--quick", action="store_true", help="a short fit (smoke test)")
-    parser.add_argument("--out", default=None, help="directory for the PNG (default bridges-out)")
     args = parser.parse_args(argv)
     iterations = args.iterations or (25 if args.quick else 60)
 
@@ -128,8 +120,7 @@ def main(argv=None):
           f"{args.noise * 1e3:.2f} mV (true parameters: "
           f"{np.sqrt(np.mean((result['clean'] - result['data']) ** 2)) * 1e3:.2f} mV); "
           f"{result['runs']} ngspice runs in {elapsed:.1f} s")
-    path = plot(result, figure_path(args.out, "circuit_calibration.png"))
-    print(f"figure: {path}" if path else "figure skipped: install matplotlib (extra 'demo')")
+    report_figures(plot(result, args.out))
 
 
 if __name__ == "__main__":

@@ -10,19 +10,18 @@ gradients through the bridged solve (one transposed solve each). Writes a 3-pane
 learned W, pixel-wise relative pressure error.
 
     python -m bridges.demos.fracture [--backend petsc|torch|julia|dpfehm] [--grid 128]
-                                     [--iterations 200]
+                                     [--iterations 200] [--quick] [--out DIR]
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import time
 
 import numpy as np
 import torch
 
-from bridges.demos._util import figure_path, progress, pyplot
 from bridges.fracture import BACKENDS, cubic_law, pressure, synthetic_fracture
+from bridges.plotting import demo_parser, progress, pyplot, report_figures, save_figure
 
 
 class WeightNet(torch.nn.Module):
@@ -144,7 +143,7 @@ def train_lightning(backend, grid, iterations, samples, lr, seed):
     return evaluate(module.model, data, test, [])
 
 
-def plot(result, path):
+def plot(result, out=None):
     plt = pyplot()
     if plt is None:
         return None
@@ -159,15 +158,11 @@ def plot(result, path):
         ax.set_title(title, fontsize=10)
         ax.set_xticks([]), ax.set_yticks([])
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, "fracture.png", dpi=110)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = demo_parser(__doc__, quick="a 32x32 grid, 30 iterations, one fracture (smoke test)")
     parser.add_argument("--backend", default="petsc", choices=BACKENDS)
     parser.add_argument("--grid", type=int, default=128, help="cells per side")
     parser.add_argument("--iterations", type=int, default=200)
@@ -176,8 +171,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lightning", choices=["auto", "off"], default="auto",
                         help="also train with PyTorch Lightning when it is installed")
-    parser.add_argument("--out", default=None, help="directory for the PNG (default bridges-out)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.grid, args.iterations, args.samples = 32, 30, 1
     if args.grid < 4 or args.iterations < 1 or args.samples < 1:
         parser.error("need --grid >= 4, --iterations >= 1, --samples >= 1")
     if args.backend in ("julia", "dpfehm"):
@@ -207,8 +203,7 @@ def main(argv=None):
                   f"correlation {lit['correlation']:.3f}")
         else:
             print("Lightning variant skipped: install lightning (pip install lightning)")
-    path = plot(result, figure_path(args.out, "fracture.png"))
-    print(f"figure: {path}" if path else "figure skipped: install matplotlib (extra 'demo')")
+    report_figures(plot(result, args.out))
 
 
 if __name__ == "__main__":

@@ -6,18 +6,17 @@ come from hidden "true" values of the rod's conductivity and convective cooling 
 Starting from a wrong guess, Adam fits both parameters through ``fd2pytorch``, which differentiates
 the program by central differences (2 extra runs per parameter per step).
 
-    python -m bridges.demos.heat_calibration [--iterations 150] [--workers 2] [--out DIR]
+    python -m bridges.demos.heat_calibration [--iterations 150] [--workers 2] [--quick] [--out DIR]
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import torch
 
 from bridges import fd2pytorch
-from bridges.demos._util import figure_path, progress, pyplot
+from bridges.plotting import demo_parser, progress, pyplot, report_figures, save_figure
 from bridges.programs import heat1d
 
 PARAMETERS = ("conductivity", "convection")
@@ -54,7 +53,7 @@ def calibrate(iterations=150, lr=0.08, noise=0.2, seed=0, workers=2, scheme="cen
             "noise": noise}
 
 
-def plot(result, path):
+def plot(result, out=None):
     plt = pyplot()
     if plt is None:
         return None
@@ -72,26 +71,22 @@ def plot(result, path):
     ax_fit.set(xlabel="output time index", ylabel="temperature [°C]",
                title="measured (dots), fitted (lines), initial guess (dashed)")
     ax_fit.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out, "heat_calibration.png")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=150)
+    parser = demo_parser(__doc__, quick="30 iterations (smoke test)")
+    parser.add_argument("--iterations", type=int, help="Adam iterations (150, --quick 30)")
     parser.add_argument("--lr", type=float, default=0.08, help="Adam step on log-parameters")
     parser.add_argument("--noise", type=float, default=0.2, help="sensor noise std [K]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="parallel simulator runs")
     parser.add_argument("--scheme", default="central", choices=["forward", "central"])
-    parser.add_argument("--out", default=None, help="directory for the PNG (default bridges-out)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    result = calibrate(args.iterations, args.lr, args.noise, args.seed, args.workers, args.scheme)
+    iterations = args.iterations or (30 if args.quick else 150)
+    result = calibrate(iterations, args.lr, args.noise, args.seed, args.workers, args.scheme)
     elapsed = time.perf_counter() - start
     print(f"\n{'parameter':<14}{'true':>8}{'initial':>9}{'fitted':>9}{'error':>9}")
     for name, true, guess, fit in zip(PARAMETERS, TRUE_VALUES, INITIAL_GUESS, result["fitted"]):
@@ -99,8 +94,7 @@ def main(argv=None):
     print(f"final misfit {result['history'][-1]:.4g} K² (noise variance {args.noise ** 2:.4g}); "
           f"{result['evaluations']} simulator runs (+{result['noise_runs']} measuring its noise) "
           f"in {elapsed:.1f} s")
-    path = plot(result, figure_path(args.out, "heat_calibration.png"))
-    print(f"figure: {path}" if path else "figure skipped: install matplotlib (extra 'demo')")
+    report_figures(plot(result, args.out))
 
 
 if __name__ == "__main__":

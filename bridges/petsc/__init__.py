@@ -1,17 +1,18 @@
 """The PETSc adapter: zero-copy Vec transfers, torch Jacobians as PETSc matrices, ODE solves with
 TS whose gradients come from TSAdjoint, and nonlinear solves with SNES.
 
-PETSc options on the command line (``-ts_type``, ``-ksp_type``, ...) reach PETSc as usual.
+Importing reads no command line; ``bridges.petsc.init()`` hands PETSc the script's (``-ts_type``,
+``-ksp_type``, ...).
 """
 from ._grid import Grid, sum_gradients
 from ._jacobian import ColouredJacobian, TorchJacobian
 from ._ode import METHODS, odeint_adjoint
 from ._options import UnusedOptionsWarning, set_unused_options
-from ._runtime import PETSc, scalar_dtype
+from ._runtime import PETSc, init, scalar_dtype
 from ._solve import mg_levels, solve, stencil_sparsity
 from ._vec import as_vec, vec_as_tensor
 
-__all__ = ["PETSc", "scalar_dtype", "as_vec", "vec_as_tensor", "TorchJacobian",
+__all__ = ["PETSc", "init", "scalar_dtype", "as_vec", "vec_as_tensor", "TorchJacobian",
            "ColouredJacobian", "odeint_adjoint", "METHODS", "solve", "stencil_sparsity", "Grid",
            "mg_levels", "sum_gradients",
            "set_unused_options", "UnusedOptionsWarning"]

@@ -1,7 +1,9 @@
-"""petsc4py, initialised once with the command line, and the one translator of PETSc failures."""
+"""petsc4py, initialised once without the command line, the explicit call that hands PETSc a
+command line, and the one translator of PETSc failures."""
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 
 import numpy as np
@@ -16,12 +18,45 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
                       "(builds PETSc and petsc4py from source) or `pip install petsc petsc4py`, "
                       "then retry") from exc
 
-# PETSc reads -ts_type, -ksp_type, ... from the command line. Scripts' own arguments (pytest's,
-# argparse's) would be reported as unused PETSc options at exit, so that report is off unless
-# asked for with -options_left.
-_argv = sys.argv if "-options_left" in sys.argv else [*sys.argv, "-options_left", "no"]
-petsc4py.init(_argv)
+# Importing reads no command line: a script's own arguments are not PETSc's (see `init`). The
+# PETSC_OPTIONS environment variable still applies, as PETSc reads it at start-up.
+petsc4py.init(["-options_left", "no"])
 from petsc4py import PETSc  # noqa: E402
+
+_NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def init(argv=None) -> dict:
+    """Hand PETSc a command line: each ``-name value`` (or ``-name`` alone, a flag) in argv goes
+    into PETSc's options database, as PetscInitialize would have read it, so that
+    ``-ksp_type cg`` or ``-heat_ts_type bdf`` reach the solvers made afterwards. A solver's own
+    ``options`` dict still beats them; they beat the adapter's defaults. Words that do not start
+    with a dash are skipped; ``-options_left`` reports unused options at exit. Options PETSc
+    reads only at start-up (``-malloc_debug``, ``-help``) belong in the environment variable
+    PETSC_OPTIONS.
+
+    argv: a list of words (default ``sys.argv[1:]``), e.g. what argparse's
+    ``parse_known_args`` left over. Returns the options inserted, name to value (None for a flag).
+    """
+    words = sys.argv[1:] if argv is None else list(argv)
+    if not all(isinstance(word, str) for word in words):
+        raise TypeError(f"bridges.petsc.init: argv must be a list of strings, such as "
+                        f"sys.argv[1:], got {argv!r}")
+    inserted, db, i = {}, PETSc.Options(), 0
+    while i < len(words):
+        word = words[i]
+        if not word.startswith("-") or _NUMBER.fullmatch(word):
+            i += 1  # not an option name: PETSc skips it too
+            continue
+        value = words[i + 1] if i + 1 < len(words) else None
+        if value is not None and value.startswith("-") and not _NUMBER.fullmatch(value):
+            value = None  # the next word is another option: this one is a flag
+        inserted[word.lstrip("-")] = value
+        db.setValue(word.lstrip("-"), value)
+        i += 1 if value is None else 2
+    if any(name.endswith("log_view") for name in inserted):
+        PETSc.Log.begin()  # PetscInitialize would have started the log it prints at exit
+    return inserted
 
 
 def scalar_dtype() -> torch.dtype:
