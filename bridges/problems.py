@@ -151,8 +151,8 @@ class Problem:
             raise ValueError(f"problem {self.name!r}: t must be increasing times, the initial "
                              f"one first, got {t!r}")
         p = self._params(params)
-        key = (self.key, self.y0.tobytes(), t.tobytes(), tuple(v.tobytes() for v in p.values()), sensitivities,
-               self.ref_rtol, self.ref_atol, self.sens_atol)
+        key = (self.key, self.y0.tobytes(), t.tobytes(), tuple(v.tobytes() for v in p.values()),
+               sensitivities, self.ref_rtol, self.ref_atol, self.sens_atol)
         if key not in _CACHE:
             _CACHE[key] = _radau(self, t, p, sensitivities)
         return _CACHE[key]

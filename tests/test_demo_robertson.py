@@ -41,7 +41,7 @@ def test_command_line_rejects_unknown_long_options():
         robertson.main(["--no-such-option"])
 
 
-def test_quick_run_writes_both_figures(tmp_path, capsys):
+def test_quick_run_trains_20_iterations_and_writes_the_training_figure(tmp_path, capsys):
     robertson.main(["--quick", "--skip-sensitivity", "--out", str(tmp_path)])
     assert "20 of 20 iterations" in capsys.readouterr().out
     assert (tmp_path / "robertson_training.png").stat().st_size > 10_000
