@@ -363,3 +363,33 @@ def test_misspelt_option_is_reported_by_name():
                                                   "ksp_rtoll"):
         solve(residual, zeros(n), kappa, source, sparsity=stencil_sparsity((n - 2, n - 2)),
               options={"ksp_rtoll": 1e-8, "ksp_type": "cg"})
+
+
+def test_snes_solver_reuses_its_objects_across_calls_with_new_params(monkeypatch):
+    """One SNESSolver over calls whose params change: one set of PETSc objects, and each
+    solution and gradient equal to a fresh solve's (linear=True: each call reassembles)."""
+    from bridges.petsc import SNESSolver, SolveStats
+    from bridges.petsc import _solve
+    made, original = [0], _solve._Solve.__init__
+
+    def counting(self, *args, **kwargs):
+        made[0] += 1
+        original(self, *args, **kwargs)
+    monkeypatch.setattr(_solve._Solve, "__init__", counting)
+    n, sparsity = 12, stencil_sparsity((10, 10))
+    solver = SNESSolver(sparsity=sparsity, linear=True, options=LU)
+    for seed in range(4):
+        kappa, source = random_problem(n, seed)
+        kappa.requires_grad_()
+        x = solver(residual, zeros(n), kappa, source)
+        (x ** 2).sum().backward()
+        assert isinstance(solver.stats, SolveStats) and solver.stats.adjoint_ksp_iterations == 1
+        reference = kappa.detach().clone().requires_grad_()
+        expected = solve(residual, zeros(n), reference, source, sparsity=sparsity, linear=True,
+                         options=LU)
+        (expected ** 2).sum().backward()
+        torch.testing.assert_close(x, expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(kappa.grad, reference.grad, rtol=1e-10, atol=1e-14)
+    assert made[0] == 1 + 4
+    pending = solver(residual, zeros(n), *random_problem(n, 0))  # no gradient: run idle again
+    assert pending.grad_fn is None and made[0] == 5

@@ -6,13 +6,13 @@ Importing reads no command line; ``bridges.petsc.init()`` hands PETSc the script
 """
 from ._grid import Grid, sum_gradients
 from ._jacobian import ColouredJacobian, TorchJacobian
-from ._ode import METHODS, odeint_adjoint
+from ._ode import METHODS, ODESolver, ODEStats, odeint_adjoint
 from ._options import UnusedOptionsWarning, set_unused_options
 from ._runtime import PETSc, init, scalar_dtype
-from ._solve import mg_levels, solve, stencil_sparsity
+from ._solve import SNESSolver, SolveStats, mg_levels, solve, stencil_sparsity
 from ._vec import as_vec, vec_as_tensor
 
 __all__ = ["PETSc", "init", "scalar_dtype", "as_vec", "vec_as_tensor", "TorchJacobian",
-           "ColouredJacobian", "odeint_adjoint", "METHODS", "solve", "stencil_sparsity", "Grid",
-           "mg_levels", "sum_gradients",
+           "ColouredJacobian", "odeint_adjoint", "ODESolver", "ODEStats", "METHODS", "solve",
+           "SNESSolver", "SolveStats", "stencil_sparsity", "Grid", "mg_levels", "sum_gradients",
            "set_unused_options", "UnusedOptionsWarning"]

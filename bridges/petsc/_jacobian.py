@@ -20,6 +20,7 @@ from .._fd import color_columns
 from .._linearise import Linearisation, choose, probe
 from ._grid import SerialLayout
 from ._runtime import PETSc
+from ._vec import vec_as_tensor
 
 
 class TorchJacobian:
@@ -307,3 +308,77 @@ def block_jacobian(shape, *, mode="auto", comm=None) -> ColouredJacobian:
     return ColouredJacobian(block_diagonal_pattern(count, block), groups=groups,
                             block_size=block, comm=comm, mode=mode)
 
+
+
+class ParameterJacobian:
+    """Context of a python-type PETSc Mat for TSAdjoint: sign * dfunc/dparams at a
+    linearisation point (`at`), of which PETSc only ever asks the transposed product. Its
+    columns give every rank its own copy of the parameters, so TSAdjoint accumulates each
+    rank's share without communication. `owned` maps a Vec to this rank's block."""
+
+    def __init__(self, params, n_rows, owned, sign, comm):
+        self.params, self.owned, self.sign = params, owned, sign
+        self.n = max(sum(q.numel() for q in params), 1)
+        self.point, self.products = None, 0
+        self.mat = PETSc.Mat().createPython([(n_rows, None), (self.n, None)], self, comm=comm)
+        self.mat.setUp()
+
+    def at(self, point):
+        """Products from now on are at `point` (a Linearisation, whose graph they share)."""
+        self.point = point
+
+    def multTranspose(self, mat, x, y):
+        out = vec_as_tensor(y, "w")
+        if not self.params:
+            out.zero_()
+            return
+        self.products += 1
+        _, value = self.point.graph()
+        grads = torch.autograd.grad(value, self.params, self.owned(x, "r").view(value.shape),
+                                    retain_graph=True, allow_unused=True)
+        offset = 0
+        for param, g in zip(self.params, grads):
+            part = out[offset:offset + param.numel()]
+            part.copy_(g.reshape(-1)).mul_(self.sign) if g is not None else part.zero_()
+            offset += param.numel()
+
+    def release(self):  # (not `destroy`: petsc4py calls a context's destroy(mat))
+        if self.mat is not None:
+            self.mat.destroy()
+        self.mat = self.point = None
+
+
+# Jacobian plans: what a solve assembles, and how it multiplies
+JACOBIANS = ("auto", "assembled", "blocks", "matrix-free")
+PRODUCTS = ("auto", "forward", "reverse", "fd")
+
+
+def plan_jacobian(who, jacobian, products, *, assembler, block=None, block_limit=64,
+                  independent=True, forward=True):
+    """(kind, products) for a solve: kind "assembled" (with an assembler), "blocks" (the
+    per-sample blocks of the last dimension, `block` wide) or "matrix-free"; products
+    "forward", "reverse", "fd", or "auto" for an assembler to choose. `block` None: no
+    per-sample blocks (nonlinear solves). `independent`: func acts on each sample on its own;
+    `forward`: every op has a forward-mode rule. Raises for combinations that cannot work."""
+    if jacobian == "assembled" and assembler is None:
+        raise ValueError(f"{who}: jacobian='assembled' needs sparsity= (the pattern of the "
+                         f"Jacobian, e.g. stencil_sparsity(shape)) or grid=; or use "
+                         f"jacobian='matrix-free'")
+    if jacobian == "auto":
+        jacobian = "assembled" if assembler is not None else \
+            "blocks" if block is not None and block <= block_limit and independent else \
+            "matrix-free"
+    if jacobian != "matrix-free":
+        if products == "fd":
+            raise ValueError(f"{who}: products='fd' is a matrix-free action; use it with "
+                             f"jacobian='matrix-free', or products 'forward', 'reverse' or "
+                             f"'auto'")
+        return jacobian, products
+    if products == "reverse":
+        raise ValueError(f"{who}: a matrix-free Jacobian needs J v, which reverse mode cannot "
+                         f"give; use products 'forward', 'fd' or 'auto', or an assembled "
+                         f"Jacobian (sparsity= or grid=, or per-sample blocks)")
+    if products == "forward" and not forward:
+        raise ValueError(f"{who}: products='forward' needs a forward-mode rule for every op in "
+                         f"the function; one has none. Use 'fd' or 'auto'")
+    return jacobian, "forward" if products != "fd" and forward else "fd"

@@ -11,22 +11,27 @@ after the last backward that can use it, or when the outputs die without one.
 """
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import numpy as np
 import torch
 
 from .._core import eager_under_compile, foreign_function
-from .._errors import ForeignError, SolverFailure, check_finite
+from .._errors import ForeignError, check_finite
 from .._linearise import Linearisation, probe
+from .._runs import RunPool, check_choice, check_state
+from .._runs import forward as run_forward
 from ._capi import set_pre_stage, trajectory_prefix
 from ._checkpoint import MEMORYLESS, Recomputation, StepLog, budget
 from ._grid import SerialLayout
-from ._jacobian import TorchJacobian, block_jacobian
+from ._jacobian import (JACOBIANS, PRODUCTS, ParameterJacobian, TorchJacobian, block_jacobian,
+                        plan_jacobian)
 from ._linear import check_solution, use_block_lu
 from ._options import SolverOptions, check_options
 from ._runtime import PETSc, destroy, diverged, petsc_errors
 from ._solve import _assembler, multigrid_defaults
+from ._stepping import NewtonTest, check_progress, starting_step
 from ._vec import as_vec, check_tensor, vec_as_tensor
 
 # method -> (TS type, its scheme option or None, form)
@@ -41,25 +46,38 @@ METHODS = {
     "dopri5": ("rk", ("ts_rk_type", "5dp"), "explicit"),
 }
 ADJOINT_TS_TYPES = ("beuler", "cn", "theta", "arkimex", "rk")  # TS types with TSAdjoint
-JACOBIANS = ("auto", "assembled", "blocks", "matrix-free")
-PRODUCTS = ("auto", "forward", "reverse", "fd")
 BLOCK_LIMIT = 64  # largest per-sample system whose Jacobian blocks are assembled by default
-NEWTON_TOLERANCE = 1e-3  # adaptive steps: Newton's first update, in units of the tolerances,
-NEWTON_REMAINDER = 3e-2  # and its estimated remaining error after later ones
 # grids of at least this many unknowns precondition implicit steps with geometric multigrid:
 # in benchmarks/bench_reaction_diffusion.py its iterations stay flat (5 per solve up to 10^6
 # unknowns, ILU's grow to 23), ILU is faster below, the two take about the same time above
 MULTIGRID_FROM = 1 << 18
 WHO = "odeint_adjoint"
-COLLAPSE = 64 * np.finfo(np.float64).eps  # a step below this times |t| makes no progress
+
+
+@dataclasses.dataclass
+class ODEStats:
+    """What the last call of an `ODESolver` did: its forward solve, and after backward its
+    adjoint. Callback counts are PETSc's calls into torch."""
+    steps: int = 0               # accepted steps
+    rejections: int = 0          # rejected step attempts
+    newton_iterations: int = 0
+    linear_iterations: int = 0
+    func_calls: int = 0          # residual (or right-hand side) evaluations
+    jacobians: int = 0           # Jacobians formed (assembled blocks, or a new linearisation)
+    newton_tests: int = 0        # Newton convergence tests after an update
+    adjoint_steps: int = 0
+    adjoint_jacobians: int = 0
+    parameter_products: int = 0  # (dfunc/dparams)^T products of the adjoint
 
 
 class _ODEProblem:
     """Everything fixed across solves: the function, its parameters, the solver settings."""
 
-    def __init__(self, func, params, method, step_size, steps_per_interval, rtol, atol, options,
-                 prefix, jacobian, products, assembler, grid, checkpoints):
+    def __init__(self, func, params, *, method, step_size, steps_per_interval, rtol, atol,
+                 options, prefix, jacobian, products, assembler, grid, checkpoints, solver=None):
         self.func, self.params = func, params
+        # the solver object whose pool keeps idle runs and which receives each call's stats
+        self.solver = weakref.ref(solver) if solver is not None else None
         self.checkpoints = checkpoints  # states the adjoint may store (None: every step)
         self.ts_type, self.scheme, self.form = METHODS[method]
         self.method, self.step_size, self.rtol, self.atol = method, step_size, rtol, atol
@@ -72,11 +90,15 @@ class _ODEProblem:
     def rhs(self, t, y):
         return self.func(torch.as_tensor(t, dtype=y.dtype), y)
 
+    def first_step(self, times):
+        """The step a solve starts from, before options and the starting-step estimate."""
+        first = float(times[1] - times[0])
+        return first / self.steps_per_interval if self.steps_per_interval else \
+            self.step_size or first * 1e-3
+
     def defaults(self, times, record):
         """PETSc options this solve starts from; the user's options and command line win."""
-        first = float(times[1] - times[0])
-        dt = first / self.steps_per_interval if self.steps_per_interval else \
-            self.step_size or first * 1e-3
+        dt = self.first_step(times)
         values = {"ts_type": self.ts_type, "ts_exact_final_time": "matchstep",
                   "ts_max_steps": 100_000, "ts_time_step": dt, "ts_error_if_step_fails": False,
                   "ts_adapt_type": "none" if self.fixed else "basic"}
@@ -102,22 +124,24 @@ class _ODESolve:
     """One forward solve and its adjoint: the TS, its matrices, vectors, trajectory and options.
 
     PETSc holds its callbacks (bound methods of this object), so the two form a cycle that only
-    `release` breaks; `_Pullback` calls it when it dies. On a grid, func sees each rank's
+    `release` breaks (see bridges._runs). A run serves one call after another (`start`) with
+    the same function, parameters, shape and dtype, its `key`. On a grid, func sees each rank's
     ghosted block and returns its owned block; the state vectors are the grid's."""
 
-    def __init__(self, problem, y0, times, record):
-        self.p, self.times, self.record = problem, times, record
+    def __init__(self, problem, y0, times, record, key=None):
+        self.p, self.times, self.record, self._key = problem, times, record, key
         self.layout = problem.grid or SerialLayout(y0.shape)
         self.shape = self.layout.owned_shape
         self.y0 = y0.clone(memory_format=torch.contiguous_format)
         self.steps = self.log = None
         self.store_all = record and problem.checkpoints is None  # PETSc's trajectory
-        self.ts = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = self.jac = None
-        self.dm = None
-        self._last_linearisation, self._jacp_point = [], None
+        self.ts = self.u = self.F = self.jac_mat = self.jacp = self.blocks = self.jac = None
+        self.dm = self.newton = None
+        self._last_linearisation = []
         self.dense = self.stacked = self.chord = False
         self.block_lu = None
-        self._states, self._newton_size = None, 0.0
+        self._states = None
+        self.stats, self.n_func, self.n_jac = ODEStats(), 0, 0
         self.options = SolverOptions(WHO, problem.prefix, problem.options,
                                      problem.defaults(times, self.store_all))
         lagged = (self.options.given.keys() | self.options.inherited.keys()) & \
@@ -129,9 +153,41 @@ class _ODESolve:
                              f"it (adaptive implicit steps already reuse one Jacobian per step)")
         try:
             self._set_up()
+            self.start(y0, times, checked=True)
         except BaseException:
             self.release()
             raise
+
+    @property
+    def key(self):
+        """What a later call must match to reuse this run; None while it cannot be reused (a
+        stored trajectory no adjoint has consumed, or released)."""
+        busy = self.ts is None or (self.store_all and self.steps is not None)
+        return None if busy else self._key
+
+    def start(self, y0, times, checked=False):
+        """Prepare a call from y0 (same shape and dtype) over `times`."""
+        self.y0 = y0.clone(memory_format=torch.contiguous_format)
+        self.times, self.steps, self.stats = times, None, ODEStats()
+        if not checked:
+            self._check_func(float(times[0]))
+        p = self.p
+        if self.user_dt is not None:
+            self.dt0 = self.user_dt  # the first step in force (options win over defaults)
+        elif p.fixed:
+            self.dt0 = p.first_step(times)
+        else:
+            comm = self.layout.comm.tompi4py() if self.layout.size > 1 else None
+            self.dt0 = starting_step(self._value, self.y0, float(times[0]),
+                                     float(times[1] - times[0]), p.rtol, p.atol, comm, WHO)
+        if self.newton is not None:
+            self.newton.times = times
+
+    def _value(self, t, y):
+        """func at (t, y) (y this rank's owned block), a new tensor."""
+        self._owned(self.u, "w").copy_(y)
+        with torch.no_grad():
+            return self.p.rhs(t, self._ghosted(self.u)).reshape(y.shape).clone()
 
     def _set_up(self):
         p, layout = self.p, self.layout
@@ -139,13 +195,8 @@ class _ODESolve:
         self._check_func(float(self.times[0]))
         self.jac = TorchJacobian(layout.ghosted_shape, layout=layout)
         self.jac_mat = self.jac.mat()
-        # parameter Jacobian: state rows by columns that give every rank its own copy of the
-        # parameters, so TSAdjoint accumulates each rank's share without communication
-        self.n_params = max(sum(q.numel() for q in p.params), 1)
-        n = int(np.prod(self.shape))
-        self.jacp_mat = PETSc.Mat().createPython([(n, None), (self.n_params, None)], self,
-                                                 comm=layout.comm)
-        self.jacp_mat.setUp()
+        self.jacp = ParameterJacobian(p.params, int(np.prod(self.shape)), layout.owned_view,
+                                      1.0 if p.form == "explicit" else -1.0, layout.comm)
         ts = self.ts = PETSc.TS().create(comm=layout.comm)
         ts.setOptionsPrefix(self.options.prefix)
         if layout.dm is not None:
@@ -157,11 +208,11 @@ class _ODESolve:
         if p.form == "explicit":
             ts.setRHSFunction(self._rhs_function, self.F)
             ts.setRHSJacobian(self._rhs_jacobian, self.jac_mat)  # the adjoint's transposes
-            ts.setRHSJacobianP(self._jacobian_p, self.jacp_mat)
+            ts.setRHSJacobianP(self._jacobian_p, self.jacp.mat)
         else:
             ts.setIFunction(self._ifunction, self.F)
             self._set_ijacobian(ts)
-            ts.setIJacobianP(self._jacobian_p, self.jacp_mat)
+            ts.setIJacobianP(self._jacobian_p, self.jacp.mat)
             # adaptive steps: one Jacobian per step (chord Newton; a step whose Newton solve
             # fails is retried smaller, with a fresh Jacobian), converged in the tolerances'
             # norm; fixed steps: full Newton to snes_rtol
@@ -169,7 +220,8 @@ class _ODESolve:
             ts.setPreStep(self._pre_step)
             # Newton converges in the tolerances' norm, fixed steps too: a test on |F| alone
             # stops with state errors of |F| * h, which at steps of 1e10 are no errors of F
-            ts.getSNES().setConvergenceTest(self._newton_converged)
+            self.newton = NewtonTest(ts, layout.owned_view, p.rtol, p.atol, p.fixed, WHO)
+            ts.getSNES().setConvergenceTest(self.newton)
         self.outputs = _Outputs(self.layout.owned_view)
         if self.record and not self.store_all:  # checkpointed: keep the steps, not the states
             self.log = StepLog(self.outputs, p.fixed,
@@ -185,10 +237,7 @@ class _ODESolve:
             self._pre_stage = set_pre_stage(ts, self._stage_begins)
         user_step = self.options.given.keys() & {"ts_time_step", "ts_dt"} or \
             self.options.inherited.keys() & {"ts_time_step", "ts_dt"}
-        if p.fixed or user_step:
-            self.dt0 = ts.getTimeStep()  # the first step in force (options win over defaults)
-        else:
-            self.dt0 = self._starting_step()
+        self.user_dt = ts.getTimeStep() if user_step else None
 
     def _check_func(self, t0):
         """func at (t0, y0), once: its output must have the state's (owned) shape and be finite."""
@@ -207,89 +256,41 @@ class _ODESolve:
                      "check func for a division by zero, a log or sqrt of a negative number, "
                      "or an overflow", error=ForeignError)
 
-    def _starting_step(self, order=2):
-        """A first step for adaptive integration (Hairer, Norsett and Wanner's estimate from two
-        evaluations of func): small where the solution changes fast in the tolerance's norm."""
-        t0, interval = float(self.times[0]), float(self.times[1] - self.times[0])
-        scale = self.p.atol + self.p.rtol * self.y0.abs()
-        comm = self.layout.comm.tompi4py() if self.layout.size > 1 else None
-
-        def rms(x):
-            total, count = float(x.square().sum()), x.numel()
-            if comm is not None:
-                total, count = comm.allreduce(total), comm.allreduce(count)
-            return (total / count) ** 0.5
-
-        def f(t, y):
-            self._owned(self.u, "w").copy_(y)
-            with torch.no_grad():
-                return self.p.rhs(t, self._ghosted(self.u)).reshape(y.shape).clone()
-        f0 = f(t0, self.y0)
-        d0, d1 = rms(self.y0 / scale), rms(f0 / scale)
-        h0 = 1e-6 * interval if min(d0, d1) < 1e-5 else 0.01 * d0 / d1
-        h0 = min(h0, interval)
-        d2 = rms((f(t0 + h0, self.y0 + h0 * f0) - f0) / scale) / h0
-        largest = max(d1, d2)
-        h1 = max(1e-6 * h0, 1e-3 * h0) if largest <= 1e-15 else \
-            (0.01 / largest) ** (1.0 / (order + 1))
-        step = min(100 * h0, h1, interval)
-        if not np.isfinite(step) or step <= 0:
-            raise ForeignError(f"{WHO}: func gave non-finite values at t = {t0:g} or just after; "
-                               f"cannot choose a first step (give options "
-                               f"{{'ts_time_step': ...}} or check func)")
-        return step
-
     def _set_ijacobian(self, ts):
         """Jacobian structure and product mode of an implicit method (see odeint_adjoint)."""
         p = self.p
-        jacobian, products = p.jacobian, p.products
-        if jacobian == "auto":
-            block = self.shape[-1] if self.y0.ndim else 1
-            jacobian = "assembled" if p.assembler is not None else \
-                "blocks" if block <= BLOCK_LIMIT else "matrix-free"
         fn = self._rhs_at(float(self.times[0]))
         self.layout.owned_view(self.u, "w").copy_(self.y0)
         u0 = self.layout.exchange(self.u).clone()
-        if products == "fd" and jacobian != "matrix-free":
-            raise ValueError(f"{WHO}: products='fd' is a matrix-free action; use it with "
-                             f"jacobian='matrix-free', or products 'forward'/'reverse'")
+        caps = probe(fn, u0, WHO)
+        block = None if self.layout.dm is not None else self.shape[-1] if self.y0.ndim else 1
+        independent = True
+        if p.jacobian in ("auto", "blocks") and p.assembler is None and block <= BLOCK_LIMIT \
+                and p.products != "fd":  # (kept to precondition a matrix-free Jacobian)
+            self.blocks = block_jacobian(self.shape, mode=p.products)
+            independent = p.jacobian == "blocks" or self._rows_independent(fn)
+        jacobian, products = plan_jacobian(WHO, p.jacobian, p.products, assembler=p.assembler,
+                                           block=block, block_limit=BLOCK_LIMIT,
+                                           independent=independent, forward=caps.forward)
         if jacobian == "assembled":
             self.blocks = p.assembler
-        elif jacobian == "blocks":
-            self.blocks = block_jacobian(self.shape, mode=products)
-            if p.jacobian == "auto" and not self._rows_independent(fn):
-                jacobian = "matrix-free"  # samples are coupled: blocks would be inexact
         self.assembled = jacobian in ("assembled", "blocks")
         # one small system of plain torch: its whole Jacobian comes from one reverse pass per
         # point (see _DensePoint)
         n = self.y0.numel()
         self.dense = (jacobian == "blocks" and n == self.blocks.n_in and products != "forward"
-                      and n <= BLOCK_LIMIT and not probe(fn, u0, WHO).bridged)
+                      and n <= BLOCK_LIMIT and not caps.bridged)
         self.stacked = self.dense and acts_on_rows(fn, u0)
-        block_lu = False  # blocks: solved by their pivoted LU factors (see _linear.BlockLU)
         if self.assembled:
             ts.setIJacobian(self._ijacobian, self.blocks.mat, self.blocks.mat)
+            block_lu = jacobian == "blocks"  # blocks: solved by their pivoted LU factors
             # a sparse Jacobian: GMRES with PETSc's default PC
-            block_lu = jacobian == "blocks"
             defaults = {"ksp_type": "preonly" if block_lu else "gmres"}
             if jacobian == "assembled" and self.layout.dm is not None:  # multigrid where it
                 unknowns = int(np.prod(self.layout.shape)) * self.layout.dof  # measured faster
                 defaults.update(multigrid_defaults(self.layout, unknowns >= MULTIGRID_FROM))
         else:
-            if products == "reverse":
-                raise ValueError(f"{WHO}: a matrix-free Jacobian needs J v, which reverse mode "
-                                 f"cannot give; use products 'forward', 'fd' or 'auto', or "
-                                 f"jacobian='blocks' or 'assembled'")
-            caps = probe(fn, u0, WHO)
-            if products == "forward" and not caps.forward:
-                raise ValueError(f"{WHO}: products='forward' needs a forward-mode rule for "
-                                 f"every op in func; one has none. Use 'fd' or 'auto'")
-            fd = products == "fd" or (products == "auto" and not caps.forward)
-            self.jac.products = "fd" if fd else "forward"
-            # a small per-sample system still preconditions with its blocks
-            if self.blocks is None and self.layout.dm is None and self.y0.ndim and \
-                    self.shape[-1] <= BLOCK_LIMIT and p.jacobian != "matrix-free":
-                self.blocks = block_jacobian(self.shape, mode=products)
+            self.jac.products = products
             self.pmat = self.jac_mat if self.blocks is None else self.blocks.mat
             ts.setIJacobian(self._ijacobian, self.jac_mat, self.pmat)
             block_lu = self.blocks is not None
@@ -327,6 +328,7 @@ class _ODESolve:
         return self.layout.exchange(vec)
 
     def _rhs_function(self, ts, t, U, F):
+        self.n_func += 1
         with torch.no_grad():
             self._owned(F, "w").copy_(self.p.rhs(t, self._ghosted(U)))
 
@@ -334,6 +336,7 @@ class _ODESolve:
         self.jac.at(self._rhs_at(t), self._ghosted(U).clone())
 
     def _ifunction(self, ts, t, U, Udot, F):
+        self.n_func += 1
         if self._restarting:  # see restart_step
             t = ts.getTime()
         with torch.no_grad():
@@ -347,6 +350,7 @@ class _ODESolve:
                 self._states == (A.stateGet(), P.stateGet()):
             return
         self._new_step, self._shift = False, shift
+        self.n_jac += 1
         lin = self._linearisation(t, self._ghosted(U))
         if self.dense:
             self.blocks.set_dense(lin.jacobian, diag_shift=shift, factor=-1.0)
@@ -384,73 +388,17 @@ class _ODESolve:
     def _pre_step(self, ts):
         self._new_step = True
 
-    def _newton_converged(self, snes, it, norms):
-        """Newton's convergence in the integrator's own norm: s_k = RMS(dx_k / (atol + rtol
-        |x|)) of the k-th update (a norm of the whole vector would leave small components,
-        y ~ 1e-8 beside y ~ 1, unconverged). Converged when s_1 <= NEWTON_TOLERANCE, or, with
-        the observed rate q = s_k / s_(k-1) < 1, when the remaining error q / (1 - q) s_k is
-        below NEWTON_REMAINDER, or when every component's update is down to rounding
-        (|dx_i| <= 1e-13 |x_i|). Diverged when q >= 1, unless the updates have stalled at the
-        rounding floor (|dx| <= 1e-12 |x|, or within the tolerances for a fixed step); an
-        adaptive step is then retried smaller, with a fresh Jacobian, while a fixed step, which
-        cannot be, iterates on (up to snes_max_it)."""
-        xnorm, step, fnorm = norms
-        reason = PETSc.SNES.ConvergedReason
-        if not np.isfinite(fnorm):
-            return reason.DIVERGED_FNORM_NAN
-        if fnorm == 0.0:
-            return reason.CONVERGED_FNORM_ABS
-        if it == 0:
-            check_progress(self.ts, self.outputs.times)
-            return 0
-        x, dx = self._owned(snes.getSolution()), self._owned(snes.getSolutionUpdate())
-        if step <= 1e-14 * xnorm and _on_every_rank(snes.getComm(),
-                                                   bool((dx.abs() <= 1e-13 * x.abs()).all())):
-            return reason.CONVERGED_SNORM_RELATIVE  # every component down to rounding
-        scaled = float((dx / (self.p.atol + self.p.rtol * x.abs())).square().sum())
-        count = dx.numel()
-        if self.layout.size > 1:
-            scaled, count = (self.layout.comm.tompi4py().allreduce(v) for v in (scaled, count))
-        size, previous = (scaled / count) ** 0.5, self._newton_size
-        self._newton_size = size
-        if it == 1:
-            return reason.CONVERGED_SNORM_RELATIVE if size <= NEWTON_TOLERANCE else 0
-        rate = size / previous
-        if rate >= 1.0:  # no progress: converged if already at the rounding floor (of the
-            # whole state, or within the tolerances for a fixed step); a fixed step cannot be
-            # retried smaller, so its Newton iterations go on (up to snes_max_it)
-            if step <= 1e-12 * xnorm or (self.p.fixed and size <= 1.0):
-                return reason.CONVERGED_SNORM_RELATIVE
-            return 0 if self.p.fixed else reason.DIVERGED_DTOL
-        if rate / (1.0 - rate) * size <= NEWTON_REMAINDER:
-            return reason.CONVERGED_SNORM_RELATIVE
-        return 0
-
     def _jacobian_p(self, ts, t, U, *rest):  # RHS form: (A); implicit form: (Udot, shift, A)
-        self._jacp_point = self._linearisation(t, self._ghosted(U))
-
-    def multTranspose(self, mat, x, y):
-        """This rank's share of (d func / d params)^T x at the state PETSc passed to the
-        JacobianP callback (not a value saved from another callback: wrong for implicit
-        methods)."""
-        out = vec_as_tensor(y, "w")
-        if not self.p.params:
-            out.zero_()
-            return
-        sign = 1.0 if self.p.form == "explicit" else -1.0  # implicit: dF/dp = -dfunc/dp
-        _, value = self._jacp_point.graph()
-        grads = torch.autograd.grad(value, self.p.params, self._owned(x).view(value.shape),
-                                    retain_graph=True, allow_unused=True)
-        offset = 0
-        for param, g in zip(self.p.params, grads):
-            part = out[offset:offset + param.numel()]
-            part.copy_(g.reshape(-1)).mul_(sign) if g is not None else part.zero_()
-            offset += param.numel()
+        self.jacp.at(self._linearisation(t, self._ghosted(U)))
 
     # -- forward and adjoint --------------------------------------------------------------------
     def solve(self):
         """Integrates from times[0] through every output time; returns (len(t), *shape)."""
         ts, times = self.ts, self.times
+        self._last_linearisation, self._states, self._new_step = [], None, True
+        self.n_func = self.n_jac = 0
+        if self.newton is not None:
+            self.newton.size, self.newton.calls = 0.0, 0
         self._owned(self.u, "w").copy_(self.y0)
         ts.setTime(float(times[0]))
         ts.setStepNumber(0)
@@ -472,6 +420,11 @@ class _ODESolve:
             raise ForeignError(f"{WHO}: PETSc TS reached {len(recorded)} of {len(times)} output "
                                f"times: it stopped at t = {ts.getTime():.6g} {why}")
         self.steps = recorded
+        self.stats = ODEStats(
+            steps=ts.getStepNumber(), rejections=ts.getStepRejections(),
+            newton_iterations=ts.getSNESIterations(), linear_iterations=ts.getKSPIterations(),
+            func_calls=self.n_func, jacobians=self.n_jac,
+            newton_tests=self.newton.calls if self.newton is not None else 0)
         ys = torch.stack(values)
         finite = torch.isfinite(ys.reshape(len(times), -1)).all(dim=1)
         if not bool(finite.all()):
@@ -500,8 +453,9 @@ class _ODESolve:
             ksp.setPostSolve(self._check_adjoint_solve)  # own transposed solves)
         want_params = any(needs_input_grad[3:])
         lams = [self.layout.global_vec() for _ in cotangents]
-        mus = [PETSc.Vec().createMPI((self.n_params, None), comm=self.layout.comm)
+        mus = [PETSc.Vec().createMPI((self.jacp.n, None), comm=self.layout.comm)
                for _ in cotangents] if want_params else []
+        jacobians, self.jacp.products = self.n_jac, 0
         try:
             for lam, mu, g in zip(lams, mus or lams, cotangents):
                 self._owned(lam, "w").copy_(g[-1])
@@ -536,6 +490,9 @@ class _ODESolve:
         finally:
             destroy(*lams, *mus)  # TS does not own its cost gradients
             ksp.setPostSolve(None)
+        self.stats.adjoint_steps += self.stats.steps
+        self.stats.adjoint_jacobians += self.n_jac - jacobians
+        self.stats.parameter_products += self.jacp.products
         self.chord = chord
         self.options.report_unused(final=True)
         if not batched:
@@ -559,11 +516,13 @@ class _ODESolve:
 
     def release(self):
         """Free every PETSc object of this solve (idempotent)."""
-        destroy(self.ts, self.dm, self.u, self.F, self.jac_mat, self.jacp_mat,
+        destroy(self.ts, self.dm, self.u, self.F, self.jac_mat,
                 None if self.blocks is None or self.blocks is self.p.assembler else
                 self.blocks.mat)
-        self.ts = self.dm = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = None
-        self.jac = self._jacp_point = None  # closures over self
+        if self.jacp is not None:
+            self.jacp.release()
+        self.ts = self.dm = self.u = self.F = self.jac_mat = self.jacp = self.blocks = None
+        self.jac = self.newton = None  # closures over self
         self._last_linearisation = []
         self.options.close()
 
@@ -594,7 +553,7 @@ class _Outputs:
         k, times = len(self.steps), self.times
         if k >= len(times):
             return
-        check_progress(ts, times, self.owned(ts.getSolution(), "r"))
+        check_progress(ts, times, WHO, self.owned(ts.getSolution(), "r"))
         t, dt = ts.getTime(), ts.getTimeStep()
         if abs(t - times[k]) <= 1e-12 * max(abs(times[k]), times[k] - times[k - 1]):
             ts.setTime(float(times[k]))  # rounding off the last step; ends the solve exactly
@@ -606,34 +565,6 @@ class _Outputs:
             if self.per_interval:
                 dt = (times[k] - times[k - 1]) / self.per_interval
         ts.setTimeStep(self._toward(k, t, dt))
-
-
-def _on_every_rank(comm, flag: bool) -> bool:
-    """Whether `flag` holds on every rank of `comm` (so that all ranks decide alike)."""
-    if comm.getSize() == 1:
-        return flag
-    return comm.tompi4py().allreduce(int(not flag)) == 0
-
-
-def check_progress(ts, times, state=None):
-    """Stop a solve that cannot succeed, at once: a step size collapsed to a few rounding
-    units of t (a blow-up, a singularity, or Newton failing at every step size), or a
-    non-finite state."""
-    t, dt = ts.getTime(), ts.getTimeStep()
-    if state is not None and not _on_every_rank(ts.getComm(),
-                                                bool(torch.isfinite(state).all())):
-        raise SolverFailure(f"{WHO}: the solution became non-finite (nan/inf) at t = {t:.10g} "
-                            f"(PETSc TS '{ts.getType()}', step size {dt:.3g}); the problem may "
-                            f"blow up there, or the method may be unstable at this step size")
-    if dt > COLLAPSE * abs(t):
-        return
-    size = vec_as_tensor(ts.getSolution(), "r").abs().max()
-    raise SolverFailure(
-        f"{WHO}: the step size collapsed to {dt:.3g} at t = {t:.17g} (output times "
-        f"{times[0]:g} to {times[-1]:g}), after {ts.getStepNumber()} steps and "
-        f"{ts.getStepRejections()} rejections; the largest |y| there is {float(size):.3g}. The "
-        f"solution probably blows up (or func is singular) near t = {t:.6g}. What to try: "
-        f"end the integration before that time, or check func there")
 
 
 class _DensePoint(Linearisation):
@@ -693,36 +624,116 @@ def acts_on_rows(fn, u):
         return False
 
 
-class _Pullback:
-    """The op's pullback; when it is released (after backward, or with the outputs), the
-    solve's PETSc objects are destroyed."""
-
-    def __init__(self, run):
-        self.run = run
-        weakref.finalize(self, run.release)
-
-    batched = True  # under vmap, one adjoint sweep for every cotangent
-
-    def __call__(self, *grad_ys, needs_input_grad, batched=False):
-        return self.run.pullback(*grad_ys, needs_input_grad=needs_input_grad, batched=batched)
-
-
 def _forward(y0, t, problem, *params, needs_input_grad):
     record = any(needs_input_grad)
-    run = _ODESolve(problem, y0, t.detach().cpu().numpy().astype(np.float64), record)
-    try:
-        ys = run.solve()
-    except BaseException:
-        run.release()
-        raise
-    if not record:
-        run.release()
-        return ys, None
-    return ys, _Pullback(run)
+    times = t.detach().cpu().numpy().astype(np.float64)
+    solver = problem.solver() if problem.solver is not None else None
+    pool = solver._pool if solver is not None else None
+    key = (*problem.key, record)
+    run = pool.take(key) if pool is not None else None
+    if run is None:
+        run = _ODESolve(problem, y0, times, record, key)
+    else:
+        try:
+            run.start(y0, times)
+        except BaseException:
+            pool.give(run)
+            raise
+    out = run_forward(run, record, pool.ref if pool is not None else None, batched=True)
+    if solver is not None:
+        solver.stats = run.stats  # (the pullback adds the adjoint's counts to it)
+    return out
 
 
 _ODEINT = foreign_function(_forward, name="petsc_odeint", pass_needs_input_grad=True,
                            protect_outputs=False)
+
+
+class ODESolver:
+    """A PETSc TS solver that lives across calls: ``ys = solver(func, y0, t)``.
+
+    Takes every keyword of `odeint_adjoint` except func, y0, t and adjoint_params, which a call
+    gives. Its TS, matrices, vectors, options and checks are made on the first call and reused
+    by later calls with the same func, parameters, shape and dtype (a changed one makes a new
+    set); a call whose outputs are still waiting for backward cannot share them, so it makes
+    its own. Everything is freed when the solver and the last pullback using it are gone.
+    ``stats`` (an `ODEStats`) describes the last call, its adjoint included after backward.
+    """
+
+    def __init__(self, method="arkimex", *, step_size=None, steps_per_interval=None, rtol=1e-6,
+                 atol=1e-8, options=None, prefix=None, jacobian="auto", products="auto",
+                 sparsity=None, grid=None, checkpoints=None):
+        check_choice(WHO, "method", method, METHODS)
+        if step_size is not None and steps_per_interval is not None:
+            raise ValueError(f"{WHO}: give step_size or steps_per_interval, not both")
+        if step_size is not None and not step_size > 0:
+            raise ValueError(f"{WHO}: step_size must be positive, got {step_size!r}")
+        if steps_per_interval is not None and not (isinstance(steps_per_interval, int)
+                                                   and steps_per_interval >= 1):
+            raise ValueError(f"{WHO}: steps_per_interval must be a positive int, got "
+                             f"{steps_per_interval!r}")
+        check_options(WHO, options)
+        fixed = step_size is not None or steps_per_interval is not None
+        if method == "rk4" and not fixed and not (options or {}).get("ts_adapt_type"):
+            raise ValueError(f"{WHO}: rk4 has no error estimate to adapt steps with; give "
+                             f"step_size or steps_per_interval, or use an adaptive method such "
+                             f"as 'dopri5'")
+        check_choice(WHO, "jacobian", jacobian, JACOBIANS)
+        check_choice(WHO, "products", products, PRODUCTS)
+        if any(k.startswith("ts_trajectory") for k in options or {}) and \
+                checkpoints is not None:
+            raise ValueError(f"{WHO}: checkpoints= replaces PETSc's trajectory; drop the "
+                             f"ts_trajectory_* options, or checkpoints")
+        self.settings = dict(method=method, step_size=step_size,
+                             steps_per_interval=steps_per_interval, rtol=rtol, atol=atol,
+                             options=options, prefix=prefix, jacobian=jacobian,
+                             products=products)
+        self.sparsity, self.grid, self.checkpoints = sparsity, grid, checkpoints
+        self.stats = None
+        self._pool = RunPool(self)
+
+    @eager_under_compile(WHO)
+    def __call__(self, func, y0, t, adjoint_params=None):
+        """Solution at every time in t, shaped (len(t), *y0.shape) (see `odeint_adjoint`)."""
+        if not callable(func):
+            raise TypeError(f"{WHO}: func must be callable as func(t, y), got "
+                            f"{type(func).__name__}")
+        check_state(WHO, "y0", y0, "the initial state", check_tensor)
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if t.ndim != 1 or t.numel() < 2:
+            raise ValueError(f"{WHO}: t must be a 1-D sequence of at least 2 times (the initial "
+                             f"time first), got shape {tuple(t.shape)}")
+        if not bool((t[1:] > t[:-1]).all()):
+            k = int(torch.nonzero(t[1:] <= t[:-1])[0])
+            raise ValueError(f"{WHO}: times must strictly increase, but t[{k + 1}] = "
+                             f"{t[k + 1].item():g} follows t[{k}] = {t[k].item():g}")
+        if adjoint_params is None:
+            adjoint_params = tuple(func.parameters()) if isinstance(func, torch.nn.Module) \
+                else ()
+        params = tuple(adjoint_params)
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{WHO}: adjoint_params[{i}] is a {type(p).__name__}, not a "
+                                f"tensor")
+        jacobian, grid = self.settings["jacobian"], self.grid
+        assembler = _assembler(WHO, self.sparsity, grid, y0.numel())
+        if assembler is not None and grid is None:
+            grid = getattr(assembler, "grid", None)  # a stencil_sparsity's one-rank grid
+        if grid is not None:
+            grid._check_owned(y0, f"{WHO}: y0")
+        if jacobian == "assembled" and assembler is None:
+            raise ValueError(f"{WHO}: jacobian='assembled' needs sparsity= (the pattern of "
+                             f"dfunc/dy, e.g. stencil_sparsity(y0.shape)) or grid=")
+        if jacobian == "blocks" and grid is not None:
+            raise ValueError(f"{WHO}: jacobian='blocks' is for independent samples; on a grid "
+                             f"use 'assembled' or 'matrix-free'")
+        unknowns = int(np.prod(grid.shape)) * grid.dof if grid is not None else y0.numel()
+        states = budget(WHO, self.checkpoints, unknowns)
+        problem = _ODEProblem(func, params, assembler=assembler, grid=grid, checkpoints=states,
+                              solver=self, **self.settings)
+        problem.key = (id(func), tuple(map(id, params)), tuple(y0.shape), y0.dtype,
+                       id(assembler), states)
+        return _ODEINT(y0, t, problem, *params)
 
 
 @eager_under_compile(WHO)
@@ -805,63 +816,7 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
             stored-trajectory run by its Newton tolerance. PETSc's own
             ``ts_trajectory_max_cps_ram`` needs revolve, which this PETSc build lacks.
     """
-    if not callable(func):
-        raise TypeError(f"{WHO}: func must be callable as func(t, y), got {type(func).__name__}")
-    if not isinstance(y0, torch.Tensor):
-        raise TypeError(f"{WHO}: y0 must be a torch.Tensor, got {type(y0).__name__}")
-    check_tensor(y0, f"{WHO}: y0")
-    if y0.numel() == 0:
-        raise ValueError(f"{WHO}: y0 is empty")
-    check_finite(y0, f"{WHO}: y0", "the initial state must be finite")
-    if method not in METHODS:
-        raise ValueError(f"{WHO}: unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    t = torch.as_tensor(t, dtype=torch.float64)
-    if t.ndim != 1 or t.numel() < 2:
-        raise ValueError(f"{WHO}: t must be a 1-D sequence of at least 2 times (the initial time "
-                         f"first), got shape {tuple(t.shape)}")
-    if not bool((t[1:] > t[:-1]).all()):
-        k = int(torch.nonzero(t[1:] <= t[:-1])[0])
-        raise ValueError(f"{WHO}: times must strictly increase, but t[{k + 1}] = "
-                         f"{t[k + 1].item():g} follows t[{k}] = {t[k].item():g}")
-    if step_size is not None and steps_per_interval is not None:
-        raise ValueError(f"{WHO}: give step_size or steps_per_interval, not both")
-    if step_size is not None and not step_size > 0:
-        raise ValueError(f"{WHO}: step_size must be positive, got {step_size!r}")
-    if steps_per_interval is not None and not (isinstance(steps_per_interval, int)
-                                               and steps_per_interval >= 1):
-        raise ValueError(f"{WHO}: steps_per_interval must be a positive int, got "
-                         f"{steps_per_interval!r}")
-    check_options(WHO, options)
-    fixed = step_size is not None or steps_per_interval is not None
-    if method == "rk4" and not fixed and not (options or {}).get("ts_adapt_type"):
-        raise ValueError(f"{WHO}: rk4 has no error estimate to adapt steps with; give step_size "
-                         f"or steps_per_interval, or use an adaptive method such as 'dopri5'")
-    if adjoint_params is None:
-        adjoint_params = tuple(func.parameters()) if isinstance(func, torch.nn.Module) else ()
-    params = tuple(adjoint_params)
-    for i, p in enumerate(params):
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{WHO}: adjoint_params[{i}] is a {type(p).__name__}, not a tensor")
-    if jacobian not in JACOBIANS:
-        raise ValueError(f"{WHO}: unknown jacobian {jacobian!r}; valid: {', '.join(JACOBIANS)}")
-    if products not in PRODUCTS:
-        raise ValueError(f"{WHO}: unknown products {products!r}; valid: {', '.join(PRODUCTS)}")
-    assembler = _assembler(WHO, sparsity, grid, y0.numel())
-    if assembler is not None and grid is None:
-        grid = getattr(assembler, "grid", None)  # a stencil_sparsity's one-rank grid
-    if grid is not None:
-        grid._check_owned(y0, f"{WHO}: y0")
-    if jacobian == "assembled" and assembler is None:
-        raise ValueError(f"{WHO}: jacobian='assembled' needs sparsity= (the pattern of "
-                         f"dfunc/dy, e.g. stencil_sparsity(y0.shape)) or grid=")
-    if jacobian == "blocks" and grid is not None:
-        raise ValueError(f"{WHO}: jacobian='blocks' is for independent samples; on a grid use "
-                         f"'assembled' or 'matrix-free'")
-    unknowns = int(np.prod(grid.shape)) * grid.dof if grid is not None else y0.numel()
-    states = budget(WHO, checkpoints, unknowns)
-    if states is not None and any(k.startswith("ts_trajectory") for k in options or {}):
-        raise ValueError(f"{WHO}: checkpoints= replaces PETSc's trajectory; drop the "
-                         f"ts_trajectory_* options, or checkpoints")
-    problem = _ODEProblem(func, params, method, step_size, steps_per_interval, rtol, atol, options,
-                          prefix, jacobian, products, assembler, grid, states)
-    return _ODEINT(y0, t, problem, *params)
+    solver = ODESolver(method, step_size=step_size, steps_per_interval=steps_per_interval,
+                       rtol=rtol, atol=atol, options=options, prefix=prefix, jacobian=jacobian,
+                       products=products, sparsity=sparsity, grid=grid, checkpoints=checkpoints)
+    return solver(func, y0, t, adjoint_params)

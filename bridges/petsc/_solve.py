@@ -10,23 +10,25 @@ dL/dparams = -lam^T dF/dparams by torch autograd; no iteration is differentiated
 """
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import numpy as np
 import torch
 
 from .._core import eager_under_compile, foreign_function
-from .._errors import ForeignError, check_finite
+from .._errors import ForeignError
 from .._linearise import probe
+from .._runs import RunPool, check_choice, check_state
+from .._runs import forward as run_forward
 from ._grid import Grid, SerialLayout
-from ._jacobian import ColouredJacobian, TorchJacobian
+from ._jacobian import PRODUCTS, ColouredJacobian, TorchJacobian, plan_jacobian
 from ._linear import check_solution
 from ._options import SolverOptions, check_options
 from ._runtime import PETSc, destroy, diverged, petsc_errors, reason_name
 from ._vec import check_tensor, vec_as_tensor
 
 JACOBIANS = ("auto", "assembled", "matrix-free")
-PRODUCTS = ("auto", "forward", "reverse", "fd")
 WHO = "solve"
 # PETSc defaults of each solve; options and the command line override them
 DEFAULTS = {"snes_rtol": 1e-10, "snes_atol": 1e-12, "snes_stol": 0.0, "snes_max_it": 50,
@@ -108,22 +110,36 @@ def multigrid_levels(pc, layout, options) -> None:
 
 
 # -- one solve and its pullback --------------------------------------------------------------------
+@dataclasses.dataclass
+class SolveStats:
+    """What the last call of a `SNESSolver` did (after backward, its transposed solve too)."""
+    snes_type: str = ""
+    ksp_type: str = ""
+    pc_type: str = ""
+    snes_iterations: int = 0
+    ksp_iterations: int = 0       # linear iterations over all Newton steps
+    residual_norm: float = float("nan")
+    reason: str = ""
+    adjoint_ksp_iterations: int | None = None
+
+
 class _Problem:
-    def __init__(self, residual, options, prefix, jacobian, products, assembler, grid, linear,
-                 symmetric, nullspace):
+    def __init__(self, residual, *, options, prefix, jacobian, products, assembler, grid,
+                 linear, symmetric, nullspace, solver=None, key=None, sink=None):
         self.residual, self.options, self.prefix = residual, options, prefix
         self.jacobian, self.products, self.assembler = jacobian, products, assembler
         self.grid, self.linear, self.symmetric = grid, linear, symmetric
-        self.nullspace = nullspace
-        self.stats = {}
+        self.nullspace, self.key, self.sink = nullspace, key, sink
+        self.solver = weakref.ref(solver) if solver is not None else None
 
 
 class _Solve:
-    """SNES, KSP, matrices, vectors and options of one forward solve; they live as long as the
-    pullback (PETSc holds this object's bound methods: `release` breaks that cycle)."""
+    """SNES, KSP, matrices, vectors and options of a solver; a run (see bridges._runs) that
+    serves one call after another with the same residual, shape and dtype (`start`)."""
 
-    def __init__(self, problem, x0, params):
-        self.p, self.params = problem, params
+    def __init__(self, problem, x0, params, key=None):
+        self.p, self.params, self._key = problem, params, key
+        self.stats, self.sink = SolveStats(), problem.sink
         self.layout = problem.grid or SerialLayout(x0.shape)
         self.snes = self.x_vec = self.F = self.shell_mat = self.adjoint_ksp = None
         self.transposed = self.shell = self.nullspace = None
@@ -139,29 +155,39 @@ class _Solve:
             self.release()
             raise
 
+    @property
+    def key(self):
+        return None if self.snes is None else self._key
+
+    def start(self, x0, params, sink):
+        """Prepare a call from x0 (same shape and dtype) with these params."""
+        self.params, self.sink, self.stats = params, sink, SolveStats()
+        self.layout.owned_view(self.x_vec, "w").copy_(x0.detach())
+        if self.p.assembler is not None and \
+                getattr(self.p.assembler, "_bridges_owner", None) is not None:
+            self.p.assembler._bridges_owner = None  # new params: a linear F is reassembled
+
+    def _report(self, **values):
+        for key, value in values.items():
+            setattr(self.stats, key, value)
+        if self.sink is not None:
+            self.sink.update(values)
+
     def _set_up(self, x0):
         p, layout = self.p, self.layout
         self.x_vec = layout.global_vec()
         layout.owned_view(self.x_vec, "w").copy_(x0.detach())
         self.F = layout.global_vec()
-        if p.jacobian == "assembled":
+        forward = p.jacobian != "assembled" and p.products != "fd" and \
+            probe(self._residual, self._ghosted(self.x_vec), WHO).forward
+        kind, products = plan_jacobian(WHO, p.jacobian, p.products, assembler=p.assembler,
+                                       forward=forward)
+        if kind == "assembled":
             self.A = self.P = p.assembler.mat
             if p.symmetric:  # lets PCs such as SOR, ICC, Cholesky use the symmetry
                 self.A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
                 self.A.setOption(PETSc.Mat.Option.SYMMETRY_ETERNAL, True)
         else:
-            if p.products == "reverse":
-                raise ValueError(f"{WHO}: a matrix-free Jacobian needs J v, which reverse mode "
-                                 f"cannot give; use products 'forward', 'fd' or 'auto', or "
-                                 f"give sparsity= or grid= for an assembled Jacobian")
-            products = p.products
-            if products != "fd":
-                forward = probe(self._residual, self._ghosted(self.x_vec), WHO).forward
-                if products == "forward" and not forward:
-                    raise ValueError(f"{WHO}: products='forward' needs a forward-mode rule for "
-                                     f"every op in the residual; one has none. Use 'fd' or "
-                                     f"'auto'")
-                products = "forward" if forward else "fd"
             self.shell = TorchJacobian(layout.ghosted_shape, products=products, layout=layout)
             self.A = self.P = self.shell_mat = self.shell.mat()
         if p.nullspace:  # dF/dx is singular: constants are its null space (periodic Poisson)
@@ -265,12 +291,10 @@ class _Solve:
             else:
                 snes.computeFunction(self.x_vec, self.F)
                 norm = self.F.norm()
-        self.p.stats.update(snes_type=snes.getType(), ksp_type=ksp.getType(),
-                            pc_type=ksp.getPC().getType(),
-                            snes_iterations=snes.getIterationNumber(),
-                            ksp_iterations=snes.getLinearSolveIterations(),
-                            residual_norm=norm, reason=reason_name(
-                                PETSc.SNES.ConvergedReason, reason))
+        self._report(snes_type=snes.getType(), ksp_type=ksp.getType(),
+                     pc_type=ksp.getPC().getType(), snes_iterations=snes.getIterationNumber(),
+                     ksp_iterations=snes.getLinearSolveIterations(), residual_norm=norm,
+                     reason=reason_name(PETSc.SNES.ConvergedReason, reason))
         if reason < 0:
             raise diverged(
                 WHO, f"PETSc SNES ({snes.getType()}, KSP {ksp.getType()}, PC "
@@ -315,7 +339,7 @@ class _Solve:
                 transpose = not (self.p.symmetric or self.p.jacobian == "assembled")
                 (ksp.solveTranspose if transpose else ksp.solve)(g, lam)
             reason = ksp.getConvergedReason()
-            self.p.stats.update(adjoint_ksp_iterations=ksp.getIterationNumber())
+            self._report(adjoint_ksp_iterations=ksp.getIterationNumber())
             if reason < 0:
                 raise diverged(
                     f"{WHO} (backward)", f"{what} with PETSc KSP {ksp.getType()}, PC "
@@ -356,29 +380,18 @@ class _Solve:
         self.options.close()
 
 
-class _Pullback:
-    """The op's pullback; releasing it (after backward, or with the outputs) destroys the
-    solve's PETSc objects."""
-
-    def __init__(self, run):
-        self.run = run
-        weakref.finalize(self, run.release)
-
-    def __call__(self, grad_x, *, needs_input_grad):
-        return self.run.pullback(grad_x, needs_input_grad=needs_input_grad)
-
-
 def _forward(x0, problem, *params, needs_input_grad):
-    run = _Solve(problem, x0, params)
-    try:
-        x = run.solve()
-    except BaseException:
-        run.release()
-        raise
-    if not any(needs_input_grad):
-        run.release()
-        return x, None
-    return x, _Pullback(run)
+    solver = problem.solver() if problem.solver is not None else None
+    pool = solver._pool if solver is not None else None
+    run = pool.take(problem.key) if pool is not None else None
+    if run is None:
+        run = _Solve(problem, x0, params, problem.key)
+    else:
+        run.start(x0, params, problem.sink)
+    out = run_forward(run, any(needs_input_grad), pool.ref if pool is not None else None)
+    if solver is not None:
+        solver.stats = run.stats
+    return out
 
 
 _SOLVE = foreign_function(_forward, name="petsc_solve", pass_needs_input_grad=True,
@@ -477,45 +490,62 @@ def solve(residual, x0, *params, options=None, sparsity=None, grid=None, prefix=
         ForeignError: SNES did not converge (the reason and residual norm reached are named), or
             the transposed solve of backward did not converge.
     """
-    who = WHO
-    if not callable(residual):
-        raise TypeError(f"{who}: residual must be callable as residual(x, *params), got "
-                        f"{type(residual).__name__}")
-    if not isinstance(x0, torch.Tensor):
-        raise TypeError(f"{who}: x0 must be a torch.Tensor, got {type(x0).__name__}")
-    check_tensor(x0, f"{who}: x0")
-    if x0.numel() == 0:
-        raise ValueError(f"{who}: x0 is empty")
-    check_finite(x0, f"{who}: x0", "the initial guess must be finite")
-    for i, p in enumerate(params):
-        if isinstance(p, torch.Tensor) and p.device.type != "cpu":
-            raise ValueError(f"{who}: params[{i}] is on device '{p.device}', but this PETSc build "
-                             f"is CPU-only; move it with .cpu()")
-    check_options(who, options)
-    if jacobian not in JACOBIANS:
-        raise ValueError(f"{who}: unknown jacobian {jacobian!r}; valid: {', '.join(JACOBIANS)}")
-    if products not in PRODUCTS:
-        raise ValueError(f"{who}: unknown products {products!r}; valid: {', '.join(PRODUCTS)}")
-    assembler = _assembler(who, sparsity, grid, x0.numel())
-    if assembler is not None and grid is None:
-        grid = getattr(assembler, "grid", None)  # a stencil_sparsity's one-rank grid
-    if grid is not None:
-        grid._check_owned(x0, f"{who}: x0")
-    if jacobian == "auto":
-        jacobian = "assembled" if assembler is not None else "matrix-free"
-    if jacobian == "assembled" and assembler is None:
-        raise ValueError(f"{who}: jacobian='assembled' needs sparsity= (the pattern of dF/dx, "
-                         f"e.g. stencil_sparsity(x0.shape)) or grid=; or use "
-                         f"jacobian='matrix-free'")
     if stats is not None and not isinstance(stats, dict):
-        raise TypeError(f"{who}: stats must be a dict or None, got {type(stats).__name__}")
-    if jacobian == "assembled" and products == "fd":
-        raise ValueError(f"{who}: products='fd' is a matrix-free action; an assembled "
-                         f"Jacobian takes products 'forward', 'reverse' or 'auto'")
-    if nullspace not in (None, "constant"):
-        raise ValueError(f"{who}: nullspace must be None or 'constant', got {nullspace!r}")
-    problem = _Problem(residual, options, prefix, jacobian, products, assembler, grid,
-                       bool(linear), bool(symmetric), nullspace)
-    if stats is not None:
-        problem.stats = stats
-    return _SOLVE(x0, problem, *params)
+        raise TypeError(f"{WHO}: stats must be a dict or None, got {type(stats).__name__}")
+    solver = SNESSolver(options=options, sparsity=sparsity, grid=grid, prefix=prefix,
+                        jacobian=jacobian, products=products, linear=linear,
+                        symmetric=symmetric, nullspace=nullspace)
+    return solver._call(residual, x0, params, stats)
+
+
+class SNESSolver:
+    """A PETSc SNES solver that lives across calls: ``x = solver(residual, x0, *params)``.
+
+    Takes the keywords of `solve` except stats; ``stats`` (a `SolveStats`) describes the last
+    call, after backward its transposed solve too. The SNES, KSP, matrices, vectors and options
+    are made on the first call and reused by later calls with the same residual, shape and
+    dtype (params may change); a call whose output still waits for backward cannot share
+    them, so it makes its own. Everything is freed when the solver and the last pullback that
+    uses it are gone.
+    """
+
+    def __init__(self, *, options=None, sparsity=None, grid=None, prefix=None, jacobian="auto",
+                 products="auto", linear=False, symmetric=False, nullspace=None):
+        check_options(WHO, options)
+        check_choice(WHO, "jacobian", jacobian, JACOBIANS)
+        check_choice(WHO, "products", products, PRODUCTS)
+        if nullspace not in (None, "constant"):
+            raise ValueError(f"{WHO}: nullspace must be None or 'constant', got {nullspace!r}")
+        self.settings = dict(options=options, prefix=prefix, jacobian=jacobian,
+                             products=products, linear=bool(linear), symmetric=bool(symmetric),
+                             nullspace=nullspace)
+        self.sparsity, self.grid, self.stats = sparsity, grid, None
+        self._pool = RunPool(self)
+
+    def __call__(self, residual, x0, *params):
+        """x with residual(x, *params) ~= 0 (see `solve`)."""
+        return self._call(residual, x0, params, None)
+
+    @eager_under_compile(WHO)
+    def _call(self, residual, x0, params, sink):
+        if not callable(residual):
+            raise TypeError(f"{WHO}: residual must be callable as residual(x, *params), got "
+                            f"{type(residual).__name__}")
+        check_state(WHO, "x0", x0, "the initial guess", check_tensor)
+        for i, p in enumerate(params):
+            if isinstance(p, torch.Tensor) and p.device.type != "cpu":
+                raise ValueError(f"{WHO}: params[{i}] is on device '{p.device}', but this PETSc "
+                                 f"build is CPU-only; move it with .cpu()")
+        grid = self.grid
+        assembler = _assembler(WHO, self.sparsity, grid, x0.numel())
+        if assembler is not None and grid is None:
+            grid = getattr(assembler, "grid", None)  # a stencil_sparsity's one-rank grid
+        if grid is not None:
+            grid._check_owned(x0, f"{WHO}: x0")
+        jacobian, _ = plan_jacobian(WHO, self.settings["jacobian"], self.settings["products"],
+                                    assembler=assembler)
+        settings = dict(self.settings, jacobian=jacobian)
+        key = (id(residual), tuple(x0.shape), x0.dtype, id(assembler))
+        problem = _Problem(residual, assembler=assembler, grid=grid, solver=self, key=key,
+                           sink=sink, **settings)
+        return _SOLVE(x0, problem, *params)

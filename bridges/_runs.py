@@ -1,0 +1,93 @@
+"""Scaffolding shared by every solver op: a *run* is one forward solve that keeps what its
+adjoint needs (PETSc objects, factors, options), and its pullback decides when the run ends.
+
+A run has ``solve() -> outputs``, ``pullback(*cotangents, needs_input_grad, ...)`` and
+``release()``. Foreign libraries hold the run's bound methods as callbacks, a reference cycle the
+garbage collector cannot see, so a run is never freed by reference counting alone: `Pullback`
+returns it to its pool or releases it when the pullback dies (after backward, or with the
+outputs), and `forward` does so at once when no gradient is wanted or the solve fails.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ._errors import check_finite
+
+
+class Pullback:
+    """The op's pullback around a run; `batched` pullbacks take a leading batch dimension."""
+
+    def __init__(self, run, pool=None, *, batched=False):
+        self.run, self.batched = run, batched
+        weakref.finalize(self, retire, run, pool)
+
+    def __call__(self, *cotangents, needs_input_grad, **kwargs):
+        return self.run.pullback(*cotangents, needs_input_grad=needs_input_grad, **kwargs)
+
+
+def retire(run, pool):
+    """Give `run` back to its pool (a weak reference to a `RunPool`) or release it."""
+    keeper = pool() if pool is not None else None
+    if keeper is None or not keeper.give(run):
+        run.release()
+
+
+def forward(run, record, pool=None, *, batched=False):
+    """Solve with `run`; returns (outputs, pullback), the pullback None when not `record`."""
+    try:
+        outputs = run.solve()
+    except BaseException:
+        retire(run, pool)
+        raise
+    if not record:
+        retire(run, pool)
+        return outputs, None
+    return outputs, Pullback(run, pool, batched=batched)
+
+
+class RunPool:
+    """Idle runs of one solver object, by key (whatever fixes their PETSc objects: shapes,
+    dtypes, the function). A call takes a matching run or makes one; a run comes back when its
+    pullback dies. At most `size` idle runs are kept (the oldest is released), and all of them
+    when the owner dies."""
+
+    def __init__(self, owner, size=4):
+        self.idle, self.size, self.open = {}, size, True
+        weakref.finalize(owner, self.clear)
+        self.ref = weakref.ref(self)
+
+    def take(self, key):
+        return self.idle.pop(key, None)
+
+    def give(self, run):
+        key = getattr(run, "key", None)
+        if not self.open or key is None or key in self.idle:
+            return False
+        self.idle[key] = run
+        while len(self.idle) > self.size:
+            self.idle.pop(next(iter(self.idle))).release()
+        return True
+
+    def clear(self):
+        self.open = False
+        while self.idle:
+            self.idle.popitem()[1].release()
+
+
+def check_state(who, name, value, what, check=None):
+    """A state or initial guess: a non-empty, finite torch tensor, which `check(value,
+    label)` (the adapter's dtype and device rules) accepts."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if check is not None:
+        check(value, f"{who}: {name}")
+    if value.numel() == 0:
+        raise ValueError(f"{who}: {name} is empty")
+    check_finite(value, f"{who}: {name}", f"{what} must be finite")
+
+
+def check_choice(who, name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{who}: unknown {name} {value!r}; valid: {', '.join(choices)}")
