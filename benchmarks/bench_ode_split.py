@@ -162,7 +162,8 @@ def worker(name, variant, limit_s, warm_up):
 
 
 def in_subprocess(name, variant, limit_s, warm_up=True):
-    cmd = [sys.executable, "-m", "benchmarks.bench_ode_split", "--worker", name, variant, str(limit_s),
+    cmd = [sys.executable, "-m", "benchmarks.bench_ode_split", "--worker", name, variant,
+           str(limit_s),
            "1" if warm_up else "0"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -236,7 +237,8 @@ def _fb_notes(summary, quick, limit):
         f"TSAdjoint also applies its Jacobian and parameter Jacobian at every stage. Gradient "
         f"error: largest relative error over the parameters against scipy: Radau (rtol 1e-10) "
         f"on ROBER's forward-sensitivity system, central differences (relative step 1e-4) of "
-        f"DOP853 losses (rtol 1e-12) on the oscillator. Peak RSS growth: the largest growth of the resident set during one loss + "
+        f"DOP853 losses (rtol 1e-12) on the oscillator. Peak RSS growth: the largest growth of "
+        f"the resident set during one loss + "
         f"gradient (after a warm-up call) in a fresh process, from Linux's VmHWM reset just "
         f"before the call"
         f"{' (--quick: first variant of each problem only; arkimex left out)' if quick else ''}. "

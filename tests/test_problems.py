@@ -188,7 +188,7 @@ def test_brusselator_reference_matches_an_explicit_solve_of_the_torch_rhs():
     np.testing.assert_allclose(ys.numpy(), p.reference(), rtol=1e-8, atol=1e-9)
 
 
-# -- ROBER's neural ODE (seed 000) ------------------------------------------------------------------
+# -- ROBER's neural ODE (seed 000) -----------------------------------------------------------------
 def test_rober_training_data_are_scaled_to_order_one_from_the_reference():
     data = rober_training(t_max=10.0, n_times=12)
     np.testing.assert_array_equal(data.y, problem("rober", t_end=10.0, n_times=12).reference())
