@@ -101,12 +101,17 @@ def neural(t, z, args):
 
 
 # -- loss + gradient --------------------------------------------------------------------------------
-def loss_and_grad(rhs, method, t, y0, loss, **kwargs):
-    """A function (params, rtol, atol) -> (loss, dloss/dparams, steps) of loss(ys)."""
+def loss_and_grad(rhs, method, t, y0, loss, *, batched=False, **kwargs):
+    """A function (params, rtol, atol) -> (loss, dloss/dparams, steps) of loss(ys). batched: y0
+    of shape (B, ...) is solved under jax.vmap, ys of shape (len(t), B, ...) as bridges'."""
     jax, jnp, _ = load()
     t, y0 = jnp.asarray(t), jnp.asarray(y0)
 
     def value(params, rtol, atol):
+        if batched:
+            ys, steps = jax.vmap(lambda y: solve(rhs, method, t, y, params, rtol, atol,
+                                                 **kwargs))(y0)
+            return loss(jnp.swapaxes(ys, 0, 1)), steps
         ys, steps = solve(rhs, method, t, y0, params, rtol, atol, **kwargs)
         return loss(ys), steps
 

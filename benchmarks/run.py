@@ -79,11 +79,14 @@ def main(argv=None):
 
 def merge(old: str, new: dict) -> tuple[list, dict]:
     """The old file's header and sections, with the sections in `new` replaced (same place) or
-    appended; a section belongs to the benchmark its first line names (`benchmarks/NAME.py`)."""
+    appended; a section belongs to the benchmark its first line names (`benchmarks/NAME.py`),
+    and goes when that file is gone."""
     header, *chunks = re.split(r"^(?=## )", old, flags=re.M)
     sections = {}
     for chunk in chunks:
         found = re.search(r"`benchmarks/(\w+)\.py`", chunk)
+        if found and found.group(1) not in discover():
+            continue
         sections[found.group(1) if found else chunk[:80]] = chunk.rstrip("\n") + "\n"
     sections.update(new)
     return header.rstrip("\n").split("\n") + [""], sections

@@ -23,7 +23,7 @@ def test_short_petsc_training_reduces_the_loss():
     assert run["iterations_done"] == 12 and len(run["history"]) == 12
     assert run["final_loss"] < 0.8 * run["initial_loss"]
     assert run["ratio"] == pytest.approx(run["initial_loss"] / run["final_loss"])
-    assert run["prediction"].shape == run["data"].shape == (41, 3)
+    assert run["prediction"].shape == run["data"].y.shape == (41, 3)
     # the learned ODE, re-solved with 10x finer steps, fits about as well: not a step artefact
     assert run["refined_loss"] == pytest.approx(run["final_loss"], rel=0.2)
 
@@ -39,3 +39,9 @@ def test_command_line_writes_both_figures(tmp_path, capsys):
 def test_command_line_rejects_unknown_long_options():
     with pytest.raises(SystemExit):
         robertson.main(["--no-such-option"])
+
+
+def test_quick_run_trains_20_iterations_and_writes_the_training_figure(tmp_path, capsys):
+    robertson.main(["--quick", "--skip-sensitivity", "--out", str(tmp_path)])
+    assert "20 of 20 iterations" in capsys.readouterr().out
+    assert (tmp_path / "robertson_training.png").stat().st_size > 10_000

@@ -8,27 +8,15 @@ import numpy as np
 import pytest
 import scipy.sparse
 import torch
-from scipy.integrate import solve_ivp
 from torch.autograd import gradcheck
 
 import bridges
 from bridges import ForeignError, SolverFailure
 from bridges.petsc import PETSc, UnusedOptionsWarning, odeint_adjoint
+from bridges.problems import log_times, problem
 
 F64 = torch.float64
-K_TRUE = (0.04, 3e7, 1e4)
-
-
-class Robertson(torch.nn.Module):
-    def __init__(self, k=K_TRUE):
-        super().__init__()
-        self.k = torch.nn.Parameter(torch.tensor(k, dtype=F64))
-
-    def forward(self, t, y):
-        k1, k2, k3 = self.k
-        y1, y2, y3 = y.unbind(-1)
-        return torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 ** 2,
-                            k2 * y2 ** 2], -1)
+ROBER = problem("rober")  # its reference is scipy Radau, independent of PETSc
 
 
 class Oscillator(torch.nn.Module):
@@ -43,25 +31,10 @@ class Oscillator(torch.nn.Module):
         return torch.stack([v, -self.k * x - self.c * v + self.a * torch.sin(t)], -1)
 
 
-def robertson_reference(t):
-    k1, k2, k3 = K_TRUE
-
-    def rhs(_, y):
-        return [-k1 * y[0] + k3 * y[1] * y[2], k1 * y[0] - k3 * y[1] * y[2] - k2 * y[1] ** 2,
-                k2 * y[1] ** 2]
-
-    def jac(_, y):
-        return [[-k1, k3 * y[2], k3 * y[1]], [k1, -k3 * y[2] - 2 * k2 * y[1], -k3 * y[1]],
-                [0, 2 * k2 * y[1], 0]]
-    sol = solve_ivp(rhs, (0, t[-1]), [1.0, 0.0, 0.0], method="Radau", t_eval=t, rtol=1e-10,
-                    atol=1e-20, jac=jac)
-    return sol.y.T
-
-
 def test_robertson_matches_scipy_radau_at_40_log_spaced_times():
-    t = np.concatenate([[0.0], np.logspace(-5, 5, 40)])
-    reference = robertson_reference(t)
-    ys = odeint_adjoint(Robertson(), torch.tensor([1.0, 0.0, 0.0], dtype=F64), torch.from_numpy(t),
+    t = log_times(1e5, 40)
+    reference = ROBER.reference(t)
+    ys = odeint_adjoint(ROBER.func(), torch.tensor([1.0, 0.0, 0.0], dtype=F64), torch.from_numpy(t),
                         method="bdf", rtol=1e-9, atol=1e-20, options={"ts_bdf_order": 5})
     got = ys.detach().numpy()
     mask = np.abs(reference) > 1e-12
@@ -97,7 +70,7 @@ ROBERTSON_W = torch.randn(13, 3, dtype=F64, generator=torch.Generator().manual_s
 
 @pytest.mark.parametrize("method", ["beuler", "cn"])
 def test_robertson_gradients_match_central_differences(method):
-    func = Robertson()
+    func = ROBER.func()
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64, requires_grad=True)
 
     def loss():
@@ -114,7 +87,7 @@ def test_robertson_gradients_match_central_differences(method):
 @pytest.mark.parametrize("method,kwargs", [("rk4", {"step_size": 2e-6}),
                                            ("dopri5", {"rtol": 1e-10, "atol": 1e-14})])
 def test_explicit_gradients_match_central_differences_on_non_stiff_interval(method, kwargs):
-    func = Robertson()
+    func = ROBER.func()
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64, requires_grad=True)
     t = torch.linspace(0, 1e-4, 5, dtype=F64)
     w = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(4)) \
@@ -216,7 +189,7 @@ def test_matrix_free_and_block_jacobians_agree():
     t = ROBERTSON_T[:6]
     grads = []
     for jacobian in ("blocks", "matrix-free"):
-        func = Robertson()
+        func = ROBER.func()
         (ROBERTSON_W[:6] * odeint_adjoint(func, torch.tensor([1.0, 0, 0], dtype=F64), t,
                                           method="cn", steps_per_interval=4,
                                           jacobian=jacobian)).sum().backward()

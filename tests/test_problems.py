@@ -1,12 +1,14 @@
 """bridges.problems: the registry is self-consistent and its references are right, independently
 of bridges' solvers (torch against numpy, analytic against automatic derivatives, scipy Radau
 against the IVP test set's published values, sensitivities against central differences)."""
+import dataclasses
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
 
-from bridges.problems import ProblemRHS, names, problem
+from bridges.problems import ProblemRHS, names, problem, rober_training
 
 ODES = ["rober", "rober_1e5", "hires", "vdpol", "orego", "pollu"]
 SMALL = {"bruss2d": {"n": 5}}  # small grids keep the dense comparisons cheap
@@ -184,3 +186,35 @@ def test_brusselator_reference_matches_an_explicit_solve_of_the_torch_rhs():
     with torch.no_grad():
         ys = torchdiffeq.odeint(func, y0, t, method="dopri5", rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(ys.numpy(), p.reference(), rtol=1e-8, atol=1e-9)
+
+
+# -- ROBER's neural ODE (seed 000) -----------------------------------------------------------------
+def test_rober_training_data_are_scaled_to_order_one_from_the_reference():
+    data = rober_training(t_max=10.0, n_times=12)
+    np.testing.assert_array_equal(data.y, problem("rober", t_end=10.0, n_times=12).reference())
+    assert data.t[0] == 0 and data.t[-1] == 10.0 and data.y.shape == (13, 3)
+    np.testing.assert_allclose(np.abs(data.target).max(axis=0), 1.0)
+    dz = np.abs(np.diff(data.target, axis=0)) / np.diff(data.t)[:, None]
+    np.testing.assert_allclose(dz.max(axis=0), data.rate)
+    assert data.options["snes_max_it"] > 50
+
+
+def test_rober_neural_starts_dissipative_and_leaves_the_global_generator_alone():
+    before = torch.random.get_rng_state()
+    model = rober_training(t_max=10.0, n_times=12).model(seed=3)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    w1, w2 = (layer.weight for layer in model.net[::2])
+    assert w1.shape == (5, 3) and torch.equal(w2, -w1.T) and w1.dtype == torch.float64
+    z = torch.randn(100, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert ((z * model(0.0, z) / model.rate).sum(-1) <= 1e-15).all()
+    same = rober_training(t_max=10.0, n_times=12).model(seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
+
+
+def test_reference_depends_on_the_initial_state():
+    p = problem("rober_1e5")
+    other = dataclasses.replace(p, y0=np.array([0.5, 0.0, 0.5]))
+    t = p.t[:5]
+    assert not np.allclose(p.reference(t), other.reference(t))
+    np.testing.assert_allclose(other.reference(t)[0], [0.5, 0.0, 0.5])

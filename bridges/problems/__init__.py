@@ -32,7 +32,8 @@ from scipy.integrate import solve_ivp
 
 from . import brusselator
 
-__all__ = ["Problem", "ProblemRHS", "problem", "names", "log_times", "clear_cache"]
+__all__ = ["Problem", "ProblemRHS", "problem", "names", "log_times", "clear_cache", "ROBER_K_START",
+           "RoberNeural", "RoberTraining", "rober_training"]
 
 F64 = torch.float64
 
@@ -157,8 +158,8 @@ class Problem:
             raise ValueError(f"problem {self.name!r}: t must be increasing times, the initial "
                              f"one first, got {t!r}")
         p = self._params(params)
-        key = (self.key, t.tobytes(), tuple(v.tobytes() for v in p.values()), sensitivities,
-               self.ref_rtol, self.ref_atol, self.sens_atol)
+        key = (self.key, self.y0.tobytes(), t.tobytes(), tuple(v.tobytes() for v in p.values()),
+               sensitivities, self.ref_rtol, self.ref_atol, self.sens_atol)
         if key not in _CACHE:
             _CACHE[key] = _radau(self, t, p, sensitivities)
         return _CACHE[key]
@@ -283,6 +284,64 @@ def rober(t_end=1e11, n_times=48, name="rober"):
         rtol=1e-6, atol=1e-12, ref_atol=1e-20, sens_atol=1e-14,
         published=published if t_end == 1e11 else None,
         source="IVP test set, problem ROBER" if t_end == 1e11 else "", key=("rober", t_end, n_times))
+
+
+ROBER_K_START = (0.05, 4e7, 2e4)  # perturbed rate constants: seed 000's fitting problem starts here
+
+
+class RoberNeural(torch.nn.Module):
+    """Seed 000's neural ODE for ROBER in scaled variables z = y / scale: dz/dt = rate * net(z),
+    net a bias-free 3->5->3 GELU network. The first layer has torch's default initialisation
+    (drawn from ``seed`` without touching the global generator), the second is minus its
+    transpose: the untrained model is then dissipative (z . net(z) <= 0, as h GELU(h) >= 0),
+    while torch's default for both grows and overflows before t = 100 for most seeds."""
+
+    def __init__(self, rate, seed=0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = torch.nn.Sequential(torch.nn.Linear(3, 5, bias=False), torch.nn.GELU(),
+                                           torch.nn.Linear(5, 3, bias=False)).to(F64)
+        with torch.no_grad():
+            self.net[2].weight.copy_(-self.net[0].weight.T)
+        self.register_buffer("rate", torch.as_tensor(rate, dtype=F64).clone())
+
+    def forward(self, t, z):
+        return self.rate * self.net(z)
+
+
+@dataclass(eq=False)
+class RoberTraining:
+    """Training data of the ROBER neural ODE: the scipy Radau solution y at the times t, the
+    state scale (max |y| per component) and the rates (the largest |dz/dt| between consecutive
+    data points, per component), so that z = y / scale and the network's outputs are of order 1.
+    """
+    t: np.ndarray
+    y: np.ndarray
+    scale: np.ndarray
+    rate: np.ndarray
+    # PETSc options the training solves use: Newton on a large implicit step of a GELU network can
+    # need many damped iterations (PETSc's default is 50), and a failed step is retried smaller
+    options: dict = field(default_factory=lambda: {"snes_max_it": 200,
+                                                   "ts_max_snes_failures": -1})
+
+    @property
+    def target(self) -> np.ndarray:
+        """The scaled data z = y / scale, shape (len(t), 3); z[0] is the initial state."""
+        return self.y / self.scale
+
+    def model(self, seed=0) -> RoberNeural:
+        return RoberNeural(self.rate, seed)
+
+
+def rober_training(t_max=100.0, n_times=40) -> RoberTraining:
+    """ROBER's training data at 0 and n_times log-spaced times in [1e-5, t_max] (default 100,
+    where torchdiffeq's explicit solvers already fail)."""
+    t = log_times(t_max, n_times)
+    y = np.array(rober(t_max, n_times).reference())
+    scale = np.abs(y).max(axis=0)
+    rate = (np.abs(np.diff(y / scale, axis=0)) / np.diff(t)[:, None]).max(axis=0)
+    return RoberTraining(t, y, scale, rate)
 
 
 # -- HIRES ----------------------------------------------------------------------------------------
