@@ -208,6 +208,7 @@ class ColouredJacobian:
         self.valid = {"forward": True, "reverse": True}
         self.bridged = True  # until a probe shows otherwise: no batched backward
         self._diagonal = np.flatnonzero(owned_in[rows] == cols)
+        self._dense_order = None
         self.mat = mat
         coo = (owned_in[rows].astype(PETSc.IntType), cols.astype(PETSc.IntType))
         (mat.setPreallocationCOOLocal if local else mat.setPreallocationCOO)(*coo)
@@ -280,8 +281,10 @@ class ColouredJacobian:
     def set_dense(self, jacobian, diag_shift=0.0, factor=1.0):
         """Fill the matrix with diag_shift*I + factor*J for a dense J (n_out x n_in) computed
         elsewhere; returns the PETSc Mat."""
-        values = (jacobian[torch.from_numpy(self.rows), torch.from_numpy(self.cols)]
-                  * factor).numpy()
+        if self._dense_order is None:  # where each COO entry sits in J, flattened
+            self._dense_order = self.rows.astype(np.int64) * self.n_in + self.cols
+        values = np.take(jacobian.detach().numpy().reshape(-1), self._dense_order)
+        values *= factor
         values[self._diagonal] += diag_shift
         self.mat.setValuesCOO(values.astype(PETSc.ScalarType, copy=False))
         self.mat.assemble()

@@ -18,7 +18,7 @@ import torch
 
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError, SolverFailure, check_finite
-from .._linearise import Linearisation, probe
+from .._linearise import DenseLinearisation, Linearisation, acts_on_rows, probe
 from ._capi import set_pre_stage, trajectory_prefix
 from ._checkpoint import MEMORYLESS, Recomputation, StepLog, budget
 from ._grid import SerialLayout
@@ -261,7 +261,7 @@ class _ODESolve:
                 jacobian = "matrix-free"  # samples are coupled: blocks would be inexact
         self.assembled = jacobian in ("assembled", "blocks")
         # one small system of plain torch: its whole Jacobian comes from one reverse pass per
-        # point (see _DensePoint)
+        # point (see DenseLinearisation)
         n = self.y0.numel()
         self.dense = (jacobian == "blocks" and n == self.blocks.n_in and products != "forward"
                       and n <= BLOCK_LIMIT and not probe(fn, u0, WHO).bridged)
@@ -365,7 +365,7 @@ class _ODESolve:
         for last_t, point in self._last_linearisation:
             if last_t == t and torch.equal(point.u, u):
                 return point
-        point = _DensePoint(self._rhs_at(t), u.clone(), self.stacked) if self.dense \
+        point = DenseLinearisation(self._rhs_at(t), u.clone(), self.stacked) if self.dense \
             else Linearisation(self._rhs_at(t), u.clone())
         self._last_linearisation = [(t, point)] + self._last_linearisation[:1]
         return point
@@ -438,13 +438,11 @@ class _ODESolve:
             out.zero_()
             return
         sign = 1.0 if self.p.form == "explicit" else -1.0  # implicit: dF/dp = -dfunc/dp
-        _, value = self._jacp_point.graph()
-        grads = torch.autograd.grad(value, self.p.params, self._owned(x).view(value.shape),
-                                    retain_graph=True, allow_unused=True)
+        grads = self._jacp_point.param_vjp(self.p.params, self._owned(x))
         offset = 0
         for param, g in zip(self.p.params, grads):
             part = out[offset:offset + param.numel()]
-            part.copy_(g.reshape(-1)).mul_(sign) if g is not None else part.zero_()
+            torch.mul(g.view(-1), sign, out=part) if g is not None else part.zero_()
             offset += param.numel()
 
     # -- forward and adjoint --------------------------------------------------------------------
@@ -563,8 +561,9 @@ class _ODESolve:
                 None if self.blocks is None or self.blocks is self.p.assembler else
                 self.blocks.mat)
         self.ts = self.dm = self.u = self.F = self.jac_mat = self.jacp_mat = self.blocks = None
-        self.jac = self._jacp_point = None  # closures over self
+        self.jac = self._jacp_point = self.block_lu = None  # closures over self; cached views
         self._last_linearisation = []
+        self.layout.release_views()
         self.options.close()
 
 
@@ -634,63 +633,6 @@ def check_progress(ts, times, state=None):
         f"{ts.getStepRejections()} rejections; the largest |y| there is {float(size):.3g}. The "
         f"solution probably blows up (or func is singular) near t = {t:.6g}. What to try: "
         f"end the integration before that time, or check func there")
-
-
-class _DensePoint(Linearisation):
-    """func at one point of a small system of plain torch, with its whole n x n Jacobian made on
-    first use: by one reverse pass over n stacked copies of the point when func acts on each
-    row of a leading batch dimension on its own (`stacked`, checked once per solve), else by a
-    batched backward over the n unit cotangents. Parameter products go through the graph."""
-
-    def __init__(self, fn, u, stacked):
-        super().__init__(fn, u)
-        self.stacked = stacked
-        self._jacobian = None
-
-    @property
-    def jacobian(self):
-        """d func / d u, (n, n)."""
-        if self._jacobian is None:
-            self._jacobian = stacked_jacobian(self.fn, self.u) if self.stacked else \
-                batched_jacobian(self.fn, self.u)
-        return self._jacobian
-
-
-def stacked_jacobian(fn, u):
-    """J of fn at u from one reverse pass: row i of the stacked input is u, and row i of the
-    output is seeded with e_i, so the gradient's row i is J's row i."""
-    n = u.numel()
-    eye = torch.eye(n, dtype=u.dtype)
-    with torch.enable_grad():
-        leaf = u.reshape(1, n).expand(n, n).clone().requires_grad_()
-        value = fn(leaf.view(n, *u.shape))
-        (grad,) = torch.autograd.grad(value, leaf, eye.view(value.shape))
-    return grad
-
-
-def batched_jacobian(fn, u):
-    """J of fn at u from one backward batched over the n unit cotangents."""
-    n = u.numel()
-    with torch.enable_grad():
-        leaf = u.clone().requires_grad_()
-        value = fn(leaf)
-        (grad,) = torch.autograd.grad(value, leaf, torch.eye(n, dtype=u.dtype).view(n, *value.shape),
-                                      is_grads_batched=True)
-    return grad.reshape(n, n)
-
-
-def acts_on_rows(fn, u):
-    """Whether fn, given n stacked copies of u, returns n copies of fn(u) whose Jacobians are
-    fn's at u: checked once against the batched backward."""
-    try:
-        with torch.no_grad():
-            value = fn(u.reshape(1, -1).expand(u.numel(), -1).reshape(u.numel(), *u.shape))
-        if value.shape != (u.numel(), *u.shape):
-            return False
-        return bool(torch.allclose(stacked_jacobian(fn, u), batched_jacobian(fn, u),
-                                   rtol=1e-12, atol=0))
-    except (RuntimeError, IndexError, ValueError):  # func does not take a batch dimension
-        return False
 
 
 class _Pullback:
