@@ -60,6 +60,15 @@ def choose(mode: str, caps: Capabilities, n: int, who: str) -> str:
     return "reverse"
 
 
+def evaluate(fn, *args):
+    """fn(*args) without recording a graph; cheaper than a no_grad block where grad mode is off
+    already (PETSc's callbacks, which run inside a bridged op's forward or backward)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    with torch.no_grad():
+        return fn(*args)
+
+
 def _dual_jvp(fn, u, v):
     # forward AD is switched off inside a Function's forward, where PETSc's callbacks run
     with fwAD._set_fwd_grad_enabled(True), fwAD.dual_level():

@@ -18,7 +18,7 @@ import torch
 
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError, SolverFailure, check_finite
-from .._linearise import DenseLinearisation, Linearisation, acts_on_rows, probe
+from .._linearise import DenseLinearisation, Linearisation, acts_on_rows, evaluate, probe
 from ._capi import set_pre_stage, trajectory_prefix
 from ._checkpoint import MEMORYLESS, Recomputation, StepLog, budget
 from ._grid import SerialLayout
@@ -68,9 +68,12 @@ class _ODEProblem:
         self.options, self.prefix = options, prefix
         self.jacobian, self.products = jacobian, products
         self.assembler, self.grid = assembler, grid
+        self._t = self._t_tensor = None
 
     def rhs(self, t, y):
-        return self.func(torch.as_tensor(t, dtype=y.dtype), y)
+        if t != self._t:  # one 0-d tensor per time: a step's stages and iterations share it
+            self._t, self._t_tensor = t, torch.scalar_tensor(t, dtype=y.dtype)
+        return self.func(self._t_tensor, y)
 
     def defaults(self, times, record):
         """PETSc options this solve starts from; the user's options and command line win."""
@@ -336,8 +339,8 @@ class _ODESolve:
     def _ifunction(self, ts, t, U, Udot, F):
         if self._restarting:  # see restart_step
             t = ts.getTime()
-        with torch.no_grad():
-            torch.sub(self._owned(Udot), self.p.rhs(t, self._ghosted(U)), out=self._owned(F, "w"))
+        value = evaluate(self.p.rhs, t, self._ghosted(U))
+        torch.sub(self._owned(Udot), value, out=self._owned(F, "w"))
 
     def _ijacobian(self, ts, t, U, Udot, shift, A, P):
         # the chord method: this step's Jacobian for every stage and iteration, unless PETSc
