@@ -25,6 +25,7 @@ _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 _transforms_active = torch._C._are_functorch_transforms_active
 _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 _keep_graph = torch._C._autograd._get_current_graph_task_keep_graph  # retain_graph of a backward
+_is_compiling = torch.compiler.is_compiling
 _forward_calls = [0]
 _TRANSFORMED = "transformed"  # grad mode recorded by apply inside torch.func transforms
 
@@ -68,7 +69,17 @@ def _run_foreign(name, rule, fn, *args):
 
 
 def _spec(t):
-    return t.shape, t.dtype, t.device, t.is_cpu
+    """What a gradient or tangent must match: shape, dtype, device (None for the CPU)."""
+    return t.shape, t.dtype, None if t.is_cpu else t.device
+
+
+def _from_numpy(array):
+    try:
+        if array.flags.writeable:
+            return torch.from_numpy(array)
+    except ValueError:  # negative strides: from_numpy copies
+        pass
+    return from_numpy(array)
 
 
 def _tensor(array, what):
@@ -76,17 +87,18 @@ def _tensor(array, what):
     if isinstance(array, torch.Tensor):
         return array
     if type(array) is np.ndarray:
-        return from_numpy(array)
+        return _from_numpy(array)
     return as_tensor(array, who=what())
 
 
 def _conform(tensor, spec, what):
     """`tensor` checked against (shape, dtype, device) and cast to that dtype and device."""
-    shape, dtype, device, cpu = spec
+    shape, dtype, device = spec
     if tensor.shape != shape:
         raise ValueError(f"{what()} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-    if tensor.dtype != dtype or not (cpu and tensor.is_cpu) and tensor.device != device:
-        tensor = tensor.to(device=device, dtype=dtype)
+    if tensor.dtype != dtype or (not tensor.is_cpu if device is None else
+                                 tensor.device != device):
+        tensor = tensor.to(device=device or "cpu", dtype=dtype)
     return tensor
 
 
@@ -108,32 +120,36 @@ class _Call:
     def call_pullback(self, pullback, needs_input_grad, *grad_outputs, batch=None):
         """The pullback's gradients, checked; with `batch` (a batched pullback under vmap)
         every cotangent and gradient has a leading dimension of that size."""
-        kwargs = {"batched": True} if batch is not None else {}
-        if self.pass_mask:
-            kwargs["needs_input_grad"] = tuple(needs_input_grad)
         try:
-            grads = pullback(*grad_outputs, **kwargs)
+            if batch is None and not self.pass_mask:
+                grads = pullback(*grad_outputs)
+            else:
+                kwargs = {"batched": True} if batch is not None else {}
+                if self.pass_mask:
+                    kwargs["needs_input_grad"] = tuple(needs_input_grad)
+                grads = pullback(*grad_outputs, **kwargs)
         except Exception as exc:
             raise _foreign_failure(self.name, "pullback", exc) from exc
-        n = len(self.input_specs)
-        if not isinstance(grads, (tuple, list)):
-            grads = (grads,)
-        if len(grads) != n:
+        specs = self.input_specs
+        if type(grads) is not tuple:
+            grads = tuple(grads) if isinstance(grads, list) else (grads,)
+        if len(grads) != len(specs):
             raise ValueError(f"{self.name}: the pullback returned {len(grads)} gradient(s) but "
-                             f"forward takes {n} argument(s); return one per argument, with None "
-                             f"where there is none")
-        return tuple(self._check_grad(i, g, needs_input_grad[i], batch)
-                     for i, g in enumerate(grads))
+                             f"forward takes {len(specs)} argument(s); return one per argument, "
+                             f"with None where there is none")
+        checked = []
+        for i, grad in enumerate(grads):
+            if grad is not None:
+                if specs[i] is None:
+                    raise ValueError(f"{self.name}: the pullback returned a gradient for "
+                                     f"argument {i}, which is not a tensor; return None in "
+                                     f"that position")
+                grad = self._check_grad(i, grad, batch) if needs_input_grad[i] else None
+            checked.append(grad)
+        return tuple(checked)
 
-    def _check_grad(self, i, grad, needed, batch=None):
-        if grad is None:
-            return None
+    def _check_grad(self, i, grad, batch):
         spec = self.input_specs[i]
-        if spec is None:
-            raise ValueError(f"{self.name}: the pullback returned a gradient for argument {i}, "
-                             f"which is not a tensor; return None in that position")
-        if not needed:
-            return None
         if batch is not None:
             spec = (torch.Size((batch, *spec[0])), *spec[1:])
         what = lambda: f"{self.name}: the pullback's gradient for argument {i}"  # noqa: E731
@@ -168,11 +184,13 @@ def _reference(args):
 
 
 def _to_output(array, dtype, device, name, k):
-    t = array if isinstance(array, torch.Tensor) else \
-        _tensor(array, lambda: f"{name}: forward's output {k}")
+    if type(array) is np.ndarray:
+        t = _from_numpy(array)
+    else:
+        t = _tensor(array, lambda: f"{name}: forward's output {k}")
     if dtype is not None and t.dtype != dtype and t.is_floating_point():
         t = t.to(dtype)
-    if (not t.is_cpu if device is None else t.device != device):
+    if not t.is_cpu if device is None else t.device != device:
         t = t.to("cpu" if device is None else device)
     return t
 
@@ -280,7 +298,8 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
     if not isinstance(name, str) or not name:
         raise TypeError(f"foreign_function: name must be a non-empty string, got {name!r}")
 
-    def op_forward(*args):
+    def run(args):
+        """The foreign forward on detached args: (outputs, its result, single, grad mode)."""
         _forward_calls[0] += 1
         grad, _pending.grad = getattr(_pending, "grad", True), True  # True: past the entry
         detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
@@ -306,13 +325,9 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
             outs = _to_output(outputs, dtype, device, name, 0)
         else:
             outs = tuple(_to_output(o, dtype, device, name, k) for k, o in enumerate(outputs))
-        _pending.call = result, single, grad
-        return outs
+        return outs, result, single, grad
 
-    def setup_context(ctx, inputs, output):
-        result, single, grad = _pending.call
-        if grad is not _TRANSFORMED and not _in_functorch_transform():
-            _pending.call = None  # plain autograd: this is the only setup_context
+    def setup(ctx, inputs, output, result, single, grad):
         # (under no_grad ctx.needs_input_grad still reflects requires_grad)
         needs_grad = grad and True in ctx.needs_input_grad
         ctx.call = _Call(name, result[2] if len(result) == 3 else None, inputs, output, single,
@@ -334,6 +349,21 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
                 else:
                     saved += output
             ctx.save_for_backward(*saved)
+
+    def op_forward(*args):  # the modern form: forward, then setup_context
+        outs, *_pending.call = run(args)
+        return outs
+
+    def setup_context(ctx, inputs, output):
+        record = _pending.call
+        if record[2] is not _TRANSFORMED and not _in_functorch_transform():
+            _pending.call = None  # plain autograd: this is the only setup_context
+        setup(ctx, inputs, output, *record)
+
+    def classic_forward(ctx, *args):  # both in one call, outside torch.func transforms
+        outs, *record = run(args)
+        setup(ctx, args, outs, *record)
+        return outs
 
     def backward(ctx, *grad_outputs):
         _pending.call = None
@@ -377,23 +407,29 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
         n = len(per_sample[0])
         return tuple(torch.stack([s[k] for s in per_sample]) for k in range(n)), (0,) * n
 
-    namespace = {key: staticmethod(fn) for key, fn in [
-        ("forward", op_forward), ("setup_context", setup_context), ("backward", backward),
-        ("jvp", jvp), ("vmap", vmap)]}
-    namespace["__doc__"] = f"Bridged op '{name}' (made by bridges.foreign_function)."
-    function = type(name, (torch.autograd.Function,), namespace)
-    # Function.apply binds default arguments with inspect.signature on every call, which doubles
-    # a small op's cost; forward takes *args with no defaults, so outside torch.func transforms
-    # call what Function.apply ends in directly
-    base_apply = super(torch.autograd.Function, function).apply
+    doc = f"Bridged op '{name}' (made by bridges.foreign_function)."
+    rules = [("backward", backward), ("jvp", jvp)]
+    function = type(name, (torch.autograd.Function,), {"__doc__": doc, **{
+        key: staticmethod(fn) for key, fn in [("forward", op_forward),
+                                              ("setup_context", setup_context), ("vmap", vmap),
+                                              *rules]}})
+    # torch.func needs the modern form above (forward without ctx, then setup_context); outside
+    # its transforms the classic form does the same in one Python call, and its apply is what
+    # Function.apply ends in (which binds default arguments with inspect.signature on every
+    # call, doubling a small op's cost)
+    classic = type(name, (torch.autograd.Function,), {"__doc__": doc, **{
+        key: staticmethod(fn) for key, fn in [("forward", classic_forward), *rules]}})
+    base_apply = super(torch.autograd.Function, classic).apply
 
-    @eager_under_compile(f"bridged op '{name}'")
     def apply(*args):
+        if _is_compiling():  # (its graph break costs microseconds on every eager call)
+            return eager_apply(*args)
         if _transforms_active():
             _pending.grad = _TRANSFORMED
             return function.apply(*args)
         _pending.grad = torch.is_grad_enabled()
-        return base_apply(*(_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a
-                            for a in args))
+        return base_apply(*[_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a
+                            for a in args])
+    eager_apply = eager_under_compile(f"bridged op '{name}'")(apply)
 
     return BridgedOp(name, function, apply)

@@ -3,7 +3,8 @@
 A bridged op has a pullback (reverse mode) and, depending on its adapter, a pushforward (forward
 mode), but never a second derivative. So J v comes from forward mode and J^T w from reverse mode;
 nothing differentiates a derivative. `Linearisation` holds one point; `probe` finds out once what a
-function supports there.
+function supports there. `DenseLinearisation` adds the whole Jacobian of a small function of plain
+torch, from one reverse pass.
 """
 from __future__ import annotations
 
@@ -59,6 +60,15 @@ def choose(mode: str, caps: Capabilities, n: int, who: str) -> str:
     return "reverse"
 
 
+def evaluate(fn, *args):
+    """fn(*args) without recording a graph; cheaper than a no_grad block where grad mode is off
+    already (PETSc's callbacks, which run inside a bridged op's forward or backward)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    with torch.no_grad():
+        return fn(*args)
+
+
 def _dual_jvp(fn, u, v):
     # forward AD is switched off inside a Function's forward, where PETSc's callbacks run
     with fwAD._set_fwd_grad_enabled(True), fwAD.dual_level():
@@ -94,6 +104,13 @@ class Linearisation:
         (g,) = torch.autograd.grad(value, leaf, w.reshape(value.shape), retain_graph=True,
                                    allow_unused=True)
         return torch.zeros_like(leaf) if g is None else g
+
+    def param_vjp(self, params, w):
+        """(d fn / d p)^T w for each tensor p of params (None where fn does not use it), through
+        the graph kept at this point."""
+        _, value = self.graph()
+        return torch.autograd.grad(value, params, w.reshape(value.shape), retain_graph=True,
+                                   allow_unused=True)
 
     def vjps(self, W, batched=False):
         """J^T W[k] for every row k of W: one backward pass each through the same graph, which
@@ -131,3 +148,86 @@ class Linearisation:
             return torch.func.jvp(self.fn, (self.u,), (v,))[1]
         with torch.no_grad():
             return torch.func.vmap(single)(V.reshape(-1, *self.u.shape))
+
+
+class DenseLinearisation(Linearisation):
+    """A Linearisation of a small function of plain torch (no bridged ops: it differentiates
+    through a batched backward) with its whole n x n Jacobian, made on first use by one reverse
+    pass: over n stacked copies of the point when fn acts on each row of a leading batch
+    dimension on its own (`stacked`, see `acts_on_rows`), else batched over the n unit
+    cotangents. The pass keeps its graph, and parameter products reuse it."""
+
+    def __init__(self, fn, u, stacked):
+        super().__init__(fn, u)
+        self.stacked = stacked
+        self._jacobian = self._stacked_graph = None
+
+    @property
+    def jacobian(self):
+        """d fn / d u, (n, n)."""
+        if self._jacobian is None:
+            if self.stacked:
+                self._stacked_graph = leaf, value = _stacked_graph(self.fn, self.u)
+                self._jacobian = _stacked_pass(leaf, value, retain_graph=True)
+            else:
+                self._jacobian = _batched_pass(*self.graph(), retain_graph=True)
+        return self._jacobian
+
+    def param_vjp(self, params, w):
+        if self._stacked_graph is None:
+            return super().param_vjp(params, w)
+        _, value = self._stacked_graph  # row 0 of the stacked copies, seeded with w
+        seed = value.new_zeros(value.shape)
+        seed[0] = w.reshape(value.shape[1:])
+        return torch.autograd.grad(value, params, seed, retain_graph=True, allow_unused=True)
+
+
+def _stacked_graph(fn, u):
+    """(leaf, fn(leaf)) for a leaf of n stacked copies of u, shaped (n, *u.shape)."""
+    n = u.numel()
+    with torch.enable_grad():
+        leaf = u.reshape(1, n).expand(n, n).clone().requires_grad_()
+        return leaf, fn(leaf.view(n, *u.shape))
+
+
+def _stacked_pass(leaf, value, retain_graph=False):
+    """J from the stacked graph: row i of the output is seeded with e_i, so the gradient's row i
+    is J's row i."""
+    n = leaf.shape[0]
+    (grad,) = torch.autograd.grad(value, leaf, torch.eye(n, dtype=leaf.dtype).view(value.shape),
+                                  retain_graph=retain_graph)
+    return grad
+
+
+def _batched_pass(leaf, value, retain_graph=False):
+    """J from one backward batched over the n unit cotangents."""
+    n = leaf.numel()
+    (grad,) = torch.autograd.grad(value, leaf, torch.eye(n, dtype=leaf.dtype).view(n, *value.shape),
+                                  is_grads_batched=True, retain_graph=retain_graph)
+    return grad.reshape(n, n)
+
+
+def stacked_jacobian(fn, u):
+    """J of fn at u (n = u.numel()) from one reverse pass over n stacked copies of u."""
+    return _stacked_pass(*_stacked_graph(fn, u))
+
+
+def batched_jacobian(fn, u):
+    """J of fn at u from one backward batched over the n unit cotangents."""
+    with torch.enable_grad():
+        leaf = u.clone().requires_grad_()
+        return _batched_pass(leaf, fn(leaf))
+
+
+def acts_on_rows(fn, u):
+    """Whether fn, given n stacked copies of u, returns n copies of fn(u) whose Jacobians are
+    fn's at u: checked once against the batched backward."""
+    try:
+        with torch.no_grad():
+            value = fn(u.reshape(1, -1).expand(u.numel(), -1).reshape(u.numel(), *u.shape))
+        if value.shape != (u.numel(), *u.shape):
+            return False
+        return bool(torch.allclose(stacked_jacobian(fn, u), batched_jacobian(fn, u),
+                                   rtol=1e-12, atol=0))
+    except (RuntimeError, IndexError, ValueError):  # func does not take a batch dimension
+        return False

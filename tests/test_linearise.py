@@ -7,7 +7,8 @@ import torch
 
 from bridges import as_numpy, fd2pytorch, foreign_function
 from bridges._errors import MissingDerivativeError
-from bridges._linearise import FORWARD_FROM, Linearisation, choose, probe
+from bridges._linearise import (FORWARD_FROM, DenseLinearisation, Linearisation, acts_on_rows,
+                                choose, probe)
 
 F64 = torch.float64
 
@@ -100,3 +101,30 @@ def test_products_work_inside_a_bridged_forward():
     J = EXACT[plain](U)
     torch.testing.assert_close(seen[0][0], J @ V)
     torch.testing.assert_close(seen[0][1], J.T @ V)
+
+
+def test_dense_linearisation_parameter_products_reuse_the_jacobian_graph():
+    """The dense Jacobian of a parameterised function and (d fn / d k)^T w through the graph
+    that Jacobian's pass kept equal the analytic ones, stacked or batched."""
+    k = torch.tensor([0.04, 3e7, 1e4], dtype=torch.float64, requires_grad=True)
+
+    def fn(y):  # Robertson's kinetics, rows of a leading batch dimension independent
+        y1, y2, y3 = y.unbind(-1)
+        return torch.stack([-k[0] * y1 + k[2] * y2 * y3,
+                            k[0] * y1 - k[2] * y2 * y3 - k[1] * y2 ** 2, k[1] * y2 ** 2], -1)
+    u = torch.tensor([0.9, 2e-5, 0.1], dtype=torch.float64)
+    w = torch.tensor([0.3, -1.2, 0.7], dtype=torch.float64)
+    y1, y2, y3 = u.tolist()
+    jac = torch.tensor([[-0.04, 1e4 * y3, 1e4 * y2],
+                        [0.04, -1e4 * y3 - 6e7 * y2, -1e4 * y2],
+                        [0.0, 6e7 * y2, 0.0]], dtype=torch.float64)
+    jac_k = torch.tensor([[-y1, 0.0, y2 * y3], [y1, -y2 ** 2, -y2 * y3], [0.0, y2 ** 2, 0.0]],
+                         dtype=torch.float64)
+    assert acts_on_rows(fn, u)
+    for stacked in (True, False):
+        point = DenseLinearisation(fn, u, stacked)
+        torch.testing.assert_close(point.jacobian, jac, rtol=1e-14, atol=0)
+        (grad,) = point.param_vjp((k,), w)
+        torch.testing.assert_close(grad, jac_k.T @ w, rtol=1e-14, atol=1e-20)
+        (again,) = Linearisation(fn, u).param_vjp((k,), w)
+        torch.testing.assert_close(grad, again, rtol=1e-14, atol=0)

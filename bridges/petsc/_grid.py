@@ -18,7 +18,7 @@ import torch
 
 from ._capi import colouring
 from ._runtime import PETSc, petsc_errors, scalar_dtype
-from ._vec import vec_as_tensor
+from ._vec import VecViews, vec_as_tensor
 
 BOUNDARIES = {"ghosted": PETSc.DM.BoundaryType.GHOSTED, "periodic": PETSc.DM.BoundaryType.PERIODIC,
               "none": PETSc.DM.BoundaryType.NONE}
@@ -158,6 +158,9 @@ class Grid:
             local[self._exterior] = 0.0  # in case a caller wrote into the view
         return local.view(self.ghosted_shape)
 
+    def release_views(self) -> None:
+        """Nothing to release: a Grid, which solves share, keeps no views of their Vecs."""
+
     def add_ghosted(self, block: torch.Tensor, vec) -> None:
         """vec += the ghosted block's values summed into their owners (reverse halo exchange);
         values outside the domain are dropped."""
@@ -195,7 +198,9 @@ class Grid:
 
 class SerialLayout:
     """The layout of an array that lives whole on one rank, with no halo: what a solve without a
-    grid uses, so that the solvers have one code path (`Grid` has the same methods)."""
+    grid uses, so that the solvers have one code path (`Grid` has the same methods). It belongs
+    to one solve, and keeps the views of the Vecs it is given (see `VecViews`) until
+    `release_views`."""
 
     dm = None
     comm = PETSc.COMM_SELF
@@ -204,18 +209,23 @@ class SerialLayout:
     def __init__(self, shape):
         self.owned_shape = self.ghosted_shape = tuple(shape)
         self.n = int(np.prod(self.owned_shape))
+        self.views = VecViews(self.owned_shape)
 
     def global_vec(self):
         return PETSc.Vec().createSeq(self.n, comm=PETSc.COMM_SELF)
 
     def owned_view(self, vec, mode="rw") -> torch.Tensor:
-        return vec_as_tensor(vec, mode).view(self.owned_shape)
+        return self.views.read(vec) if mode == "r" else self.views.write(vec)
 
     def exchange(self, vec) -> torch.Tensor:
-        return vec_as_tensor(vec, "r").view(self.owned_shape)
+        return self.views.read(vec)
 
     def add_ghosted(self, block: torch.Tensor, vec) -> None:
-        vec_as_tensor(vec, "rw").add_(block.reshape(-1))
+        self.views.write(vec).add_(block.reshape(self.owned_shape))
+
+    def release_views(self) -> None:
+        """Drop the cached views, and with them their references to PETSc Vecs."""
+        self.views.clear()
 
 
 def sum_gradients(parameters, comm=None) -> None:

@@ -209,6 +209,7 @@ class ColouredJacobian:
         self.valid = {"forward": True, "reverse": True}
         self.bridged = True  # until a probe shows otherwise: no batched backward
         self._diagonal = np.flatnonzero(owned_in[rows] == cols)
+        self._dense_order = None
         self.mat = mat
         coo = (owned_in[rows].astype(PETSc.IntType), cols.astype(PETSc.IntType))
         (mat.setPreallocationCOOLocal if local else mat.setPreallocationCOO)(*coo)
@@ -281,8 +282,10 @@ class ColouredJacobian:
     def set_dense(self, jacobian, diag_shift=0.0, factor=1.0):
         """Fill the matrix with diag_shift*I + factor*J for a dense J (n_out x n_in) computed
         elsewhere; returns the PETSc Mat."""
-        values = (jacobian[torch.from_numpy(self.rows), torch.from_numpy(self.cols)]
-                  * factor).numpy()
+        if self._dense_order is None:  # where each COO entry sits in J, flattened
+            self._dense_order = self.rows.astype(np.int64) * self.n_in + self.cols
+        values = np.take(jacobian.detach().numpy().reshape(-1), self._dense_order)
+        values *= factor
         values[self._diagonal] += diag_shift
         self.mat.setValuesCOO(values.astype(PETSc.ScalarType, copy=False))
         self.mat.assemble()
@@ -333,13 +336,11 @@ class ParameterJacobian:
             out.zero_()
             return
         self.products += 1
-        _, value = self.point.graph()
-        grads = torch.autograd.grad(value, self.params, self.owned(x, "r").view(value.shape),
-                                    retain_graph=True, allow_unused=True)
+        grads = self.point.param_vjp(self.params, self.owned(x, "r"))
         offset = 0
         for param, g in zip(self.params, grads):
             part = out[offset:offset + param.numel()]
-            part.copy_(g.reshape(-1)).mul_(self.sign) if g is not None else part.zero_()
+            torch.mul(g.view(-1), self.sign, out=part) if g is not None else part.zero_()
             offset += param.numel()
 
     def release(self):  # (not `destroy`: petsc4py calls a context's destroy(mat))

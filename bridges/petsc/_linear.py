@@ -20,7 +20,7 @@ import torch
 
 from .._errors import SolverFailure
 from ._runtime import PETSc
-from ._vec import vec_as_tensor
+from ._vec import VecViews
 
 REFINEMENTS = 2       # steps of iterative refinement a transposed block solve may take
 EXTENDED_STEPS = 2    # then steps with extended-precision residuals
@@ -41,7 +41,7 @@ class BlockLU:
 
     def __init__(self, who: str):
         self.who = who
-        self.blocks = self.lu = self.pivots = self.norms = self._extended = None
+        self.blocks = self.lu = self.pivots = self.norms = self._extended = self.views = None
         self.factorisations = 0
         self.refinements = 0
 
@@ -57,6 +57,8 @@ class BlockLU:
                 f"{self.who}: the Jacobian block of sample {int(singular[0])} is singular (zero "
                 f"pivot in its LU factorisation); check func there, or use a smaller step")
         self.blocks, self.lu, self.pivots, self._extended = blocks, lu, pivots, None
+        if self.views is None or self.views.shape != (*blocks.shape[:2], 1):
+            self.views = VecViews((*blocks.shape[:2], 1))  # (block, row, 1)
         self.norms = None  # |A_i|_inf, for the adjoint's check (made there)
         self.factorisations += 1
 
@@ -64,12 +66,10 @@ class BlockLU:
         return torch.linalg.lu_solve(self.lu, self.pivots, b, adjoint=adjoint)
 
     def apply(self, pc, x, y):
-        b = vec_as_tensor(x, "r").view(*self.lu.shape[:2], 1)
-        vec_as_tensor(y, "w").view_as(b).copy_(self._solve(b, False))
+        self.views.write(y).copy_(self._solve(self.views.read(x), False))
 
     def applyTranspose(self, pc, x, y):
-        b = vec_as_tensor(x, "r").view(*self.lu.shape[:2], 1)
-        out = vec_as_tensor(y, "w").view_as(b)
+        b, out = self.views.read(x), self.views.write(y)
         out.copy_(self._solve(b, True))
         blocks_t = self.blocks.transpose(-1, -2)
         if self.norms is None:

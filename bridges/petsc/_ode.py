@@ -19,6 +19,7 @@ import torch
 
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError, check_finite
+from .._linearise import evaluate
 from .._runs import RunPool, check_choice, check_state
 from .._runs import forward as run_forward
 from ._capi import renew_trajectory, set_pre_stage, trajectory_prefix
@@ -80,9 +81,12 @@ class _ODEProblem:
         self.options, self.prefix = options, prefix
         self.jacobian, self.products = jacobian, products
         self.assembler, self.grid = assembler, grid
+        self._t = self._t_tensor = None
 
     def rhs(self, t, y):
-        return self.func(torch.as_tensor(t, dtype=y.dtype), y)
+        if t != self._t:  # one 0-d tensor per time: a step's stages and iterations share it
+            self._t, self._t_tensor = t, torch.scalar_tensor(t, dtype=y.dtype)
+        return self.func(self._t_tensor, y)
 
     def first_step(self, times):
         """The step a solve starts from, before options and the starting-step estimate."""
@@ -250,8 +254,8 @@ class _ODESolve:
         self.n_func += 1
         if self._restarting:  # see restart_step
             t = ts.getTime()
-        with torch.no_grad():
-            torch.sub(self._owned(Udot), self.p.rhs(t, self._ghosted(U)), out=self._owned(F, "w"))
+        value = evaluate(self.p.rhs, t, self._ghosted(U))
+        torch.sub(self._owned(Udot), value, out=self._owned(F, "w"))
 
     def restart_step(self):
         """Start the next step afresh (no data from the step before). ARKIMEX then solves
@@ -398,6 +402,7 @@ class _ODESolve:
         if self.jacobians is not None:
             self.jacobians.release()
         self.ts = self.dm = self.u = self.F = self.jacobians = self.newton = None
+        self.layout.release_views()  # (cached views hold references to the Vecs)
         self.options.close()
 
 

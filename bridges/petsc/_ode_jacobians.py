@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._linearise import Linearisation, probe
+from .._linearise import DenseLinearisation, Linearisation, acts_on_rows, probe
 from ._jacobian import ParameterJacobian, TorchJacobian, block_jacobian, plan_jacobian
 from ._linear import use_block_lu
 from ._runtime import PETSc
@@ -85,7 +85,7 @@ class ODEJacobians:
             self.blocks = p.assembler
         self.assembled = jacobian in ("assembled", "blocks")
         # one small system of plain torch: its whole Jacobian comes from one reverse pass per
-        # point (see _DensePoint)
+        # point (see DenseLinearisation)
         n = y0.numel()
         self.dense = (jacobian == "blocks" and n == self.blocks.n_in and products != "forward"
                       and n <= BLOCK_LIMIT and not caps.bridged)
@@ -164,7 +164,7 @@ class ODEJacobians:
         for last_t, point in self._points:
             if last_t == t and torch.equal(point.u, u):
                 return point
-        point = _DensePoint(self.rhs_at(t), u.clone(), self.stacked) if self.dense \
+        point = DenseLinearisation(self.rhs_at(t), u.clone(), self.stacked) if self.dense \
             else Linearisation(self.rhs_at(t), u.clone())
         self._points = [(t, point)] + self._points[:1]
         return point
@@ -176,62 +176,5 @@ class ODEJacobians:
         if self.mat is not None:
             self.mat.destroy()
         self.params.release()
-        self.mat = self.blocks = self.jac = None
+        self.mat = self.blocks = self.jac = self.block_lu = None
         self._points = []
-
-
-class _DensePoint(Linearisation):
-    """func at one point of a small system of plain torch, with its whole n x n Jacobian made on
-    first use: by one reverse pass over n stacked copies of the point when func acts on each
-    row of a leading batch dimension on its own (`stacked`, checked once per solve), else by a
-    batched backward over the n unit cotangents. Parameter products go through the graph."""
-
-    def __init__(self, fn, u, stacked):
-        super().__init__(fn, u)
-        self.stacked = stacked
-        self._jacobian = None
-
-    @property
-    def jacobian(self):
-        """d func / d u, (n, n)."""
-        if self._jacobian is None:
-            self._jacobian = stacked_jacobian(self.fn, self.u) if self.stacked else \
-                batched_jacobian(self.fn, self.u)
-        return self._jacobian
-
-
-def stacked_jacobian(fn, u):
-    """J of fn at u from one reverse pass: row i of the stacked input is u, and row i of the
-    output is seeded with e_i, so the gradient's row i is J's row i."""
-    n = u.numel()
-    eye = torch.eye(n, dtype=u.dtype)
-    with torch.enable_grad():
-        leaf = u.reshape(1, n).expand(n, n).clone().requires_grad_()
-        value = fn(leaf.view(n, *u.shape))
-        (grad,) = torch.autograd.grad(value, leaf, eye.view(value.shape))
-    return grad
-
-
-def batched_jacobian(fn, u):
-    """J of fn at u from one backward batched over the n unit cotangents."""
-    n = u.numel()
-    with torch.enable_grad():
-        leaf = u.clone().requires_grad_()
-        value = fn(leaf)
-        (grad,) = torch.autograd.grad(value, leaf, torch.eye(n, dtype=u.dtype).view(n, *value.shape),
-                                      is_grads_batched=True)
-    return grad.reshape(n, n)
-
-
-def acts_on_rows(fn, u):
-    """Whether fn, given n stacked copies of u, returns n copies of fn(u) whose Jacobians are
-    fn's at u: checked once against the batched backward."""
-    try:
-        with torch.no_grad():
-            value = fn(u.reshape(1, -1).expand(u.numel(), -1).reshape(u.numel(), *u.shape))
-        if value.shape != (u.numel(), *u.shape):
-            return False
-        return bool(torch.allclose(stacked_jacobian(fn, u), batched_jacobian(fn, u),
-                                   rtol=1e-12, atol=0))
-    except (RuntimeError, IndexError, ValueError):  # func does not take a batch dimension
-        return False
