@@ -152,7 +152,6 @@ def run(quick=False, plot_dir=None):
             efficiency = base_total / (p * total) if label == "strong" else base_total / total
             halo = max(r["halo_points"] for r in result["per_rank"])
             sent = max(r["events"][k]["KSPSolve"]["messageLength"] for r in result["per_rank"])
-            cg = best["cg"] + best["adjoint_cg"]
             shape = result["shape"]
             table.append([label, p, f"{shape[0]}x{shape[1]} ({shape[0] * shape[1]:,})",
                           fmt_time(result["setup_s"]), fmt_time(best["forward_s"]),

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from bridges import as_numpy, foreign_function
-from bridges.demos._util import pyplot
+from bridges.plotting import pyplot
 
 from ._timing import compare, fmt_time, markdown_table
 

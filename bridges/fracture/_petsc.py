@@ -3,11 +3,10 @@ as AIJ, KSP (CG + GAMG by default), and the gradient's one transposed solve by K
 with the same preconditioner, then dL/dk = -(dr/dk)^T lam by torch autograd of the residual."""
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from .._core import foreign_function
+from .._runs import forward as run_forward
 from ..petsc import (PETSc, SolverOptions, as_vec, check_options, check_prefix, check_solution,
                      destroy, diverged, petsc_errors, scalar_dtype)
 from ._grid import assemble, check_boundary_values, check_permeability, grad_k
@@ -18,12 +17,11 @@ PETSC_DEFAULTS = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12, "ksp_a
 
 
 class _PetscSolve:
-    """One assembled system, its KSP (set-up reused by the adjoint) and options; destroyed when
-    the pullback is released."""
+    """A run (see bridges._runs): one assembled system, its KSP (whose set-up the adjoint
+    reuses) and options."""
 
     def __init__(self, k, p_left, p_right, options, prefix, stats):
-        self.stats = stats
-        self.dtype = scalar_dtype()
+        self.stats, self.dtype, self.ksp = stats, scalar_dtype(), None
         self.k, self.p_left, self.p_right = k.detach().to(self.dtype), p_left, p_right
         A, self.b = assemble(self.k.numpy(), p_left, p_right)
         self.options = SolverOptions(WHO, prefix, options, PETSC_DEFAULTS)
@@ -31,15 +29,28 @@ class _PetscSolve:
         self.mat = PETSc.Mat().createAIJ([n, n], csr=(A.indptr.astype(PETSc.IntType),
                                                       A.indices.astype(PETSc.IntType), A.data),
                                          comm=PETSc.COMM_SELF)
-        self.mat.setOption(PETSc.Mat.Option.SYMMETRIC, True)
-        self.mat.assemble()
-        self.ksp = PETSc.KSP().create(comm=PETSc.COMM_SELF)
-        self.ksp.setOptionsPrefix(self.options.prefix)
-        self.ksp.setOperators(self.mat)
-        with petsc_errors(WHO, "setting up PETSc KSP from the options"):
-            self.ksp.setFromOptions()
+        try:
+            self.mat.setOption(PETSc.Mat.Option.SYMMETRIC, True)
+            self.mat.assemble()
+            self.ksp = PETSc.KSP().create(comm=PETSc.COMM_SELF)
+            self.ksp.setOptionsPrefix(self.options.prefix)
+            self.ksp.setOperators(self.mat)
+            with petsc_errors(WHO, "setting up PETSc KSP from the options"):
+                self.ksp.setFromOptions()
+        except BaseException:
+            self.release()
+            raise
 
-    def solve(self, rhs, transpose):
+    def solve(self):
+        self.p = self._solve(torch.from_numpy(self.b), transpose=False)
+        self.options.report_unused()
+        return self.p
+
+    def pullback(self, grad_p, *, needs_input_grad):
+        lam = self._solve(grad_p.detach().to(self.dtype), transpose=True)
+        return grad_k(self.p, lam, self.k, self.p_left, self.p_right), None, None, None, None, None
+
+    def _solve(self, rhs, transpose):
         """A^-1 rhs (A^-T rhs for the adjoint, same KSP and preconditioner)."""
         x = torch.zeros(rhs.numel(), dtype=self.dtype)
         b_vec, x_vec = as_vec(rhs.reshape(-1).clone(), who=WHO), as_vec(x, who=WHO)
@@ -50,9 +61,9 @@ class _PetscSolve:
             reason = self.ksp.getConvergedReason()
             if reason < 0:
                 raise diverged(WHO, f"the {what} KSP solve", PETSc.KSP.ConvergedReason, reason,
-                                     f"after {self.ksp.getIterationNumber()} iterations, "
-                                     f"residual norm {self.ksp.getResidualNorm():.3g}",
-                                     "options={'pc_type': 'lu'}, or check that k is well scaled")
+                               f"after {self.ksp.getIterationNumber()} iterations, "
+                               f"residual norm {self.ksp.getResidualNorm():.3g}",
+                               "options={'pc_type': 'lu'}, or check that k is well scaled")
             if transpose:
                 check_solution(self.ksp, b_vec, x_vec, WHO, f"the {what} KSP solve",
                                transpose=True)
@@ -67,29 +78,9 @@ class _PetscSolve:
         self.options.close()
 
 
-class _PetscPullback:
-    def __init__(self, run, p):
-        self.run, self.p = run, p
-        weakref.finalize(self, run.release)
-
-    def __call__(self, grad_p, *, needs_input_grad):
-        run = self.run
-        lam = run.solve(grad_p.detach().to(run.dtype), transpose=True)
-        return grad_k(self.p, lam, run.k, run.p_left, run.p_right), None, None, None, None, None
-
-
 def _petsc_forward(k, p_left, p_right, options, prefix, stats, needs_input_grad):
-    run = _PetscSolve(k, p_left, p_right, options, prefix, stats)
-    try:
-        p = run.solve(torch.from_numpy(run.b), transpose=False)
-        run.options.report_unused()
-    except BaseException:
-        run.release()
-        raise
-    if not needs_input_grad[0]:
-        run.release()
-        return p, None
-    return p, _PetscPullback(run, p)
+    return run_forward(_PetscSolve(k, p_left, p_right, options, prefix, stats),
+                       needs_input_grad[0])
 
 
 _PetscOp = foreign_function(_petsc_forward, name="fracture_pressure_petsc",
