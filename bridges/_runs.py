@@ -39,7 +39,10 @@ def forward(run, record, pool=None, *, batched=False):
     try:
         outputs = run.solve()
     except BaseException:
-        retire(run, pool)
+        try:  # a failed run is not reused: its foreign objects may be in any state
+            run.release()
+        except Exception:  # noqa: BLE001 - the solve's own error is the one to report
+            pass
         raise
     if not record:
         retire(run, pool)

@@ -4,6 +4,7 @@ BRIDGES_REQUIRE_JULIA=1 (set by the Julia CI workflow and julia/verify.sh) turns
 missing Julia or DPFEHM into a failure, so that a machine meant to run the real-Julia tests cannot
 pass them by skipping.
 """
+import gc
 import os
 import shutil
 import subprocess
@@ -64,3 +65,24 @@ def run_under_mpiexec(tmp_path_factory):
         assert done.returncode == 0, f"mpiexec -n {ranks} failed:\n{done.stdout}\n{done.stderr}"
         return dict(np.load(out))
     return run
+
+
+def _resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.fixture
+def memory_growth():
+    """memory_growth(call, calls, warm_up=200): resident memory gained (bytes) over `calls`
+    calls of call(i), after `warm_up` calls to settle the allocator and caches."""
+    def measure(call, calls, warm_up=200):
+        for i in range(warm_up):
+            call(i)
+        gc.collect()
+        before = _resident_bytes()
+        for i in range(calls):
+            call(i)
+        gc.collect()
+        return _resident_bytes() - before
+    return measure

@@ -68,6 +68,15 @@ ROBERTSON_W = torch.randn(13, 3, dtype=F64, generator=torch.Generator().manual_s
     * torch.tensor([1.0, 1e4, 1.0], dtype=F64)  # y2 is ~1e-5: weigh it up
 
 
+def _check_against_central_differences(loss, *tensors):
+    """loss().backward()'s gradients w.r.t. tensors against central differences, to 1e-4."""
+    loss().backward()
+    for x in tensors:
+        with torch.no_grad():
+            fd = _fd_gradient(lambda: loss().item(), x)
+        _assert_close_relative(x.grad, fd, 1e-4)
+
+
 @pytest.mark.parametrize("method", ["beuler", "cn"])
 def test_robertson_gradients_match_central_differences(method):
     func = ROBER.func()
@@ -76,12 +85,7 @@ def test_robertson_gradients_match_central_differences(method):
     def loss():
         return (ROBERTSON_W * odeint_adjoint(func, y0, ROBERTSON_T, method=method,
                                              steps_per_interval=4)).sum()
-    loss().backward()
-    with torch.no_grad():
-        fd_k = _fd_gradient(lambda: loss().item(), func.k)
-        fd_y0 = _fd_gradient(lambda: loss().item(), y0)
-    _assert_close_relative(func.k.grad, fd_k, 1e-4)
-    _assert_close_relative(y0.grad, fd_y0, 1e-4)
+    _check_against_central_differences(loss, func.k, y0)
 
 
 @pytest.mark.parametrize("method,kwargs", [("rk4", {"step_size": 2e-6}),
@@ -95,12 +99,7 @@ def test_explicit_gradients_match_central_differences_on_non_stiff_interval(meth
 
     def loss():
         return (w * odeint_adjoint(func, y0, t, method=method, **kwargs)).sum()
-    loss().backward()
-    with torch.no_grad():
-        fd_k = _fd_gradient(lambda: loss().item(), func.k)
-        fd_y0 = _fd_gradient(lambda: loss().item(), y0)
-    _assert_close_relative(func.k.grad, fd_k, 1e-4)
-    _assert_close_relative(y0.grad, fd_y0, 1e-4)
+    _check_against_central_differences(loss, func.k, y0)
 
 
 @pytest.mark.parametrize("method,kwargs", [("dopri5", {"rtol": 1e-12, "atol": 1e-14}),
@@ -358,12 +357,7 @@ def test_petsc_objects_are_released_without_the_garbage_collector():
         gc.enable()
 
 
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-def test_memory_stays_flat_over_many_mixed_calls():
+def test_memory_stays_flat_over_many_mixed_calls(memory_growth):
     func, t = Oscillator(), torch.tensor([0.0, 1.0], dtype=F64)
     y0 = torch.tensor([1.0, 0.0], dtype=F64, requires_grad=True)
 
@@ -373,15 +367,8 @@ def test_memory_stays_flat_over_many_mixed_calls():
                 odeint_adjoint(func, y0, t, method="cn", step_size=0.5)
         else:
             odeint_adjoint(func, y0, t, method="beuler", step_size=0.5).sum().backward()
-    for i in range(200):  # warm up allocator and caches
-        call(i)
-    gc.collect()
-    before = _rss_bytes()
     calls = 2000  # 10 MB per 10,000 calls, scaled
-    for i in range(calls):
-        call(i)
-    gc.collect()
-    grown = _rss_bytes() - before
+    grown = memory_growth(call, calls)
     assert grown < 10 * 2 ** 20 * calls / 10_000, f"resident memory grew by {grown / 2**20:.2f} MB"
 
 

@@ -103,42 +103,34 @@ def test_stats_describe_the_last_call_and_its_adjoint():
     assert solver.stats.steps == 5 and solver.stats is not stats
 
 
-def _rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+def _petsc_objects():
+    return sum(issubclass(type(o), PETSc.Object) for o in gc.get_objects())
 
 
-def test_a_thousand_calls_make_petsc_objects_once_and_keep_memory_flat(made):
+def test_a_thousand_calls_make_petsc_objects_once_and_keep_memory_flat(made, memory_growth):
     func, solver = Decay(), ODESolver("cn", steps_per_interval=2)
     y0, t = torch.tensor([1.0, 1.0], dtype=F64), torch.linspace(0, 1, 3, dtype=F64)
+    objects = []
 
-    def calls(n):
-        for _ in range(n):
-            solver(func, y0, t)[-1].sum().backward()
-    calls(200)
+    def call(i):
+        solver(func, y0, t)[-1].sum().backward()
+        if i == 0:
+            objects.append(_petsc_objects())
+    grown = memory_growth(call, 800)
     gc.collect()
-    objects, rss = sum(issubclass(type(o), PETSc.Object) for o in gc.get_objects()), _rss()
-    calls(800)
-    gc.collect()
-    assert made[0] == 1
-    assert sum(issubclass(type(o), PETSc.Object) for o in gc.get_objects()) == objects
-    assert _rss() - rss < 8 << 20, (rss, _rss())
+    assert made[0] == 1 and _petsc_objects() == objects[-1]
+    assert grown < 8 << 20, f"resident memory grew by {grown / 2**20:.2f} MB"
 
 
-def test_the_functional_loop_keeps_memory_flat_and_frees_each_call():
+def test_the_functional_loop_keeps_memory_flat_and_frees_each_call(memory_growth):
     func = Decay()
     y0, t = torch.tensor([1.0, 1.0], dtype=F64), torch.linspace(0, 1, 3, dtype=F64)
 
-    def calls(n):
-        for _ in range(n):
-            odeint_adjoint(func, y0, t, method="cn", steps_per_interval=2)[-1].sum().backward()
-    calls(100)
-    gc.collect()
-    rss = _rss()
-    calls(400)
-    gc.collect()
+    def call(i):
+        odeint_adjoint(func, y0, t, method="cn", steps_per_interval=2)[-1].sum().backward()
+    grown = memory_growth(call, 400, warm_up=100)
     assert _live(_ode._ODESolve) == 0
-    assert _rss() - rss < 8 << 20, (rss, _rss())
+    assert grown < 8 << 20, f"resident memory grew by {grown / 2**20:.2f} MB"
 
 
 def test_objects_go_with_the_solver_and_its_last_pullback():

@@ -313,12 +313,7 @@ def test_reverse_only_op_inside_the_residual(jacobian):
         solve(chain_residual, torch.zeros(N, dtype=torch.float64), theta, products="forward")
 
 
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-def test_petsc_objects_are_released_and_memory_stays_flat():
+def test_petsc_objects_are_released_and_memory_stays_flat(memory_growth):
     from bridges.petsc._solve import _Solve
     theta = torch.full((N,), 0.7, dtype=torch.float64, requires_grad=True)
 
@@ -344,15 +339,8 @@ def test_petsc_objects_are_released_and_memory_stays_flat():
         assert sum(type(o) is _Solve for o in gc.get_objects()) == 0
     finally:
         gc.enable()
-    for i in range(200):
-        call(i)
-    gc.collect()
-    before = _rss_bytes()
     calls = 2000  # 10 MB per 10,000 calls, scaled
-    for i in range(calls):
-        call(i)
-    gc.collect()
-    grown = _rss_bytes() - before
+    grown = memory_growth(call, calls)
     assert grown < 10 * 2 ** 20 * calls / 10_000, f"resident memory grew by {grown / 2**20:.2f} MB"
 
 
@@ -393,3 +381,14 @@ def test_snes_solver_reuses_its_objects_across_calls_with_new_params(monkeypatch
     assert made[0] == 1 + 4
     pending = solver(residual, zeros(n), *random_problem(n, 0))  # no gradient: run idle again
     assert pending.grad_fn is None and made[0] == 5
+
+
+def test_a_preconditioner_a_matrix_free_jacobian_cannot_serve_is_named_and_the_solver_recovers():
+    from bridges.petsc import SNESSolver
+    solver = SNESSolver(options={"pc_type": "jacobi"})
+    x0 = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(ForeignError, match="getDiagonal.*matrix-free Jacobian has no entries"):
+        solver(lambda x: x - 1.0, x0)
+    assert solver._pool.idle == {}  # the failed run was released, not kept for reuse
+    x = solve(lambda x: x - 1.0, x0)
+    torch.testing.assert_close(x, torch.ones(3, dtype=torch.float64))

@@ -40,7 +40,7 @@ def sensitivity(k=ROBER_K_START, *, steps_per_interval=5, fd_rel_step=1e-6, show
     from bridges.petsc import odeint_adjoint
 
     rober = problem("rober_1e5")
-    data = torch.from_numpy(rober.reference())
+    data = torch.tensor(rober.reference())
     y0, times = torch.from_numpy(rober.y0), torch.from_numpy(rober.t)
 
     def loss_cn(values):

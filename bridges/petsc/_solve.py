@@ -278,9 +278,11 @@ class _Solve:
     def solve(self):
         snes = self.snes
         self._claim_operator()
-        with petsc_errors(WHO, f"the nonlinear solve (PETSc SNES '{snes.getType()}')",
-                          "for pc_type mg on a grid, choose sizes that halve evenly (see "
-                          "bridges.petsc.mg_levels) or options {'pc_type': 'gamg'}"):
+        hint = ("a matrix-free Jacobian has no entries for a preconditioner to use: keep "
+                "pc_type none, or give sparsity= or grid= for an assembled Jacobian"
+                if self.shell is not None else "for pc_type mg on a grid, choose sizes that "
+                "halve evenly (see bridges.petsc.mg_levels) or options {'pc_type': 'gamg'}")
+        with petsc_errors(WHO, f"the nonlinear solve (PETSc SNES '{snes.getType()}')", hint):
             snes.solve(None, self.x_vec)
         reason = snes.getConvergedReason()
         norm = snes.getFunctionNorm()
