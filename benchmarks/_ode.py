@@ -11,6 +11,8 @@ import torch
 
 from bridges.problems import ROBER_K_START, problem
 
+from ._timing import one_torch_thread
+
 F64 = torch.float64
 SPANS = {"[0, 1e5]": (1e5, 1e-10), "[0, 1e11]": (1e11, 1e-20)}  # label -> (t_max, atol)
 MAX_RSS_MIB = 6144  # a bounded run stops before its memory (backprop's graph) grows past this
@@ -174,10 +176,6 @@ def one_thread(run):
         missing = _diffrax.missing()
         if missing:
             raise RuntimeError(f"the ODE benchmarks compare with diffrax: {missing}")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_torch_thread():
             return run(quick, plot_dir)
-        finally:
-            torch.set_num_threads(threads)
     return wrapped

@@ -2,10 +2,25 @@
 from __future__ import annotations
 
 import cProfile
+import contextlib
 import gc
 import pstats
 import statistics
 import time
+
+import torch
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one intra-op thread inside the block: on 2 shared cores, waking a second thread
+    for every small tensor op slowed bridges' callbacks several-fold in our runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def compare(variants: dict, *, rounds: int = 7, min_time: float = 0.02) -> dict:

@@ -16,7 +16,7 @@ import torch
 from bridges.plotting import pyplot, save_figure
 from bridges.problems import diffusion
 
-from ._timing import fmt_time, markdown_table
+from ._timing import fmt_time, markdown_table, one_torch_thread
 
 TITLE = "Steady diffusion: PETSc solve (CG + multigrid) vs seed 002's LBFGS"
 
@@ -77,14 +77,9 @@ def _plot(rows, plot_dir):
 
 
 def run(quick=False, plot_dir=None):
-    # one torch thread for both methods: on 2 shared cores, waking a second intra-op thread for
-    # every small tensor op cost up to 8x at 256x256 in our runs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    # one torch thread for both methods (up to 8x faster at 256x256 in our runs)
+    with one_torch_thread():
         return _run(quick, plot_dir)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(quick, plot_dir):
