@@ -97,10 +97,13 @@ class NewtonTest:
             return 0
         self.calls += 1
         comm = snes.getComm()
-        x, dx = self.owned(snes.getSolution(), "r"), self.owned(snes.getSolutionUpdate(), "r")
-        if step <= 1e-14 * xnorm and on_every_rank(comm, bool((dx.abs() <= 1e-13 * x.abs()).all())):
+        # numpy views: on small states each torch op costs more than its arithmetic
+        x = self.owned(snes.getSolution(), "r").numpy()
+        dx = self.owned(snes.getSolutionUpdate(), "r").numpy()
+        if step <= 1e-14 * xnorm and on_every_rank(comm, bool((abs(dx) <= 1e-13 * abs(x)).all())):
             return reason.CONVERGED_SNORM_RELATIVE  # every component down to rounding
-        scaled, count = float((dx / (self.atol + self.rtol * x.abs())).square().sum()), dx.numel()
+        weighted = dx / (self.atol + self.rtol * abs(x))
+        scaled, count = float(np.vdot(weighted, weighted)), dx.size
         if comm.getSize() > 1:
             scaled, count = (comm.tompi4py().allreduce(v) for v in (scaled, count))
         size, previous = (scaled / count) ** 0.5, self.size
