@@ -186,7 +186,10 @@ def run(quick=False, plot_dir=None):
         f"whose gradient error is at most as large; below 1 means bridges is faster at equal "
         f"accuracy. diffrax: PID step control; reverse mode is its default "
         f"RecursiveCheckpointAdjoint, forward mode ForwardMode with jax.jacfwd (3 parameters). "
-        f"'default' is bridges with only rtol and atol given. {TORCH_THREADS_NOTE}", "",
+        f"'default' is bridges with only rtol and atol given. CN with 2 steps per interval "
+        f"fails over [0, 1e11] because its step equation at t = 3.6e7 (h = 1.6e7) has no "
+        f"solution, which scipy's root finders confirm independently of PETSc "
+        f"(benchmarks/cn_step_without_root.py). {TORCH_THREADS_NOTE}", "",
         "diffrax compile times (once per solver, gradient mode and span; not in the times "
         "above): " + "; ".join(compiles) + ".", "",
         "**2. Batched loss + gradient** ([0, 1e5], rtol 1e-6, atol 1e-10; B trajectories from "
