@@ -320,7 +320,7 @@ class ColouredJacobian:
                 if diag_shift:
                     out[diagonal] += diag_shift
                 if arrays is None:
-                    self.mat.setValuesCOO(out.numpy())
+                    self.mat.setValuesCOO(out.numpy().astype(PETSc.ScalarType, copy=False))
         self.mat.assemble()
         return self.mat
 
