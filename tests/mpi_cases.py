@@ -12,7 +12,8 @@ import time
 import numpy as np
 import torch
 
-from bridges.petsc import Grid, PETSc, odeint_adjoint, solve, sum_gradients
+from bridges.petsc import (ColouredJacobian, Grid, PETSc, odeint_adjoint, solve,
+                           sum_gradients)
 
 F64 = torch.float64
 TIGHT = {"ksp_rtol": 1e-13, "ksp_atol": 1e-50, "snes_rtol": 1e-13, "snes_atol": 1e-50}
@@ -203,7 +204,39 @@ def multigrid_ode(results):
                    mg_central=torch.tensor(central))
 
 
-CASES = [poisson, nonlinear, heat_ode, wide_stencil, brusselator, multigrid_ode, ddp]
+def periodic_jacobian(results):
+    """The assembled Jacobian of a Gray-Scott-like function on a 16 x 16 periodic grid (dof 2:
+    a power of 2, which DMDA's colouring cannot serve) in forward and reverse mode: its
+    products J x and J^T x with a fixed field, gathered in natural order."""
+    grid = Grid((16, 16), dof=2, boundary="periodic")
+    state, x = (torch.stack([_field(grid.shape, p), _field(grid.shape, p + 0.5)], -1)
+                for p in (0.0, 1.0))
+    vec, out = grid.global_vec(), grid.global_vec()
+    grid.owned_view(vec, "w").copy_(state[grid.owned])
+    u = grid.exchange(vec).clone()
+    grid.owned_view(vec, "w").copy_(x[grid.owned])
+
+    def fn(v):
+        c = v[1:-1, 1:-1]
+        lap = v[:-2, 1:-1] + v[2:, 1:-1] + v[1:-1, :-2] + v[1:-1, 2:] - 4 * c
+        uvv = c[..., 0] * c[..., 1] ** 2
+        return torch.stack([0.3 * lap[..., 0] - uvv + 0.1 * (1 - c[..., 0]),
+                            0.2 * lap[..., 1] + uvv - 0.2 * c[..., 1]], -1)
+    for mode in ("forward", "reverse"):
+        assembler = ColouredJacobian.on_grid(grid, mode=mode)
+        mat = assembler.assemble(fn, u, diag_shift=0.5, factor=-1.0,
+                                 out_shape=grid.owned_shape)
+        for name, product in (("mult", mat.mult), ("transpose", mat.multTranspose)):
+            product(vec, out)
+            results[f"jacobian_{mode}_{name}"] = grid.gather(grid.owned_view(out, "r").clone())
+        assert assembler.evaluations == 10
+        assembler.destroy()
+    vec.destroy()
+    out.destroy()
+
+
+CASES = [periodic_jacobian, poisson, nonlinear, heat_ode, wide_stencil, brusselator, multigrid_ode,
+         ddp]
 
 if __name__ == "__main__":
     out = {}

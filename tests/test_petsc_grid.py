@@ -1,4 +1,4 @@
-"""Grids on PETSc's DMDA: blocks and halos, DMDA colourings in Jacobians, multigrid levels, and
+"""Grids on PETSc's DMDA: blocks and halos, grid colourings in Jacobians, multigrid levels, and
 distributed solves and ODE adjoints that agree with one rank (mpiexec -n 2 and -n 4)."""
 
 import numpy as np
@@ -7,6 +7,7 @@ import torch
 
 from bridges.petsc import (ColouredJacobian, Grid, mg_levels, odeint_adjoint, solve,
                            stencil_sparsity, sum_gradients)
+from bridges.petsc._grid import lattice_colouring
 
 F64 = torch.float64
 
@@ -63,19 +64,12 @@ def _stencil_function(grid, u):
 @pytest.mark.parametrize("shape,boundary,dof,stencil,width", [
     ((10, 15), "ghosted", 1, "star", 1), ((10, 15), "periodic", 2, "star", 1),
     ((10, 15), "ghosted", 2, "box", 1), ((10, 15), "periodic", 1, "star", 2),
-    ((16, 16), "periodic", 1, "star", 1), ((16, 8), "periodic", 1, "box", 1)])
-def test_grid_jacobian_from_dmda_colouring_is_exact(shape, boundary, dof, stencil, width, mode):
+    ((16, 16), "periodic", 1, "star", 1), ((16, 8), "periodic", 1, "box", 1),
+    ((2, 8), "periodic", 2, "star", 1)])  # both neighbours of a point one: COO sums them
+def test_grid_jacobian_from_the_grid_colouring_is_exact(shape, boundary, dof, stencil, width, mode):
     grid = Grid(shape, dof=dof, stencil=stencil, stencil_width=width, boundary=boundary)
     u = torch.randn(grid.ghosted_shape, dtype=F64, generator=torch.Generator().manual_seed(1))
     u[grid.exterior()] = 0.0
-    if not ColouredJacobian.on_grid(grid).valid[mode]:
-        # DMDA's colouring mixes a row's columns across the periodic wrap of a one-rank axis
-        # whose size does not suit it: forward mode refuses, auto takes reverse mode
-        assert mode == "forward" and boundary == "periodic"
-        with pytest.raises(ValueError, match="DMDA colouring does not separate what forward "
-                                             "mode needs"):
-            ColouredJacobian.on_grid(grid, mode=mode)
-        mode = "auto"
     assembler = ColouredJacobian.on_grid(grid, mode=mode)
 
     def fn(v):
@@ -91,6 +85,109 @@ def test_grid_jacobian_from_dmda_colouring_is_exact(shape, boundary, dof, stenci
     torch.testing.assert_close(got, expected)
     owned_colours, _ = grid.colours()
     assert assembler.evaluations == owned_colours.max() + 1  # one product per colour
+
+
+@pytest.mark.parametrize("ndim,width,stencil", [(d, w, s) for d in (1, 2, 3) for w in (1, 2)
+                                                 for s in ("star", "box")])
+def test_lattice_colouring_tells_apart_what_one_stencil_reaches(ndim, width, stencil):
+    offsets = np.array(list(np.ndindex(*(2 * width + 1,) * ndim))) - width
+    if stencil == "star":
+        offsets = offsets[(offsets != 0).sum(axis=1) <= 1]
+    a, q = lattice_colouring(offsets)
+    # the points one stencil reaches, from every centre of a patch around the origin
+    centres = np.array(list(np.ndindex(*(8 * width + 5,) * ndim))) - 4 * width - 2
+    colours = np.sort(((centres[:, None, :] + offsets[None]) @ a) % q, axis=1)
+    assert (np.diff(colours, axis=1) > 0).all()
+    assert q == len(offsets) or (ndim, width, stencil) == (2, 2, "star")  # optimal but one
+    assert q <= (2 * width + 1) ** ndim
+
+
+@pytest.mark.parametrize("shape,boundary,dof,stencil,width", [
+    ((8, 8), "periodic", 2, "star", 1), ((7, 6), "periodic", 1, "box", 1),
+    ((9, 4), ("periodic", "ghosted"), 3, "star", 2), ((4, 5, 6), "periodic", 1, "star", 1)])
+def test_grid_colours_separate_the_columns_of_a_row_and_the_rows_of_a_column(
+        shape, boundary, dof, stencil, width):
+    """What forward mode needs (the ghosted columns one owned row reads differ in colour, ghost
+    points apart from their owners) and reverse mode needs (the owned rows that read one
+    ghosted column differ), on any size, periodic wrap-around included."""
+    grid = Grid(shape, dof=dof, stencil=stencil, stencil_width=width, boundary=boundary)
+    owned, ghosted = grid.colours()
+    spatial = grid.ghosted_shape[:len(shape)]
+    ghosted_points = ghosted.reshape(*spatial, dof)
+    owned_points = owned.reshape(*grid.owned_shape[:len(shape)], dof)
+    reads = {}  # ghosted point -> colours of the owned points reading it
+    for p in np.ndindex(*grid.owned_shape[:len(shape)]):
+        at = np.array(p) + [s.start for s in grid.interior]
+        columns = [tuple(at + o) for o in grid.stencil_offsets()]
+        colours = [c for q in columns for c in ghosted_points[q] if c >= 0]
+        assert len(colours) == len(set(colours)), (p, colours)
+        for q in columns:
+            reads.setdefault(q, []).extend(owned_points[p])
+    assert all(len(c) == len(set(c)) for c in reads.values())
+    assert set(owned.tolist()) == set(range(owned.max() + 1))
+
+
+@pytest.mark.parametrize("n", [8, 16])
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_power_of_two_periodic_grids_assemble_in_either_mode(n, mode):
+    """Power-of-2 periodic sizes (which DMDA's own colouring cannot serve) in forward mode too:
+    10 products (5 point colours x 2 components) against torch's dense Jacobian."""
+    grid = Grid((n, n), dof=2, boundary="periodic")
+    u = torch.randn(grid.ghosted_shape, dtype=F64, generator=torch.Generator().manual_seed(n))
+
+    def fn(v):  # Gray-Scott's kind of coupling
+        c = v[1:-1, 1:-1]
+        lap = v[:-2, 1:-1] + v[2:, 1:-1] + v[1:-1, :-2] + v[1:-1, 2:] - 4 * c
+        uvv = c[..., 0] * c[..., 1] ** 2
+        return torch.stack([0.3 * lap[..., 0] - uvv + 0.1 * (1 - c[..., 0]),
+                            0.2 * lap[..., 1] + uvv - 0.2 * c[..., 1]], -1)
+    assembler = ColouredJacobian.on_grid(grid, mode=mode)
+    mat = assembler.assemble(fn, u, diag_shift=0.5, factor=-2.0, out_shape=grid.owned_shape)
+    got = torch.from_numpy(mat.convert("dense").getDenseArray().copy())
+    jac = torch.autograd.functional.jacobian(fn, u).reshape(2 * n * n, -1)
+    owner = grid.dm.getLGMap().getIndices()
+    expected = 0.5 * torch.eye(2 * n * n, dtype=F64)
+    for j in range(jac.shape[1]):  # ghost columns folded onto their owners
+        expected[:, owner[j]] -= 2.0 * jac[:, j]
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+    assert assembler.evaluations == 10
+
+
+def test_auto_mode_takes_forward_on_a_large_periodic_power_of_two_grid():
+    grid = Grid((64, 64), dof=2, boundary="periodic")
+    u = torch.rand(grid.ghosted_shape, dtype=F64, generator=torch.Generator().manual_seed(0))
+
+    def fn(v):
+        c = v[1:-1, 1:-1]
+        return v[:-2, 1:-1] * v[2:, 1:-1] + v[1:-1, :-2] - v[1:-1, 2:] * c + c.flip(-1) ** 2
+    assembler = ColouredJacobian.on_grid(grid)
+    mat = assembler.assemble(fn, u, out_shape=grid.owned_shape)
+    assert assembler.mode == "forward" and assembler.evaluations == 10
+    # a product with the matrix against torch's forward-mode product
+    vec = grid.global_vec()
+    grid.owned_view(vec, "w").copy_(torch.rand(grid.owned_shape, dtype=F64,
+                                               generator=torch.Generator().manual_seed(1)))
+    out = grid.global_vec()
+    mat.mult(vec, out)
+    _, expected = torch.func.jvp(fn, (u,), (grid.exchange(vec).clone(),))
+    torch.testing.assert_close(grid.owned_view(out, "r"), expected, rtol=1e-13, atol=1e-13)
+
+
+def test_a_matrix_type_without_aij_arrays_takes_coo_insertion():
+    """The values go straight into the AIJ arrays; any other type gets them through PETSc's COO
+    insertion, with the same result."""
+    mats = []
+    for kind in ("aij", "baij"):
+        grid = Grid((6, 8), dof=2, boundary="periodic")
+        grid.dm.setMatType(kind)
+        u = torch.rand(grid.ghosted_shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+        assembler = ColouredJacobian.on_grid(grid, mode="forward")
+        assert (assembler._slots is None) == (kind == "baij")
+        mat = assembler.assemble(lambda v: v[1:-1, 1:-1] * v[2:, 1:-1] - v[:-2, 1:-1].sin(), u,
+                                 diag_shift=1.5, factor=3.0, out_shape=grid.owned_shape)
+        mats.append(mat.convert("dense").getDenseArray().copy())
+    np.testing.assert_array_equal(mats[0], mats[1])
+    assert np.count_nonzero(mats[0]) > 6 * 8 * 2
 
 
 def test_stencil_sparsity_is_a_dmda_with_pcmg_levels():
@@ -268,6 +365,15 @@ def test_wide_stencil_halos_and_colouring_reproduce_the_manufactured_solution(di
 def test_distributed_multigrid_time_stepping_matches_central_differences(distributed, ranks):
     result = distributed[ranks]
     np.testing.assert_allclose(result["mg_kappa"], result["mg_central"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_periodic_power_of_two_jacobian_is_the_same_in_both_modes(distributed, ranks):
+    """(test_distributed_results_match_one_rank compares each rank count with one rank.)"""
+    result = distributed[ranks]
+    for name in ("mult", "transpose"):
+        forward, reverse = (result[f"jacobian_{mode}_{name}"] for mode in ("forward", "reverse"))
+        np.testing.assert_allclose(forward, reverse, rtol=1e-13, atol=1e-13)
 
 
 def test_ddp_training_through_a_distributed_solve_reduces_the_loss(distributed):

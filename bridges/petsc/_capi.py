@@ -7,10 +7,11 @@
 - `trajectory_memory`: TSTrajectorySetType(memory) on a trajectory made after setFromOptions.
 - `swap_adapt`: TSGetAdapt + TSAdaptGetType/SetType, to switch step adaptivity off and on.
 - `set_pre_stage`: TSSetPreStage with a Python function (petsc4py 3.26 has no setPreStage).
-- `colouring`: DMCreateColoring + ISColoringGetColors, the colour of every point of a DM.
+- `aij_values`: the value arrays of a (Seq|MPI)AIJ matrix's blocks on this rank, to write in place.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
@@ -37,10 +38,11 @@ def _lib():
                        ("TSSetPreStage", [p, _PRE_STAGE]),
                        ("TSAdaptGetType", [p, ctypes.POINTER(ctypes.c_char_p)]),
                        ("TSAdaptSetType", [p, ctypes.c_char_p]),
-                       ("DMCreateColoring", [p, i, ctypes.POINTER(p)]),
-                       ("ISColoringGetColors", [p, ctypes.POINTER(_INT), ctypes.POINTER(_INT),
-                                                ctypes.POINTER(ctypes.POINTER(_COLOUR))]),
-                       ("ISColoringDestroy", [ctypes.POINTER(p)]),
+                       ("MatMPIAIJGetSeqAIJ", [p, ctypes.POINTER(p), ctypes.POINTER(p),
+                                               ctypes.POINTER(p)]),
+                       ("MatGetInfo", [p, i, ctypes.POINTER(_MAT_INFO)]),
+                       ("MatSeqAIJGetArrayWrite", [p, ctypes.POINTER(_SCALAR_P)]),
+                       ("MatSeqAIJRestoreArrayWrite", [p, ctypes.POINTER(_SCALAR_P)]),
                        ("PetscErrorMessage", [i, ctypes.POINTER(ctypes.c_char_p),
                                               ctypes.POINTER(ctypes.c_char_p)])]:
         fn = getattr(lib, name)
@@ -48,9 +50,15 @@ def _lib():
     return lib
 
 
-_INT = {4: ctypes.c_int32, 8: ctypes.c_int64}[np.dtype(PETSc.IntType).itemsize]
 _PRE_STAGE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_double)
-_COLOUR = ctypes.c_ushort  # ISColoringValue: unsigned short in this build (petscconf.h)
+_SCALAR_P = ctypes.POINTER(ctypes.c_double)  # PetscScalar: real double in this build
+_MAT_LOCAL = 1  # MatInfoType
+
+
+class _MAT_INFO(ctypes.Structure):  # MatInfo: ten PetscLogDouble
+    _fields_ = [(name, ctypes.c_double) for name in (
+        "block_size", "nz_allocated", "nz_used", "nz_unneeded", "memory", "assemblies",
+        "mallocs", "fill_ratio_given", "fill_ratio_needed", "factor_mallocs")]
 
 
 def _check(code: int, call: str) -> None:
@@ -113,17 +121,36 @@ def set_pre_stage(ts, fn):
     return callback
 
 
-def colouring(dm, *, ghosted: bool) -> np.ndarray:
-    """DMCreateColoring's colour of every point of `dm` on this rank: its owned points
-    (IS_COLORING_GLOBAL) or its ghosted local points (IS_COLORING_LOCAL); points of one colour
-    share no row of the DM's matrix."""
-    lib, coloring = _lib(), ctypes.c_void_p()
-    _check(lib.DMCreateColoring(dm.handle, 1 if ghosted else 0, ctypes.byref(coloring)),
-           "DMCreateColoring")
+@contextlib.contextmanager
+def aij_values(mat):
+    """numpy views of the value arrays, in their CSR order, of the AIJ blocks that hold this
+    rank's rows of `mat` (SeqAIJ: one; MPIAIJ: the diagonal and the off-diagonal block), for
+    writing in place; None for other matrix types or scalars. The views are valid inside the
+    block only; the caller assembles `mat` after it."""
+    kind = mat.getType()
+    if np.dtype(PETSc.ScalarType) != np.float64 or kind not in ("seqaij", "mpiaij"):
+        yield None
+        return
+    lib = _lib()
+    parts = [ctypes.c_void_p(mat.handle)]
+    if kind == "mpiaij":
+        parts = [ctypes.c_void_p(), ctypes.c_void_p()]
+        _check(lib.MatMPIAIJGetSeqAIJ(mat.handle, ctypes.byref(parts[0]),
+                                      ctypes.byref(parts[1]), ctypes.byref(ctypes.c_void_p())),
+               "MatMPIAIJGetSeqAIJ")
+    pointers, arrays = [], []
     try:
-        n, count, values = _INT(), _INT(), ctypes.POINTER(_COLOUR)()
-        _check(lib.ISColoringGetColors(coloring, ctypes.byref(n), ctypes.byref(count),
-                                       ctypes.byref(values)), "ISColoringGetColors")
-        return np.ctypeslib.as_array(values, shape=(n.value,)).astype(np.int64)
+        for part in parts:
+            info, pointer = _MAT_INFO(), _SCALAR_P()
+            _check(lib.MatGetInfo(part, _MAT_LOCAL, ctypes.byref(info)), "MatGetInfo")
+            _check(lib.MatSeqAIJGetArrayWrite(part, ctypes.byref(pointer)),
+                   "MatSeqAIJGetArrayWrite")
+            pointers.append((part, pointer))
+            n = int(info.nz_used)
+            arrays.append(np.ctypeslib.as_array(pointer, shape=(n,)) if n else
+                          np.empty(0, dtype=np.float64))
+        yield arrays
     finally:
-        lib.ISColoringDestroy(ctypes.byref(coloring))
+        for part, pointer in pointers:
+            _check(lib.MatSeqAIJRestoreArrayWrite(part, ctypes.byref(pointer)),
+                   "MatSeqAIJRestoreArrayWrite")

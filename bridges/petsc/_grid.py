@@ -16,7 +16,6 @@ import weakref
 import numpy as np
 import torch
 
-from ._capi import colouring
 from ._runtime import PETSc, petsc_errors, scalar_dtype
 from ._vec import VecViews, vec_as_tensor
 
@@ -174,26 +173,62 @@ class Grid:
         return mask.view(self.ghosted_shape)
 
     # -- colouring ---------------------------------------------------------------------------------
+    def stencil_offsets(self) -> np.ndarray:
+        """The stencil's neighbour offsets (k x ndim, the point itself included)."""
+        w, ndim = self.stencil_width, len(self.shape)
+        offsets = np.array(list(np.ndindex(*(2 * w + 1,) * ndim))) - w
+        return offsets[(offsets != 0).sum(axis=1) <= 1] if self.stencil == "star" else offsets
+
     def colours(self):
-        """(owned, ghosted) colours of DMCreateColoring: points of one colour share no row of the
-        grid's stencil matrix. Ghost points take their owner's colour (one halo exchange)."""
-        with petsc_errors("Grid", "colouring the grid (DMCreateColoring)",
-                          "periodic axes need sizes divisible by the stencil's colour count "
-                          "(2 * stencil_width + 1 per axis)"):
-            owned = colouring(self.dm, ghosted=False)
-        vec = self.dm.createGlobalVec()
-        try:
-            vec_as_tensor(vec, "w").copy_(torch.from_numpy(owned.astype(np.float64)))
-            ghosted = self.exchange(vec).reshape(-1).to(torch.int64).numpy().copy()
-        finally:
-            vec.destroy()
+        """(owned, ghosted) colours of this rank's points, for Jacobians from coloured products.
+
+        Two points of the ghosted block that one stencil reaches both (columns of one Jacobian
+        row) differ in colour, and so do two owned points that both reach one ghosted point
+        (rows sharing a column). Ghost points are coloured as points of their own (a function on
+        the ghosted block sees them apart from their owners), by a colouring of the whole
+        lattice read in the ghosted block's coordinates: it needs no communication and holds
+        for every size and boundary, periodic wrap-around included. (PETSc's DMCreateColoring
+        does not: on periodic axes it needs sizes divisible by its colour count.) Exterior
+        points: -1."""
+        a, q = lattice_colouring(self.stencil_offsets())
+        spatial = self.ghosted_shape[:len(self.shape)]
+        points = np.tensordot(a, np.indices(spatial), axes=1).reshape(-1) % q
+        ghosted = (points[:, None] * self.dof + np.arange(self.dof)).reshape(-1)
         ghosted[self.exterior().reshape(-1).numpy()] = -1
+        owned = ghosted.reshape(self.ghosted_shape)[self.interior].reshape(-1).copy()
         return owned, ghosted
 
     def __repr__(self):
         return (f"Grid(shape={self.shape}, dof={self.dof}, stencil={self.stencil!r}, "
                 f"stencil_width={self.stencil_width}, boundary={self.boundary}, rank "
                 f"{self.rank} of {self.size} owns {self.owned})")
+
+
+def lattice_colouring(offsets):
+    """(a, q) such that the colours (a . x) mod q of the points x of the integer lattice differ
+    for any two points that one stencil (`offsets`, k x ndim) reaches both: the smallest such q
+    below (2w + 1)^ndim (w: the stencil's reach), else that, with a = (1, 2w + 1, (2w + 1)^2...),
+    which tells apart every two points of a (4w + 1)-wide cube. E.g. a = (1, 2), q = 5 for the
+    5-point star; the 9-point box takes 9 colours."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    key = offsets.tobytes(), offsets.shape
+    if key not in _LATTICE:
+        ndim = offsets.shape[1]
+        diffs = (offsets[:, None] - offsets[None]).reshape(-1, ndim)
+        diffs = diffs[(diffs != 0).any(axis=1)]
+        side = 2 * int(np.abs(offsets).max()) + 1
+        _LATTICE[key] = side ** np.arange(ndim), side ** ndim
+        for q in range(len(offsets), side ** ndim):
+            rest = np.indices((q,) * (ndim - 1), dtype=np.int64).reshape(ndim - 1, -1).T
+            coefficients = np.concatenate([np.ones((len(rest), 1), np.int64), rest], axis=1)
+            good = ((coefficients @ diffs.T) % q != 0).all(axis=1)
+            if good.any():
+                _LATTICE[key] = coefficients[np.argmax(good)], q
+                break
+    return _LATTICE[key]
+
+
+_LATTICE = {}  # lattice_colouring's answers, by stencil
 
 
 class SerialLayout:

@@ -45,7 +45,7 @@ def stencil_sparsity(shape, offsets=None):
             (2*ndim+1)-point star (5-point in 2-D). Points beyond the edges are not unknowns.
 
     Returns a ColouredJacobian on a one-rank `Grid` (PETSc's DMDA, no ghost points): its colouring
-    is DMCreateColoring's, and ``pc_type mg`` takes the DMDA's multigrid hierarchy. Reuse it across
+    is the grid's (see `Grid.colours`), and ``pc_type mg`` takes the DMDA's multigrid hierarchy. Reuse it across
     solves. For the same code on many ranks, use ``grid=Grid(...)`` instead.
     """
     shape = tuple(int(s) for s in shape) if isinstance(shape, (tuple, list)) else (int(shape),)
