@@ -7,6 +7,7 @@ import torch
 
 from bridges.petsc import (ColouredJacobian, Grid, mg_levels, odeint_adjoint, solve,
                            stencil_sparsity, sum_gradients)
+from bridges.petsc import _jacobian
 from bridges.petsc._grid import lattice_colouring
 
 F64 = torch.float64
@@ -60,13 +61,17 @@ def _stencil_function(grid, u):
     return out
 
 
+@pytest.mark.parametrize("direct_from", [0, None], ids=["in-place", "default"])
 @pytest.mark.parametrize("mode", ["forward", "reverse"])
 @pytest.mark.parametrize("shape,boundary,dof,stencil,width", [
     ((10, 15), "ghosted", 1, "star", 1), ((10, 15), "periodic", 2, "star", 1),
     ((10, 15), "ghosted", 2, "box", 1), ((10, 15), "periodic", 1, "star", 2),
     ((16, 16), "periodic", 1, "star", 1), ((16, 8), "periodic", 1, "box", 1),
     ((2, 8), "periodic", 2, "star", 1)])  # both neighbours of a point one: COO sums them
-def test_grid_jacobian_from_the_grid_colouring_is_exact(shape, boundary, dof, stencil, width, mode):
+def test_grid_jacobian_from_the_grid_colouring_is_exact(shape, boundary, dof, stencil, width, mode,
+                                                       direct_from, monkeypatch):
+    if direct_from is not None:
+        monkeypatch.setattr(_jacobian, "DIRECT_FROM", direct_from)
     grid = Grid(shape, dof=dof, stencil=stencil, stencil_width=width, boundary=boundary)
     u = torch.randn(grid.ghosted_shape, dtype=F64, generator=torch.Generator().manual_seed(1))
     u[grid.exterior()] = 0.0
@@ -173,9 +178,13 @@ def test_auto_mode_takes_forward_on_a_large_periodic_power_of_two_grid():
     torch.testing.assert_close(grid.owned_view(out, "r"), expected, rtol=1e-13, atol=1e-13)
 
 
-def test_a_matrix_type_without_aij_arrays_takes_coo_insertion():
+def test_a_matrix_type_without_aij_arrays_takes_coo_insertion(monkeypatch):
     """The values go straight into the AIJ arrays; any other type gets them through PETSc's COO
     insertion, with the same result."""
+    # by default, only matrices of DIRECT_FROM entries or more are written in place
+    assert ColouredJacobian.on_grid(Grid((4, 4), dof=2))._slots is None
+    assert ColouredJacobian.on_grid(Grid((48, 48), dof=2))._slots is not None
+    monkeypatch.setattr(_jacobian, "DIRECT_FROM", 0)
     mats = []
     for kind in ("aij", "baij"):
         grid = Grid((6, 8), dof=2, boundary="periodic")

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
 
 import numpy as np
@@ -98,17 +97,16 @@ class TorchJacobian:
         self.diag_shift += a
 
 
-@contextlib.contextmanager
-def _no_arrays():
-    yield None
-
-
 # Coloured products are computed a batch of colours at a time, each batch's tensors at most this
 # big: glibc's malloc serves blocks up to its mmap threshold (32 MiB at most on 64-bit Linux)
 # from the heap, reused without page faults, and larger ones fresh from the kernel every time.
 # Measured on Gray-Scott at 512^2 (42 MB for all 10 colours): 302 ms of CPU in one batch, half
 # of it in 92,000 page faults, against 224 ms in batches of 5 (21 MB) without any.
 BATCH_BYTES = 24 << 20
+# Matrices of at least this many entries are filled straight in PETSc's AIJ arrays (at 256^2 x 2
+# half the time of COO insertion); below, the fixed cost of reaching the arrays (~30 us) is more
+# than COO insertion's (~6 us for a 3 x 3 block)
+DIRECT_FROM = 1 << 12
 
 
 def _groups_to_colours(groups, n):
@@ -204,7 +202,7 @@ class ColouredJacobian:
         self.mat = mat
         coo = (owned_in[rows].astype(PETSc.IntType), cols.astype(PETSc.IntType))
         (mat.setPreallocationCOOLocal if local else mat.setPreallocationCOO)(*coo)
-        self._slots = self._find_slots()
+        self._slots = self._find_slots() if len(rows) >= DIRECT_FROM else None
         self._index = {}  # kind of source -> where each matrix value comes from (see _fill)
         self.evaluations = 0
         self._memo = None  # (weak reference to a Linearisation, mode) of the products kept
@@ -303,7 +301,7 @@ class ColouredJacobian:
         if kind not in self._index:  # made once per kind of source
             coo = self._coo_index(kind).astype(np.int64)
             if self._slots is None:
-                self._index[kind] = [torch.from_numpy(coo)], [torch.from_numpy(self._diagonal)]
+                self._index[kind] = coo
             else:
                 diagonal = np.zeros(len(coo), dtype=bool)
                 diagonal[self._diagonal] = True
@@ -311,16 +309,19 @@ class ColouredJacobian:
                                      [torch.from_numpy(np.flatnonzero(diagonal[s]))
                                       for s in self._slots])
         source = source.reshape(-1).to(torch.float64)
-        with aij_values(self.mat) if self._slots is not None else _no_arrays() as arrays:
-            outs = [torch.from_numpy(a) for a in arrays] if arrays else [None]
-            for out, index, diagonal in zip(outs, *self._index[kind]):
-                out = torch.index_select(source, 0, index, out=out)
-                if factor != 1.0:
-                    out.mul_(factor)
-                if diag_shift:
-                    out[diagonal] += diag_shift
-                if arrays is None:
-                    self.mat.setValuesCOO(out.numpy().astype(PETSc.ScalarType, copy=False))
+        if self._slots is None:  # (numpy: on small matrices torch's per-op cost dominates)
+            values = np.take(source.numpy(), self._index[kind])
+            values *= factor
+            values[self._diagonal] += diag_shift
+            self.mat.setValuesCOO(values.astype(PETSc.ScalarType, copy=False))
+        else:
+            with aij_values(self.mat) as arrays:
+                for out, index, diagonal in zip(arrays, *self._index[kind]):
+                    out = torch.index_select(source, 0, index, out=torch.from_numpy(out))
+                    if factor != 1.0:
+                        out.mul_(factor)
+                    if diag_shift:
+                        out[diagonal] += diag_shift
         self.mat.assemble()
         return self.mat
 
