@@ -226,8 +226,8 @@ def test_every_rober_sensitivity_at_every_time_matches_forward_sensitivities(T):
     except y2's row at T = 1e11 (y2 ~ 8e-14), measured 1.4e-3 to 3.1e-3 (it was the y1 row,
     340x off, before the pivoted solves). That row's error is rounding in the double-precision
     adjoint at steps of ~1e10: on the same frozen steps, storing the state in another order
-    changes it by 1.6e-3, while central differences of that solution are within 2e-5 of scipy
-    (benchmarks/bench_frozen_steps.py)."""
+    changes it by 1.6e-3 (backward Euler's adjoint on those steps by 2e-7), while central
+    differences of that solution are within 2e-5 of scipy (benchmarks/bench_frozen_steps.py)."""
     p = problem("rober")
     t = np.array([0.0, T])
     ref, theta = _flat(p, p.sensitivities(t)[1])
