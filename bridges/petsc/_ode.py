@@ -589,6 +589,12 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
             (rk4 has no error estimate: give a step or choose another method). Implicit
             methods also converge Newton in their weighted norm |dy| / (atol + rtol |y|), fixed
             steps included: give an atol below the smallest state component that matters.
+            Gradients are the exact derivatives of the discrete solution with the forward's
+            steps held fixed. Step control bounds the error of y, not of dy/dθ, which through
+            fast transitions converges more slowly: on VDPOL (μ = 1e3, relaxation jumps)
+            dy(2)/dμ is 9e-2 off at rtol 1e-8 and 2e-3 at 1e-10, while y is within 2e-8
+            (benchmarks/bench_frozen_steps.py). Tighten rtol for gradients through such
+            jumps, and check one against a tighter solve.
         options: PETSc options for this solve, keyed without the leading dash, e.g.
             ``{"ts_adapt_type": "none", "ts_time_step": 1e-3, "ksp_type": "gmres"}``; ``True``
             switches a flag or viewer on (``{"ts_monitor": True}``). They override the command
