@@ -146,8 +146,8 @@ def report(results, side):
              f"`optimal_steps_binomial`). 'Backward, schedule's model' is the predicted steps "
              f"at the cost of a step of the row's own forward pass, plus "
              f"{reference['forward_steps']:,} adjoint steps at the every-step row's cost "
-             f"besides the step each recomputes ({t_a * 1e3:.1f} ms). Peak RSS includes the interpreter, torch and PETSc, "
-             f"and the six outputs the solve returns.")
+             f"besides the step each recomputes ({t_a * 1e3:.1f} ms). Peak RSS includes the "
+             f"interpreter, torch and PETSc, and the six outputs the solve returns.")
     return {"title": TITLE, "table": table, "notes": notes, "plots": []}
 
 
