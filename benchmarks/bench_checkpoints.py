@@ -63,20 +63,23 @@ def _worker(side, steps, budget, out):
     def counted(fn):
         event = PETSc.Log.Event("TSStep")
         before, start = event.getPerfInfo()["count"], time.perf_counter()
+        cpu = time.process_time()  # (the load of a shared machine hardly moves it)
         value = fn()
-        return value, time.perf_counter() - start, event.getPerfInfo()["count"] - before
+        return value, time.perf_counter() - start, time.process_time() - cpu, \
+            event.getPerfInfo()["count"] - before
 
-    ys, forward_s, forward_steps = counted(lambda: odeint_adjoint(
+    ys, forward_s, forward_cpu_s, forward_steps = counted(lambda: odeint_adjoint(
         func, u0, t, method="rk4", steps_per_interval=steps // (len(t) - 1), grid=grid,
         adjoint_params=(log_d, rate), **kwargs))
     loss = (weights * ys[1:]).sum() + (ys[-1] ** 2).sum()
-    _, backward_s, backward_steps = counted(loss.backward)
+    _, backward_s, backward_cpu_s, backward_steps = counted(loss.backward)
     gradient = np.concatenate([u0.grad.reshape(-1).numpy(), [log_d.grad.item(),
                                                              rate.grad.item()]])
     np.save(out + ".npy", gradient)
     Path(out).write_text(json.dumps({
         "forward_s": forward_s, "backward_s": backward_s, "forward_steps": forward_steps,
-        "backward_steps": backward_steps, "loss": loss.item(),
+        "backward_steps": backward_steps, "loss": loss.item(), "forward_cpu_s": forward_cpu_s,
+        "backward_cpu_s": backward_cpu_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -107,22 +110,34 @@ def report(results, side):
     from bridges.petsc._checkpoint import predicted_steps
     reference = results["all"]
     state_mb = side * side * 8 / 2 ** 20
+    # the schedule's time model: a backward pass recomputes its steps at the cost of a step of
+    # its own row's forward pass (the load on a shared machine changes from row to row), and
+    # runs n adjoint steps at the every-step row's cost besides the steps they recompute
+    # (on CPU time, which the load of a shared machine hardly moves)
+    def cpu(r, part):
+        return r[f"{part}_cpu_s"]
+
+    n = reference["forward_steps"]
+    t_a = (cpu(reference, "backward") - (n - 1) * cpu(reference, "forward") / n) / n
+    reference_total = cpu(reference, "forward") + cpu(reference, "backward")
     rows = []
     for budget, r in results.items():
         n = r["forward_steps"]
         predicted = n - 1 if budget == "all" else predicted_steps(n, budget)
         error = np.abs(r["gradient"] - reference["gradient"]).max() / \
             np.abs(reference["gradient"]).max()
-        total = r["forward_s"] + r["backward_s"]
         rows.append([
             "every step" if budget == "all" else f"{budget}",
             f"{r['peak_rss_mb']:.0f}", f"{r['forward_s']:.1f}", f"{r['backward_s']:.1f}",
-            f"{total / (reference['forward_s'] + reference['backward_s']):.2f}",
+            f"{cpu(r, 'forward'):.1f}", f"{cpu(r, 'backward'):.1f}",
+            f"{predicted * cpu(r, 'forward') / n + n * t_a:.1f}",
+            f"{(cpu(r, 'forward') + cpu(r, 'backward')) / reference_total:.2f}",
             f"{r['backward_steps']}", f"{predicted}",
             "reference" if budget == "all" else f"{error:.1e}"])
     table = markdown_table(
         ["states stored", "peak RSS (MB)", "forward (s)", "loss + gradient backward (s)",
-         "time / every step", "steps recomputed", "schedule's prediction",
+         "forward CPU (s)", "backward CPU (s)", "backward CPU, schedule's model (s)",
+         "CPU time / every step", "steps recomputed", "schedule's prediction",
          "gradient vs every step (max rel.)"], rows)
     notes = (f"{side} x {side} = {side * side:,} unknowns ({state_mb:.2f} MB a state), "
              f"{reference['forward_steps']:,} RK4 steps, one process per row (1 thread), on a "
@@ -133,8 +148,12 @@ def report(results, side):
              f"'Steps recomputed' are TS steps PETSc's log counts in the backward pass; the "
              f"prediction is the sum of the schedule's forward advances (Griewank and "
              f"Walther's optimum: tests/test_petsc_checkpoint.py checks it against "
-             f"`optimal_steps_binomial`). Peak RSS includes the interpreter, torch and PETSc, "
-             f"and the six outputs the solve returns.")
+             f"`optimal_steps_binomial`). Forward and backward are wall times; CPU times are "
+             f"the process's own. 'Schedule's model' is the predicted steps at the CPU cost of "
+             f"a step of the row's own forward pass, plus {reference['forward_steps']:,} "
+             f"adjoint steps at the every-step row's CPU cost besides the step each recomputes "
+             f"({t_a * 1e3:.1f} ms). Peak RSS includes the "
+             f"interpreter, torch and PETSc, and the six outputs the solve returns.")
     return {"title": TITLE, "table": table, "notes": notes, "plots": []}
 
 

@@ -88,6 +88,7 @@ class Linearisation:
     def __init__(self, fn, u):
         self.fn, self.u = fn, u.detach()
         self._graph = self._f0 = None
+        self._paired = None  # (w, params, their products) of the last vjp with params
 
     def graph(self):
         """(leaf, fn(leaf)) with leaf = u requiring grad: one evaluation, kept; anything else
@@ -98,16 +99,23 @@ class Linearisation:
                 self._graph = (leaf, self.fn(leaf))
         return self._graph
 
-    def vjp(self, w):
-        """J^T w."""
+    def vjp(self, w, params=()):
+        """J^T w. With `params`, the same backward pass also forms (d fn / d p)^T w for them, and
+        keeps it for `param_vjp` with this w (an explicit Runge-Kutta adjoint asks both products
+        of each stage with one vector: one pass instead of two)."""
         leaf, value = self.graph()
-        (g,) = torch.autograd.grad(value, leaf, w.reshape(value.shape), retain_graph=True,
-                                   allow_unused=True)
-        return torch.zeros_like(leaf) if g is None else g
+        grads = torch.autograd.grad(value, (leaf, *params), w.reshape(value.shape),
+                                    retain_graph=True, allow_unused=True)
+        if params:
+            self._paired = (w.clone(), params, grads[1:])
+        return torch.zeros_like(leaf) if grads[0] is None else grads[0]
 
     def param_vjp(self, params, w):
         """(d fn / d p)^T w for each tensor p of params (None where fn does not use it), through
-        the graph kept at this point."""
+        the graph kept at this point (or from the last `vjp` with these params and this w)."""
+        paired, self._paired = self._paired, None
+        if paired is not None and paired[1] is params and torch.equal(paired[0], w):
+            return paired[2]
         _, value = self.graph()
         return torch.autograd.grad(value, params, w.reshape(value.shape), retain_graph=True,
                                    allow_unused=True)

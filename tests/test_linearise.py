@@ -128,3 +128,22 @@ def test_dense_linearisation_parameter_products_reuse_the_jacobian_graph():
         torch.testing.assert_close(grad, jac_k.T @ w, rtol=1e-14, atol=1e-20)
         (again,) = Linearisation(fn, u).param_vjp((k,), w)
         torch.testing.assert_close(grad, again, rtol=1e-14, atol=0)
+
+
+def test_a_paired_product_serves_the_parameter_product_for_its_own_vector_only():
+    """vjp(w, params) forms J^T w and (d fn / d k)^T w in one pass; param_vjp with that w takes
+    the kept product, with another w it makes a new one. All against the analytic values."""
+    k = torch.tensor([1.5, -0.4], dtype=F64, requires_grad=True)
+
+    def fn(u):  # (k0 u0 u1, sin(u0) + k1 u1)
+        return torch.stack([k[0] * u[0] * u[1], torch.sin(u[0]) + k[1] * u[1]])
+    u = torch.tensor([0.3, -1.1], dtype=F64)
+    jac = torch.tensor([[1.5 * -1.1, 1.5 * 0.3], [np.cos(0.3), -0.4]], dtype=F64)
+    jac_k = torch.tensor([[0.3 * -1.1, 0.0], [0.0, -1.1]], dtype=F64)
+    point = Linearisation(fn, u)
+    w, other = torch.tensor([0.7, -2.0], dtype=F64), torch.tensor([1.0, 0.5], dtype=F64)
+    torch.testing.assert_close(point.vjp(w, (k,)), jac.T @ w)
+    torch.testing.assert_close(point.param_vjp((k,), other)[0], jac_k.T @ other)
+    point.vjp(w, (k,))
+    torch.testing.assert_close(point.param_vjp((k,), w)[0], jac_k.T @ w)
+    torch.testing.assert_close(point.param_vjp((k,), w)[0], jac_k.T @ w)  # kept once only

@@ -43,10 +43,14 @@ class TorchJacobian:
         # owned block; products then exchange halos (mult) or sum them into owners (transpose)
         self.layout = layout or SerialLayout(shape)
         self.fn = self.u = self._lin = None
-        self.diag_shift, self.factor = 0.0, 1.0
+        self.diag_shift, self.factor, self.params = 0.0, 1.0, ()
 
-    def at(self, fn, u, diag_shift=0.0, factor=1.0):
-        self.fn, self.u, self.diag_shift, self.factor, self._lin = fn, u, diag_shift, factor, None
+    def at(self, fn, u, diag_shift=0.0, factor=1.0, linearisation=None, params=()):
+        """Products from now on are at u. `linearisation`: one of fn at u to share (its graph
+        serves other products at this point); `params`: tensors whose products (d fn / d p)^T w
+        each transposed product also forms, for a `param_vjp` with the same w to take."""
+        self.fn, self.u, self.diag_shift, self.factor = fn, u, diag_shift, factor
+        self._lin, self.params = linearisation, params
 
     def mat(self, comm=None):
         """A new PETSc Mat backed by this context."""
@@ -65,10 +69,10 @@ class TorchJacobian:
         if self._lin is None:  # one linearisation serves every product at this point
             self._lin = Linearisation(self.fn, self.u)
         if transpose:  # owned cotangent -> ghosted gradient, summed into its owners
-            grad = self._lin.vjp(owned_x.clone())
+            grad = self._lin.vjp(owned_x.clone(), self.params)
             out.zero_()
             del out
-            layout.add_ghosted(grad * self.factor, y)
+            layout.add_ghosted(grad if self.factor == 1.0 else grad * self.factor, y)
             out = layout.owned_view(y, "rw")
         else:  # ghosted tangent (halo exchanged) -> owned product
             v = layout.exchange(x)

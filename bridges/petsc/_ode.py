@@ -332,7 +332,7 @@ class _ODESolve:
         ksp = ts.getSNES().getKSP()
         if jacobians.block_lu is None and self.log is None:  # (BlockLU checks and refines its
             ksp.setPostSolve(self._check_adjoint_solve)  # own transposed solves)
-        want_params = any(needs_input_grad[3:])
+        want_params = jacobians.paired = any(needs_input_grad[3:])
         lams = [self.layout.global_vec() for _ in cotangents]
         mus = [PETSc.Vec().createMPI((jacobians.params.n, None), comm=self.layout.comm)
                for _ in cotangents] if want_params else []

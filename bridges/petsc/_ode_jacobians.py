@@ -40,6 +40,7 @@ class ODEJacobians:
                                         1.0 if p.form == "explicit" else -1.0, layout.comm)
         self.blocks = self.block_lu = None
         self.dense = self.stacked = self.chord = False
+        self.paired = False  # an adjoint that wants parameter gradients (see rhs_jacobian)
         self.count = 0
         self.reset()
 
@@ -128,7 +129,11 @@ class ODEJacobians:
 
     # -- PETSc callbacks (they record linearisation points; torch does the algebra) -------------
     def rhs_jacobian(self, ts, t, U, A, P):
-        self.jac.at(self.rhs_at(t), self.layout.exchange(U).clone())
+        # TSAdjoint's Runge-Kutta step multiplies the transposes of dfunc/dy and dfunc/dparams
+        # at each stage by the same vector: one backward pass forms both
+        lin = self.linearisation(t, self.layout.exchange(U))
+        self.jac.at(lin.fn, lin.u, linearisation=lin,
+                    params=self.p.params if self.paired else ())
 
     def ijacobian(self, ts, t, U, Udot, shift, A, P):
         # the chord method: this step's Jacobian for every stage and iteration, unless PETSc
@@ -144,7 +149,7 @@ class ODEJacobians:
             self.blocks.set_dense(lin.jacobian, diag_shift=shift, factor=-1.0)
         else:
             if not self.assembled:
-                self.jac.at(lin.fn, lin.u, diag_shift=shift, factor=-1.0)
+                self.jac.at(lin.fn, lin.u, diag_shift=shift, factor=-1.0, linearisation=lin)
             if self.blocks is not None:
                 self.blocks.assemble(lin.fn, lin.u, diag_shift=shift, factor=-1.0,
                                      out_shape=self.shape, linearisation=lin)
