@@ -213,8 +213,7 @@ def _run(quick, plot_dir):
         f"- Horizon t in [0, {T_END}] with {FRAMES} outputs: {round(T_END / DT)} CN steps of {DT}, "
         f"full Newton to snes_rtol 1e-10 with ksp_rtol 1e-12 (the demo's options), the exact "
         f"sparse Jacobian assembled from 10 coloured products per Newton iteration (forward "
-        f"mode: these sizes are multiples of 5, where DMDA's colouring of a periodic grid "
-        f"separates the columns of a row; other sizes use reverse mode, about 2x slower); the "
+        f"mode, with bridges' lattice colouring of the stencil, valid on every grid size); the "
         f"adjoint reuses the Jacobian at the state both its CN steps share.",
         "- Peak RSS is the process's (torch, PETSc and Python included); the growth is above "
         "its resident size after a warm-up solve.",
