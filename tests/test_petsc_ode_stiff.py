@@ -152,6 +152,28 @@ def test_step_failures_say_which_reason_and_what_to_try():
         odeint_adjoint(func, y0, t[[0, -1]], rtol=1e-6, atol=1e-12, options={"ts_max_steps": 3})
 
 
+def test_cn_fails_on_rober_where_its_step_equation_has_no_root():
+    """CN with 2 steps per interval over [0, 1e11] (bench_ode_stiff's failing row) stops at the
+    step whose equation has no real solution, which benchmarks/cn_step_without_root.py finds
+    with scipy's root finders alone: the failure is the method's, not the solver's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bridges.problems import ROBER_K_START
+    rober = problem("rober", t_end=1e11, n_times=40)
+    func = rober.func({"k": ROBER_K_START})
+    with pytest.raises(ForeignError, match=r"DIVERGED_NONLINEAR_SOLVE at t = 3\.627\d*e\+07 "
+                                           r".* after 63 steps"):
+        odeint_adjoint(func, torch.tensor(rober.y0), torch.from_numpy(rober.t), method="cn",
+                       steps_per_interval=2, atol=1e-20)
+    run = subprocess.run([sys.executable, "-m", "benchmarks.cn_step_without_root"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "CN step 64 from t = 3.627e+07" in run.stdout and "no root" in run.stdout
+
+
 def test_a_lagged_jacobian_is_refused_when_a_gradient_is_recorded():
     p = problem("rober_1e5")
     func, y0, t = p.tensors()
