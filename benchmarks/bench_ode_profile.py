@@ -35,15 +35,18 @@ PROFILED = {  # label -> bridges solver keyword arguments
 }
 CALLBACKS = {  # (file suffix, function) -> what it is; names missing from a profile are left out
     ("petsc/_ode.py", "_ifunction"): "IFunction callbacks (residual: one func call each)",
-    ("petsc/_ode.py", "_ijacobian"): "IJacobian callbacks",
-    ("petsc/_ode.py", "_linearisation"): "linearisation look-ups (IJacobian, IJacobianP)",
-    ("petsc/_ode.py", "jacobian"): "dense Jacobians built from a linearisation",
-    ("petsc/_ode.py", "_jacobian_p"): "IJacobianP callbacks",
+    ("petsc/_ode_jacobians.py", "ijacobian"): "IJacobian callbacks",
+    ("petsc/_ode_jacobians.py", "linearisation"): "linearisation look-ups (IJacobian, "
+                                                  "IJacobianP)",
+    ("bridges/_linearise.py", "jacobian"): "dense Jacobians built from a linearisation",
+    ("petsc/_ode_jacobians.py", "jacobian_p"): "IJacobianP callbacks",
     ("petsc/_jacobian.py", "multTranspose"): "parameter-Jacobian transposed products",
+    ("petsc/_linear.py", "applyTranspose"): "adjoint block solves (pivoted LU, refined)",
     ("petsc/_stepping.py", "__call__"): "Newton convergence tests",
     ("petsc/_ode.py", "solve"): "the forward solve (TSSolve)",
     ("petsc/_ode.py", "pullback"): "the adjoint solve (TSAdjointSolve)",
-    ("bridges/problems.py", "_rober_torch"): "func (ROBER's right-hand side) evaluations",
+    ("bridges/problems/__init__.py", "_rober_torch"): "func (ROBER's right-hand side) "
+                                                      "evaluations",
 }
 
 
