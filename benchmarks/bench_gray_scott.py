@@ -46,6 +46,7 @@ DT, STEPS = 0.5, 20
 # are added per grid, see `options`)
 SOLVER = {"snes_rtol": 1e-10, "snes_atol": 1e-14, "snes_max_it": 50, "ksp_type": "gmres",
           "ksp_rtol": 1e-12, "ksp_atol": 1e-50}
+COUPLING = (np.ones((2, 2)), np.eye(2))  # reactions at the point, each species diffuses alone
 PROFILE = ("TSFunctionEval", "TSJacobianEval", "KSPSolve", "KSPSolveTranspos", "PCSetUp")
 
 
@@ -156,7 +157,7 @@ def initial_state(m):
 def run_bridges(m, options, adjoint):
     """The same solve through bridges.petsc.odeint_adjoint on a Grid, timed by PETSc's events."""
     from bridges.petsc import Grid, PETSc, odeint_adjoint
-    grid = Grid((m, m), dof=2, boundary="periodic")
+    grid = Grid((m, m), dof=2, boundary="periodic", coupling=COUPLING)
     func = GrayScott(grid)
     y0 = grid.scatter(initial_state(m)).requires_grad_(adjoint)
     events = [PETSc.Log.Event(name) for name in ("TSStep", "TSAdjointStep") + PROFILE]

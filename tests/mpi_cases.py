@@ -204,35 +204,43 @@ def multigrid_ode(results):
                    mg_central=torch.tensor(central))
 
 
+def gray_scott_like(v):
+    """A 2-species reaction-diffusion right-hand side on a periodic grid's ghosted block: the
+    species meet only at their own point."""
+    c = v[1:-1, 1:-1]
+    lap = v[:-2, 1:-1] + v[2:, 1:-1] + v[1:-1, :-2] + v[1:-1, 2:] - 4 * c
+    uvv = c[..., 0] * c[..., 1] ** 2
+    return torch.stack([0.3 * lap[..., 0] - uvv + 0.1 * (1 - c[..., 0]),
+                        0.2 * lap[..., 1] + uvv - 0.2 * c[..., 1]], -1)
+
+
 def periodic_jacobian(results):
     """The assembled Jacobian of a Gray-Scott-like function on a 16 x 16 periodic grid (dof 2:
-    a power of 2, which DMDA's colouring cannot serve) in forward and reverse mode: its
-    products J x and J^T x with a fixed field, gathered in natural order."""
-    grid = Grid((16, 16), dof=2, boundary="periodic")
-    state, x = (torch.stack([_field(grid.shape, p), _field(grid.shape, p + 0.5)], -1)
-                for p in (0.0, 1.0))
-    vec, out = grid.global_vec(), grid.global_vec()
-    grid.owned_view(vec, "w").copy_(state[grid.owned])
-    u = grid.exchange(vec).clone()
-    grid.owned_view(vec, "w").copy_(x[grid.owned])
-
-    def fn(v):
-        c = v[1:-1, 1:-1]
-        lap = v[:-2, 1:-1] + v[2:, 1:-1] + v[1:-1, :-2] + v[1:-1, 2:] - 4 * c
-        uvv = c[..., 0] * c[..., 1] ** 2
-        return torch.stack([0.3 * lap[..., 0] - uvv + 0.1 * (1 - c[..., 0]),
-                            0.2 * lap[..., 1] + uvv - 0.2 * c[..., 1]], -1)
-    for mode in ("forward", "reverse"):
-        assembler = ColouredJacobian.on_grid(grid, mode=mode)
-        mat = assembler.assemble(fn, u, diag_shift=0.5, factor=-1.0,
-                                 out_shape=grid.owned_shape)
-        for name, product in (("mult", mat.mult), ("transpose", mat.multTranspose)):
-            product(vec, out)
-            results[f"jacobian_{mode}_{name}"] = grid.gather(grid.owned_view(out, "r").clone())
-        assert assembler.evaluations == 10
-        assembler.destroy()
-    vec.destroy()
-    out.destroy()
+    a power of 2, which DMDA's colouring cannot serve), with every component coupled to every
+    neighbour ("full", 10 products) and with the coupling the function really has ("coupled",
+    6), in forward and reverse mode: its products J x and J^T x with a fixed field, gathered in
+    natural order."""
+    for label, coupling, products in (("full", None, 10),
+                                      ("coupled", (np.ones((2, 2)), np.eye(2)), 6)):
+        grid = Grid((16, 16), dof=2, boundary="periodic", coupling=coupling)
+        state, x = (torch.stack([_field(grid.shape, p), _field(grid.shape, p + 0.5)], -1)
+                    for p in (0.0, 1.0))
+        vec, out = grid.global_vec(), grid.global_vec()
+        grid.owned_view(vec, "w").copy_(state[grid.owned])
+        u = grid.exchange(vec).clone()
+        grid.owned_view(vec, "w").copy_(x[grid.owned])
+        for mode in ("forward", "reverse"):
+            assembler = ColouredJacobian.on_grid(grid, mode=mode)
+            mat = assembler.assemble(gray_scott_like, u, diag_shift=0.5, factor=-1.0,
+                                     out_shape=grid.owned_shape)
+            for name, product in (("mult", mat.mult), ("transpose", mat.multTranspose)):
+                product(vec, out)
+                results[f"jacobian_{label}_{mode}_{name}"] = grid.gather(
+                    grid.owned_view(out, "r").clone())
+            assert assembler.evaluations == products
+            assembler.destroy()
+        vec.destroy()
+        out.destroy()
 
 
 CASES = [periodic_jacobian, poisson, nonlinear, heat_ode, wide_stencil, brusselator, multigrid_ode,

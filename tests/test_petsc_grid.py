@@ -9,6 +9,7 @@ from bridges.petsc import (ColouredJacobian, Grid, mg_levels, odeint_adjoint, so
                            stencil_sparsity, sum_gradients)
 from bridges.petsc import _jacobian
 from bridges.petsc._grid import lattice_colouring
+from mpi_cases import gray_scott_like
 
 F64 = torch.float64
 
@@ -98,13 +99,101 @@ def test_lattice_colouring_tells_apart_what_one_stencil_reaches(ndim, width, ste
     offsets = np.array(list(np.ndindex(*(2 * width + 1,) * ndim))) - width
     if stencil == "star":
         offsets = offsets[(offsets != 0).sum(axis=1) <= 1]
-    a, q = lattice_colouring(offsets)
+    a, b, q = lattice_colouring(offsets)
+    assert b.tolist() == [0]
     # the points one stencil reaches, from every centre of a patch around the origin
     centres = np.array(list(np.ndindex(*(8 * width + 5,) * ndim))) - 4 * width - 2
     colours = np.sort(((centres[:, None, :] + offsets[None]) @ a) % q, axis=1)
     assert (np.diff(colours, axis=1) > 0).all()
     assert q == len(offsets) or (ndim, width, stencil) == (2, 2, "star")  # optimal but one
     assert q <= (2 * width + 1) ** ndim
+
+
+def _star_couplings(offsets, point, neighbours):
+    centre = ~offsets.any(axis=1)
+    return np.where(centre[None, None, :], np.asarray(point, bool)[..., None],
+                    np.asarray(neighbours, bool)[..., None])
+
+
+@pytest.mark.parametrize("point,neighbours,colours", [
+    (np.ones((2, 2)), np.eye(2), 6),  # Gray-Scott, BRUSS-2D: 6 per row, 6 colours (not 10)
+    (np.ones((2, 2)), np.ones((2, 2)), 10),  # full coupling: the points' 5 colours, twice
+    (np.eye(3) + np.eye(3, k=-1), np.diag([1, 0, 1]), 6),  # asymmetric: rows != columns
+    (np.ones((4, 4)), np.eye(4), 8),
+    (np.eye(2), np.array([[0, 1], [1, 0]]), 5)])  # each reads the other's neighbours
+def test_lattice_colouring_of_coupled_components_separates_columns_and_rows(point, neighbours,
+                                                                           colours):
+    """Unknowns (x, j) coloured (a . x + b[j]) mod q: the unknowns one equation reads differ
+    (forward mode), and so do the equations that read one unknown (reverse mode)."""
+    offsets = Grid((6, 6)).stencil_offsets()
+    couplings = _star_couplings(offsets, point, neighbours)
+    a, b, q = lattice_colouring(offsets, couplings)
+    assert q == colours
+    dof = len(b)
+    centres = np.array(list(np.ndindex(9, 9))) - 4
+    for table, sign in ((couplings, 1), (couplings.transpose(1, 0, 2), -1)):
+        for reads in table:  # one equation's columns, or one column's equations
+            j, s = np.nonzero(reads)
+            colour = ((centres[:, None, :] + sign * offsets[s][None]) @ a + b[j]) % q
+            colour = np.sort(colour, axis=1)
+            assert (np.diff(colour, axis=1) > 0).all()
+    assert dof == len(point)
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize("shape", [(8, 8), (5, 7)])
+def test_a_grid_coupling_assembles_the_exact_jacobian_with_fewer_products(shape, mode):
+    """A Gray-Scott coupling (the components meet only at their own point): 6 products instead
+    of 10, a matrix with 6 entries per row, and the same Jacobian as torch's dense one."""
+    grid = Grid(shape, dof=2, boundary="periodic", coupling=(np.ones((2, 2)), np.eye(2)))
+    u = torch.randn(grid.ghosted_shape, dtype=F64, generator=torch.Generator().manual_seed(3))
+
+    fn = gray_scott_like
+    assembler = ColouredJacobian.on_grid(grid, mode=mode)
+    mat = assembler.assemble(fn, u, diag_shift=0.5, factor=-2.0, out_shape=grid.owned_shape)
+    assert assembler.evaluations == 6
+    assert mat.getInfo()["nz_used"] == 6 * 2 * np.prod(shape)
+    got = torch.from_numpy(mat.convert("dense").getDenseArray().copy())
+    jac = torch.autograd.functional.jacobian(fn, u).reshape(int(np.prod(grid.owned_shape)), -1)
+    owner = grid.dm.getLGMap().getIndices()
+    expected = 0.5 * torch.eye(jac.shape[0], dtype=F64)
+    for j in range(jac.shape[1]):  # ghost columns folded onto their owners
+        expected[:, owner[j]] -= 2.0 * jac[:, j]
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_a_function_that_reads_more_than_the_coupling_says_is_refused(mode):
+    grid = Grid((6, 6), dof=2, boundary="periodic", coupling=(np.ones((2, 2)), np.eye(2)))
+    u = torch.rand(grid.ghosted_shape, dtype=F64, generator=torch.Generator().manual_seed(4))
+
+    def fn(v):  # u's equation reads v's left neighbour: not declared
+        c = v[1:-1, 1:-1]
+        return torch.stack([c[..., 0] * c[..., 1] + v[1:-1, :-2, 1], c[..., 1] ** 2], -1)
+    assembler = ColouredJacobian.on_grid(grid, mode=mode)
+    with pytest.raises(ValueError, match=r"reads unknowns that Grid\(coupling=...\)"):
+        assembler.assemble(fn, u, out_shape=grid.owned_shape)
+    # the same function with the coupling it has passes
+    grid = Grid((6, 6), dof=2, boundary="periodic", coupling=(np.ones((2, 2)), [[1, 1], [0, 1]]))
+    ColouredJacobian.on_grid(grid, mode=mode).assemble(fn, u, out_shape=grid.owned_shape)
+
+
+def test_a_pattern_that_misses_an_entry_is_refused():
+    def fn(x):
+        return x ** 2 + 0.5 * x.roll(2)
+    x = torch.rand(6, dtype=F64) + 0.5
+    assembler = ColouredJacobian(np.eye(6, dtype=bool) | np.eye(6, k=1, dtype=bool))
+    with pytest.raises(ValueError, match="reads unknowns that the sparsity pattern leaves out"):
+        assembler.assemble(fn, x)
+
+
+@pytest.mark.parametrize("coupling,message", [
+    ((np.ones((3, 3)), np.eye(3)), r"point table must be a 2 x 2 array"),
+    ((np.ones((2, 2)), np.full((2, 2), 2)), r"neighbours table must be a 2 x 2 array of 0/1"),
+    (np.eye(2), r"coupling must be a pair \(point, neighbours\)")])
+def test_a_malformed_coupling_says_what_it_needs(coupling, message):
+    with pytest.raises(ValueError, match=message):
+        Grid((6, 6), dof=2, coupling=coupling)
 
 
 @pytest.mark.parametrize("shape,boundary,dof,stencil,width", [
@@ -140,12 +229,7 @@ def test_power_of_two_periodic_grids_assemble_in_either_mode(n, mode):
     grid = Grid((n, n), dof=2, boundary="periodic")
     u = torch.randn(grid.ghosted_shape, dtype=F64, generator=torch.Generator().manual_seed(n))
 
-    def fn(v):  # Gray-Scott's kind of coupling
-        c = v[1:-1, 1:-1]
-        lap = v[:-2, 1:-1] + v[2:, 1:-1] + v[1:-1, :-2] + v[1:-1, 2:] - 4 * c
-        uvv = c[..., 0] * c[..., 1] ** 2
-        return torch.stack([0.3 * lap[..., 0] - uvv + 0.1 * (1 - c[..., 0]),
-                            0.2 * lap[..., 1] + uvv - 0.2 * c[..., 1]], -1)
+    fn = gray_scott_like
     assembler = ColouredJacobian.on_grid(grid, mode=mode)
     mat = assembler.assemble(fn, u, diag_shift=0.5, factor=-2.0, out_shape=grid.owned_shape)
     got = torch.from_numpy(mat.convert("dense").getDenseArray().copy())
@@ -377,12 +461,16 @@ def test_distributed_multigrid_time_stepping_matches_central_differences(distrib
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4])
-def test_periodic_power_of_two_jacobian_is_the_same_in_both_modes(distributed, ranks):
+def test_periodic_power_of_two_jacobian_is_the_same_in_both_modes_and_couplings(distributed,
+                                                                              ranks):
     """(test_distributed_results_match_one_rank compares each rank count with one rank.)"""
     result = distributed[ranks]
     for name in ("mult", "transpose"):
-        forward, reverse = (result[f"jacobian_{mode}_{name}"] for mode in ("forward", "reverse"))
-        np.testing.assert_allclose(forward, reverse, rtol=1e-13, atol=1e-13)
+        reference = result[f"jacobian_full_forward_{name}"]
+        for key in (f"jacobian_{label}_{mode}_{name}" for label in ("full", "coupled")
+                    for mode in ("forward", "reverse")):
+            np.testing.assert_allclose(result[key], reference, rtol=1e-13, atol=1e-13,
+                                       err_msg=key)
 
 
 def test_ddp_training_through_a_distributed_solve_reduces_the_loss(distributed):

@@ -311,9 +311,10 @@ def test_fixed_step_adjoints_at_huge_steps_are_the_exact_discrete_sensitivities(
 # VDPOL (mu = 1e3) misses 1e-4 at rtol 1e-8 (9.4e-2; 6.3e-1 at rtol 1e-6, 1.7e-3 at 1e-10). The
 # adjoint is the exact derivative of the discrete solution with the forward's steps held fixed (the
 # next test), and that derivative is what is off: with frozen steps the relaxation jumps cannot move
-# relative to the steps as mu changes (benchmarks/bench_frozen_steps.py).
+# relative to the steps as mu changes (benchmarks/bench_frozen_steps.py). Where the adaptive steps
+# land depends on the machine's rounding, and so does that error: 1.7e-3 and 3.3e-3 on two machines.
 @pytest.mark.parametrize("name,rtol,within", [("hires", 1e-8, 1e-4), ("orego", 1e-8, 1e-4),
-                                              ("pollu", 1e-8, 1e-4), ("vdpol", 1e-10, 3e-3)])
+                                              ("pollu", 1e-8, 1e-4), ("vdpol", 1e-10, 1e-2)])
 def test_registry_sensitivity_matrices_match_forward_sensitivities(name, rtol, within):
     """The full dy(T)/dtheta at the final time by the default method."""
     p = problem(name)

@@ -35,6 +35,13 @@ class Grid:
         boundary: per axis or for all: ``"ghosted"`` (default: a layer of ghost points outside
             the domain, zero unless the user's code sets its own boundary values there),
             ``"periodic"``, or ``"none"`` (no points outside: blocks at the boundary are smaller).
+        coupling: which components each equation reads, as ``(point, neighbours)``: two dof x
+            dof arrays of 0/1, ``point[i][j]`` when component i's equation reads component j at
+            its own point, ``neighbours[i][j]`` when it reads component j at the stencil's other
+            points (PETSc's DMDASetBlockFills). Default None: every component reads every
+            component everywhere on the stencil. A sparser coupling takes fewer products to
+            assemble a Jacobian, and gives a sparser matrix; the first assembly checks it
+            against one product of the function and raises if the function reads more.
         comm: a PETSc communicator (default PETSc.COMM_WORLD: every rank of mpiexec).
 
     Attributes:
@@ -44,7 +51,7 @@ class Grid:
     """
 
     def __init__(self, shape, *, dof=1, stencil_width=1, stencil="star", boundary="ghosted",
-                 comm=None):
+                 coupling=None, comm=None):
         shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
         if not 1 <= len(shape) <= 3 or min(shape) < 1:
             raise ValueError(f"Grid: shape must give 1 to 3 positive sizes, got {shape}")
@@ -58,6 +65,7 @@ class Grid:
         if len(boundaries) != len(shape) or any(b not in BOUNDARIES for b in boundaries):
             raise ValueError(f"Grid: boundary must be one of {', '.join(BOUNDARIES)}, or one per "
                              f"axis ({len(shape)}), got {boundary!r}")
+        self.coupling = _check_coupling(coupling, dof)
         self.shape, self.dof, self.stencil_width = shape, dof, stencil_width
         self.stencil, self.boundary = stencil, boundaries
         self.comm = comm or PETSc.COMM_WORLD
@@ -179,21 +187,54 @@ class Grid:
         offsets = np.array(list(np.ndindex(*(2 * w + 1,) * ndim))) - w
         return offsets[(offsets != 0).sum(axis=1) <= 1] if self.stencil == "star" else offsets
 
-    def colours(self):
-        """(owned, ghosted) colours of this rank's points, for Jacobians from coloured products.
+    def couplings(self) -> np.ndarray:
+        """(dof, dof, k) booleans: [i, j, s] when component i's equation reads component j at
+        the stencil's s-th offset (see `stencil_offsets`), from `coupling`."""
+        offsets = self.stencil_offsets()
+        if self.coupling is None:
+            return np.ones((self.dof, self.dof, len(offsets)), dtype=bool)
+        point, neighbours = self.coupling
+        centre = ~offsets.any(axis=1)
+        return np.where(centre[None, None, :], point[..., None], neighbours[..., None])
 
-        Two points of the ghosted block that one stencil reaches both (columns of one Jacobian
-        row) differ in colour, and so do two owned points that both reach one ghosted point
-        (rows sharing a column). Ghost points are coloured as points of their own (a function on
-        the ghosted block sees them apart from their owners), by a colouring of the whole
-        lattice read in the ghosted block's coordinates: it needs no communication and holds
-        for every size and boundary, periodic wrap-around included. (PETSc's DMCreateColoring
-        does not: on periodic axes it needs sizes divisible by its colour count.) Exterior
-        points: -1."""
-        a, q = lattice_colouring(self.stencil_offsets())
+    def jacobian_entries(self):
+        """(rows, cols, owned) of a Jacobian from the ghosted block to the owned block, in this
+        rank's ghosted local numbering (point-major, then component): one entry per stencil
+        offset and coupled pair of components that is no exterior point, and the unknowns of
+        the owned points (the diagonal)."""
+        ghosted, dof = np.array(self.ghosted_shape[:len(self.shape)]), self.dof
+        index = np.arange(int(np.prod(ghosted))).reshape(tuple(ghosted))
+        owned_points = index[self.interior].reshape(-1)
+        coords = np.stack(np.unravel_index(owned_points, tuple(ghosted)), axis=1)
+        exterior = self.exterior().reshape(-1).numpy()[::dof]  # per point
+        rows, cols = [], []
+        for offset, reads in zip(self.stencil_offsets(), self.couplings().transpose(2, 0, 1)):
+            neighbours = coords + offset
+            inside = np.flatnonzero(np.all((neighbours >= 0) & (neighbours < ghosted), axis=1))
+            col_point = np.ravel_multi_index(tuple(neighbours[inside].T), tuple(ghosted))
+            keep = ~exterior[col_point]
+            i, j = np.nonzero(reads)  # component i's equation reads component j here
+            rows.append((inside[keep, None] * dof + i).reshape(-1))
+            cols.append((col_point[keep, None] * dof + j).reshape(-1))
+        owned = (owned_points[:, None] * dof + np.arange(dof)).reshape(-1)
+        return np.concatenate(rows), np.concatenate(cols), owned
+
+    def colours(self):
+        """(owned, ghosted) colours of this rank's unknowns (point-major, then component), for
+        Jacobians from coupled products.
+
+        Two unknowns of the ghosted block that one equation reads (columns of one Jacobian
+        row) differ in colour, and so do two owned unknowns whose equations read one ghosted
+        unknown (rows sharing a column). Ghost points are coloured as points of their own (a
+        function on the ghosted block sees them apart from their owners), by a colouring of the
+        whole lattice read in the ghosted block's coordinates: it needs no communication and
+        holds for every size and boundary, periodic wrap-around included. (PETSc's
+        DMCreateColoring does not: on periodic axes it needs sizes divisible by its colour
+        count.) Exterior points: -1."""
+        a, b, q = lattice_colouring(self.stencil_offsets(), self.couplings())
         spatial = self.ghosted_shape[:len(self.shape)]
-        points = np.tensordot(a, np.indices(spatial), axes=1).reshape(-1) % q
-        ghosted = (points[:, None] * self.dof + np.arange(self.dof)).reshape(-1)
+        points = np.tensordot(a, np.indices(spatial), axes=1).reshape(-1)
+        ghosted = ((points[:, None] + b) % q).reshape(-1)
         ghosted[self.exterior().reshape(-1).numpy()] = -1
         owned = ghosted.reshape(self.ghosted_shape)[self.interior].reshape(-1).copy()
         return owned, ghosted
@@ -204,31 +245,108 @@ class Grid:
                 f"{self.rank} of {self.size} owns {self.owned})")
 
 
-def lattice_colouring(offsets):
-    """(a, q) such that the colours (a . x) mod q of the points x of the integer lattice differ
-    for any two points that one stencil (`offsets`, k x ndim) reaches both: the smallest such q
-    below (2w + 1)^ndim (w: the stencil's reach), else that, with a = (1, 2w + 1, (2w + 1)^2...),
-    which tells apart every two points of a (4w + 1)-wide cube. E.g. a = (1, 2), q = 5 for the
-    5-point star; the 9-point box takes 9 colours."""
+def lattice_colouring(offsets, couplings=None):
+    """(a, b, q) such that the colours (a . x + b[j]) mod q of the unknowns (x, j) (point x of
+    the integer lattice, component j) differ for any two unknowns that one equation reads, and
+    for any two equations that read one unknown. `offsets`: the stencil (k x ndim);
+    `couplings`: (dof, dof, k) booleans, [i, j, s] when equation i reads component j at offset
+    s (default: one component that reads the whole stencil).
+
+    The search takes the smallest q from the most unknowns an equation reads up; the fallback,
+    right for every coupling, colours the points as for full coupling and appends the
+    component. E.g. a = (1, 2), b = (0,), q = 5 for the 5-point star and one component; the
+    9-point box takes 9 colours; a 5-point star whose two components meet only at the point
+    itself takes 7 (not 10)."""
     offsets = np.asarray(offsets, dtype=np.int64)
-    key = offsets.tobytes(), offsets.shape
+    couplings = np.ones((1, 1, len(offsets)), dtype=bool) if couplings is None else \
+        np.asarray(couplings, dtype=bool)
+    key = offsets.tobytes(), offsets.shape, couplings.tobytes(), couplings.shape
     if key not in _LATTICE:
-        ndim = offsets.shape[1]
-        diffs = (offsets[:, None] - offsets[None]).reshape(-1, ndim)
-        diffs = diffs[(diffs != 0).any(axis=1)]
-        side = 2 * int(np.abs(offsets).max()) + 1
-        _LATTICE[key] = side ** np.arange(ndim), side ** ndim
-        for q in range(len(offsets), side ** ndim):
-            rest = np.indices((q,) * (ndim - 1), dtype=np.int64).reshape(ndim - 1, -1).T
-            coefficients = np.concatenate([np.ones((len(rest), 1), np.int64), rest], axis=1)
-            good = ((coefficients @ diffs.T) % q != 0).all(axis=1)
-            if good.any():
-                _LATTICE[key] = coefficients[np.argmax(good)], q
-                break
+        _LATTICE[key] = _search_colouring(offsets, couplings)
     return _LATTICE[key]
 
 
+def _search_colouring(offsets, couplings):
+    ndim, dof = offsets.shape[1], couplings.shape[0]
+    # conflicts (i, j, d): unknowns (x, i) and (x - d, j) must differ in colour
+    conflicts = set()
+    # row (z, i) reads columns (z + o_s, j); column (y, j) is read by rows (y - o_s, i)
+    for table, sign in ((couplings, 1), (couplings.transpose(1, 0, 2), -1)):
+        for reads in table:
+            entries = list(zip(*np.nonzero(reads)))
+            conflicts.update((i, j, tuple(sign * (offsets[s] - offsets[t])))
+                             for i, s in entries for j, t in entries if (i, s) != (j, t))
+    by_pair = {}
+    for i, j, d in conflicts:
+        by_pair.setdefault((i, j), []).append(d)
+    by_pair = {pair: np.array(d, dtype=np.int64).reshape(-1, ndim) for pair, d in by_pair.items()}
+    # the fallback: points coloured for full coupling (one component), the component appended
+    side = 2 * int(np.abs(offsets).max()) + 1
+    a, q_points = side ** np.arange(ndim), side ** ndim
+    diffs = (offsets[:, None] - offsets[None]).reshape(-1, ndim)
+    diffs = diffs[(diffs != 0).any(axis=1)]
+    for q in range(len(offsets), q_points):
+        good = ((_coefficients(q, ndim) @ diffs.T) % q != 0).all(axis=1)
+        if good.any():
+            a, q_points = _coefficients(q, ndim)[np.argmax(good)], q
+            break
+    fallback = dof * a, np.arange(dof), dof * q_points
+    widest = max(max(int(table.sum()) for table in couplings),
+                 max(int(table.sum()) for table in couplings.transpose(1, 0, 2)))
+    for q in range(widest, dof * q_points):
+        for a in _coefficients(q, ndim):
+            b = _offsets_of_components(by_pair, a, q, dof)
+            if b is not None:
+                return a, b, q
+    return fallback
+
+
+def _coefficients(q, ndim):
+    """Candidate a = (1, a_1, ..., a_ndim-1) with 0 <= a_k < q."""
+    rest = np.indices((q,) * (ndim - 1), dtype=np.int64).reshape(ndim - 1, -1).T
+    return np.concatenate([np.ones((len(rest), 1), np.int64), rest], axis=1)
+
+
+def _offsets_of_components(by_pair, a, q, dof):
+    """b with (a . d + b[i] - b[j]) mod q != 0 for every conflict (i, j, d), by backtracking;
+    None if there is none."""
+    forbidden = {pair: set(((d @ a) % q).tolist()) for pair, d in by_pair.items()}
+    if any(0 in forbidden.get((i, i), ()) for i in range(dof)):
+        return None
+    b = [0]
+
+    def extend():
+        if len(b) == dof:
+            return True
+        j = len(b)
+        for value in range(q):  # b[j] - b[i] must avoid a . d for conflicts (i, j, d)
+            if all((value - b[i]) % q not in forbidden.get((i, j), ()) and
+                   (b[i] - value) % q not in forbidden.get((j, i), ()) for i in range(j)):
+                b.append(value)
+                if extend():
+                    return True
+                b.pop()
+        return False
+    return np.array(b, dtype=np.int64) if extend() else None
+
+
 _LATTICE = {}  # lattice_colouring's answers, by stencil
+
+
+def _check_coupling(coupling, dof):
+    """(point, neighbours) as dof x dof boolean arrays with a true diagonal at the point (a
+    Jacobian's shift needs it), or None."""
+    if coupling is None:
+        return None
+    if not isinstance(coupling, (tuple, list)) or len(coupling) != 2:
+        raise ValueError(f"Grid: coupling must be a pair (point, neighbours) of {dof} x {dof} "
+                         f"arrays of 0/1, got {coupling!r}")
+    point, neighbours = (np.asarray(c) for c in coupling)
+    for name, c in (("point", point), ("neighbours", neighbours)):
+        if c.shape != (dof, dof) or not np.isin(c, (0, 1)).all():
+            raise ValueError(f"Grid: coupling's {name} table must be a {dof} x {dof} array of "
+                             f"0/1 (dof = {dof}), got {c.tolist()!r}")
+    return point.astype(bool) | np.eye(dof, dtype=bool), neighbours.astype(bool)
 
 
 class SerialLayout:

@@ -6,7 +6,7 @@
   forward mode), `multTranspose` a reverse-mode one.
 - `ColouredJacobian`: the exact sparse Jacobian as a PETSc AIJ matrix, from one product per
   colour of a known sparsity pattern (columns coloured for forward mode, rows for reverse mode),
-  so that real preconditioners (ILU, GAMG, LU) apply.
+  checked once against a product in a random direction; real preconditioners (ILU, GAMG, LU) apply.
 """
 from __future__ import annotations
 
@@ -134,13 +134,16 @@ class ColouredJacobian:
             reverse-mode product per row colour: works when some op in the function has only a
             pullback) or ``"auto"``: forward where every op has a forward mode and it measured
             faster (see bridges._linearise), reverse otherwise. Decided at the first assembly.
+        verify: check the first assembly against one product in a random direction: raise if
+            the function reads unknowns the pattern leaves out (a silently wrong matrix).
 
     `on_grid(grid)` builds one for functions on a `Grid`'s ghosted block, from the DMDA's
     stencil, colouring and matrix: fn maps the ghosted block to the owned block, products are
     local to each rank, and rows/cols are in the rank's ghosted local numbering.
     """
 
-    def __init__(self, pattern, *, groups=None, block_size=1, comm=None, mode="auto"):
+    def __init__(self, pattern, *, groups=None, block_size=1, comm=None, mode="auto",
+                 verify=True):
         pattern = scipy.sparse.csr_matrix(pattern, dtype=bool)
         if pattern.shape[0] != pattern.shape[1]:
             raise ValueError(f"ColouredJacobian: the sparsity pattern must be square, got shape "
@@ -159,37 +162,20 @@ class ColouredJacobian:
             mat.setBlockSize(block_size)
         rows = np.repeat(np.arange(n), np.diff(pattern.indptr))
         self._configure(rows, pattern.indices.astype(np.int64), np.arange(n), col_colour,
-                        row_colour, mat, mode, local=False)
+                        row_colour, mat, mode, local=False, verify=verify)
 
     @classmethod
     def on_grid(cls, grid, *, mode="auto"):
         """The exact Jacobian of a function from `grid`'s ghosted block to its owned block, for
-        the grid's stencil (every component coupled to every component of its neighbours)."""
+        the grid's stencil and coupling (see `Grid.jacobian_entries`)."""
         self = cls.__new__(cls)
         self.pattern, self.groups, self.grid = None, None, grid
-        ghosted = np.array(grid.ghosted_shape[:len(grid.shape)])
-        dof = grid.dof
-        index = np.arange(int(np.prod(ghosted))).reshape(tuple(ghosted))
-        owned_points = index[grid.interior].reshape(-1)  # ghosted numbering of owned points
-        coords = np.stack(np.unravel_index(owned_points, tuple(ghosted)), axis=1)
-        offsets = grid.stencil_offsets()
-        neighbours = coords[:, None, :] + offsets[None, :, :]
-        inside = np.all((neighbours >= 0) & (neighbours < ghosted), axis=2)
-        exterior = grid.exterior().reshape(-1).numpy()[::dof]  # per point
-        row_point = np.repeat(np.arange(len(owned_points)), inside.sum(axis=1))
-        col_point = np.ravel_multi_index(tuple(neighbours[inside].T), tuple(ghosted))
-        keep = ~exterior[col_point]
-        row_point, col_point = row_point[keep], col_point[keep]
-        k = np.arange(dof)  # every component couples to every component
-        rows = (row_point[:, None, None] * dof + k[None, :, None]).repeat(dof, axis=2).reshape(-1)
-        cols = (col_point[:, None, None] * dof + k[None, None, :]).repeat(dof, axis=1).reshape(-1)
         owned_colour, ghosted_colour = grid.colours()  # right for both modes, any size
-        owned_entries = (owned_points[:, None] * dof + k[None, :]).reshape(-1)
-        self._configure(rows, cols, owned_entries, ghosted_colour, owned_colour,
-                        grid.dm.createMat(), mode, local=True)
+        self._configure(*grid.jacobian_entries(), ghosted_colour, owned_colour,
+                        grid.dm.createMat(), mode, local=True, verify=True)
         return self
 
-    def _configure(self, rows, cols, owned_in, col_colour, row_colour, mat, mode, local):
+    def _configure(self, rows, cols, owned_in, col_colour, row_colour, mat, mode, local, verify):
         """rows: output index (0..n_out) of each entry; cols: input index (0..n_in); owned_in:
         the input index of each output's own point (the diagonal); colours per input (forward
         mode, -1 for inputs that are no unknowns) and per output (reverse mode, or None to
@@ -209,6 +195,7 @@ class ColouredJacobian:
         self._slots = self._find_slots() if len(rows) >= DIRECT_FROM else None
         self._index = {}  # kind of source -> where each matrix value comes from (see _fill)
         self.evaluations = 0
+        self._unverified = verify  # until the first products are checked
         self._memo = None  # (weak reference to a Linearisation, mode) of the products kept
         self._buffer = None  # the last products (colours x size), reused by the next ones
         self._by_colour = {}  # mode -> seed entries in order of colour, where each colour starts
@@ -279,9 +266,39 @@ class ColouredJacobian:
             self._buffer[c0:c1] = (lin.jvps(seeds) if mode == "forward" else
                                    lin.vjps(seeds, batched=not self.bridged)).reshape(c1 - c0, -1)
         self.evaluations += k
+        if self._unverified:
+            self._verify(lin, mode)
         if linearisation is not None:
             self._memo = (weakref.ref(linearisation), mode)
         return mode, self._buffer
+
+    def _verify(self, lin, mode):
+        """Raise unless the products' matrix times a random v equals J v (v^T J in reverse)."""
+        values = self._buffer.view(-1)[torch.from_numpy(self._coo_index(mode))].numpy()
+        forward = mode == "forward"
+        n_seed, n_product = (self.n_in, self.n_out) if forward else (self.n_out, self.n_in)
+        seed = torch.randn(n_seed, dtype=self._buffer.dtype,
+                           generator=torch.Generator().manual_seed(0))
+        if forward:
+            seed[torch.from_numpy(self.col_colour < 0)] = 0.0  # exterior: no unknowns
+        product = (lin.jvp(seed) if forward else lin.vjp(seed)).reshape(-1).numpy()
+        at, seed_at = (self.rows, self.cols) if forward else (self.cols, self.rows)
+        terms = values * seed.numpy()[seed_at]
+        error = np.abs(np.bincount(at, terms, minlength=n_product) - product)
+        scale = np.bincount(at, np.abs(terms), minlength=n_product) + np.abs(product)
+        wrong = (error > 1e-8 * scale) & (True if forward else self.col_colour >= 0)
+        count, comm = int(wrong.sum()), self.mat.getComm()
+        count = comm.tompi4py().allreduce(count) if comm.getSize() > 1 else count
+        if count:
+            where = ("Grid(coupling=...) or the grid's stencil" if getattr(self, "grid", None)
+                     else "the sparsity pattern")
+            raise ValueError(
+                f"ColouredJacobian: the function reads unknowns that {where} leaves out: "
+                f"{count} {'rows' if forward else 'columns'} of its Jacobian from coloured "
+                f"products differ from a direct {mode}-mode product (worst by "
+                f"{error.max():.3g}). Declare every dependence (a wider coupling, stencil or "
+                f"pattern), or use jacobian='matrix-free'")
+        self._unverified = False
 
     def _coo_index(self, kind):
         """Where each COO entry is in the flattened source of `kind`: forward- or reverse-mode
@@ -358,8 +375,7 @@ def block_jacobian(shape, *, mode="auto", comm=None) -> ColouredJacobian:
     count = int(np.prod(shape)) // block
     groups = [np.arange(c, count * block, block) for c in range(block)]
     return ColouredJacobian(block_diagonal_pattern(count, block), groups=groups,
-                            block_size=block, comm=comm, mode=mode)
-
+                            block_size=block, comm=comm, mode=mode, verify=False)
 
 
 class ParameterJacobian:

@@ -22,6 +22,9 @@ import torch
 
 RATES = (1.0, 3.4, 0.002)  # a, b, alpha
 NAMES = ("a", "b", "alpha")
+# which species each equation reads (Grid's coupling): both at its own point (the reaction), only
+# its own at the neighbours (the diffusion)
+COUPLING = (np.ones((2, 2)), np.eye(2))
 # Newton to a tight tolerance, so that the adjoint gradient is that of the computed solution
 OPTIONS = {"snes_rtol": 1e-10, "snes_atol": 1e-12, "ksp_rtol": 1e-12}
 
@@ -139,7 +142,7 @@ def bruss2d_grid(n=64, *, t_end=1.0, frames=4, step_size=0.025, rates=RATES, com
     if n < 4:
         raise ValueError(f"bruss2d_grid: n must be at least 4 (a periodic 5-point stencil), "
                          f"got {n}")
-    grid = Grid((n, n), dof=2, boundary="periodic", comm=comm)
+    grid = Grid((n, n), dof=2, boundary="periodic", coupling=COUPLING, comm=comm)
     t = torch.linspace(0.0, t_end, frames + 1, dtype=torch.float64)
     return GridProblem(Brusselator(grid, rates), grid.scatter(initial_state(n)), t, grid,
                        float(step_size))
