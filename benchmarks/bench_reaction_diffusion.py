@@ -212,9 +212,9 @@ def _run(quick, plot_dir):
         f"iteration + the adjoint's per step.",
         f"- Horizon t in [0, {T_END}] with {FRAMES} outputs: {round(T_END / DT)} CN steps of {DT}, "
         f"full Newton to snes_rtol 1e-10 with ksp_rtol 1e-12 (the demo's options), the exact "
-        f"sparse Jacobian assembled from 10 coloured products per Newton iteration (forward "
-        f"mode, with bridges' lattice colouring of the stencil, valid on every grid size); the "
-        f"adjoint reuses the Jacobian at the state both its CN steps share.",
+        f"sparse Jacobian assembled from 6 coloured products per Newton iteration (the declared "
+        f"coupling, forward mode, with bridges' lattice colouring of the stencil, valid on every "
+        f"grid size); the adjoint reuses the Jacobian at the state both its CN steps share.",
         "- Peak RSS is the process's (torch, PETSc and Python included); the growth is above "
         "its resident size after a warm-up solve.",
         "- One process per run, torch with 1 thread; 2 cores shared with other jobs: times vary "
