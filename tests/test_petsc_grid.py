@@ -109,12 +109,6 @@ def test_lattice_colouring_tells_apart_what_one_stencil_reaches(ndim, width, ste
     assert q <= (2 * width + 1) ** ndim
 
 
-def _star_couplings(offsets, point, neighbours):
-    centre = ~offsets.any(axis=1)
-    return np.where(centre[None, None, :], np.asarray(point, bool)[..., None],
-                    np.asarray(neighbours, bool)[..., None])
-
-
 @pytest.mark.parametrize("point,neighbours,colours", [
     (np.ones((2, 2)), np.eye(2), 6),  # Gray-Scott, BRUSS-2D: 6 per row, 6 colours (not 10)
     (np.ones((2, 2)), np.ones((2, 2)), 10),  # full coupling: the points' 5 colours, twice
@@ -125,8 +119,8 @@ def test_lattice_colouring_of_coupled_components_separates_columns_and_rows(poin
                                                                            colours):
     """Unknowns (x, j) coloured (a . x + b[j]) mod q: the unknowns one equation reads differ
     (forward mode), and so do the equations that read one unknown (reverse mode)."""
-    offsets = Grid((6, 6)).stencil_offsets()
-    couplings = _star_couplings(offsets, point, neighbours)
+    grid = Grid((6, 6), dof=len(point), coupling=(point, neighbours))
+    offsets, couplings = grid.stencil_offsets(), grid.couplings()
     a, b, q = lattice_colouring(offsets, couplings)
     assert q == colours
     dof = len(b)
@@ -147,7 +141,6 @@ def test_a_grid_coupling_assembles_the_exact_jacobian_with_fewer_products(shape,
     of 10, a matrix with 6 entries per row, and the same Jacobian as torch's dense one."""
     grid = Grid(shape, dof=2, boundary="periodic", coupling=(np.ones((2, 2)), np.eye(2)))
     u = torch.randn(grid.ghosted_shape, dtype=F64, generator=torch.Generator().manual_seed(3))
-
     fn = gray_scott_like
     assembler = ColouredJacobian.on_grid(grid, mode=mode)
     mat = assembler.assemble(fn, u, diag_shift=0.5, factor=-2.0, out_shape=grid.owned_shape)
@@ -228,7 +221,6 @@ def test_power_of_two_periodic_grids_assemble_in_either_mode(n, mode):
     10 products (5 point colours x 2 components) against torch's dense Jacobian."""
     grid = Grid((n, n), dof=2, boundary="periodic")
     u = torch.randn(grid.ghosted_shape, dtype=F64, generator=torch.Generator().manual_seed(n))
-
     fn = gray_scott_like
     assembler = ColouredJacobian.on_grid(grid, mode=mode)
     mat = assembler.assemble(fn, u, diag_shift=0.5, factor=-2.0, out_shape=grid.owned_shape)

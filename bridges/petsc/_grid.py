@@ -256,7 +256,7 @@ def lattice_colouring(offsets, couplings=None):
     right for every coupling, colours the points as for full coupling and appends the
     component. E.g. a = (1, 2), b = (0,), q = 5 for the 5-point star and one component; the
     9-point box takes 9 colours; a 5-point star whose two components meet only at the point
-    itself takes 7 (not 10)."""
+    itself takes 6 (not 10)."""
     offsets = np.asarray(offsets, dtype=np.int64)
     couplings = np.ones((1, 1, len(offsets)), dtype=bool) if couplings is None else \
         np.asarray(couplings, dtype=bool)
@@ -267,6 +267,8 @@ def lattice_colouring(offsets, couplings=None):
 
 
 def _search_colouring(offsets, couplings):
+    """lattice_colouring's answer: the first (a, b, q) that separates every conflict, else the
+    fallback."""
     ndim, dof = offsets.shape[1], couplings.shape[0]
     # conflicts (i, j, d): unknowns (x, i) and (x - d, j) must differ in colour
     conflicts = set()
@@ -286,9 +288,10 @@ def _search_colouring(offsets, couplings):
     diffs = (offsets[:, None] - offsets[None]).reshape(-1, ndim)
     diffs = diffs[(diffs != 0).any(axis=1)]
     for q in range(len(offsets), q_points):
-        good = ((_coefficients(q, ndim) @ diffs.T) % q != 0).all(axis=1)
+        candidates = _coefficients(q, ndim)
+        good = ((candidates @ diffs.T) % q != 0).all(axis=1)
         if good.any():
-            a, q_points = _coefficients(q, ndim)[np.argmax(good)], q
+            a, q_points = candidates[np.argmax(good)], q
             break
     fallback = dof * a, np.arange(dof), dof * q_points
     widest = max(max(int(table.sum()) for table in couplings),
