@@ -36,10 +36,10 @@ TITLE = "PETSc callbacks against their bare torch work (Robertson, issue 18)"
 
 def _callbacks():
     """Callback name -> (class, method) PETSc calls."""
-    from bridges.petsc import _jacobian, _ode, _ode_jacobians, _stepping
+    from bridges.petsc import _ode, _ode_jacobians, _stepping
     return {"residual": (_ode._ODESolve, "_ifunction"),
             "Jacobian": (_ode_jacobians.ODEJacobians, "ijacobian"),
-            "parameter-Jacobian product": (_jacobian.ParameterJacobian, "multTranspose"),
+            "parameter-Jacobian product": (_ode_jacobians.ParameterJacobian, "multTranspose"),
             "Newton test": (_stepping.NewtonTest, "__call__")}
 
 
@@ -154,7 +154,7 @@ def _time_bare(name, func, states, repeat=20):
     return statistics.median(samples)
 
 
-def _case(batch):
+def _case(batch, **settings):
     from bridges.petsc import ODESolver
     case = robertson_case(1e5)
     t, data = torch.from_numpy(case["t"]), torch.from_numpy(case["data"])
@@ -166,7 +166,7 @@ def _case(batch):
     def caller():
         """A loss + gradient function with a solver of its own (made while the timers are in
         place, so PETSc receives the timed methods); its first call warms it up."""
-        solver = ODESolver(rtol=1e-6, atol=1e-10)
+        solver = ODESolver(rtol=1e-6, atol=1e-10, **settings)
 
         def loss_and_gradient():
             func.k.grad = None
@@ -201,6 +201,23 @@ def measure(batch, rounds):
             "counts": counts, "total": statistics.median(totals)}
 
 
+def compiled_against_eager(rounds):
+    """One trajectory's loss + gradient by the default solver and with compile_jacobian=True,
+    alternated: (first compiled call's wall time, compiling included; median thread CPU time of
+    each)."""
+    eager = _case(None)[1]()
+    start = time.perf_counter()
+    compiled = _case(None, compile_jacobian=True)[1]()
+    first = time.perf_counter() - start
+    times = {eager: [], compiled: []}
+    for _ in range(rounds):
+        for call in times:
+            start = time.thread_time()
+            call()
+            times[call].append(time.thread_time() - start)
+    return first, statistics.median(times[eager]), statistics.median(times[compiled])
+
+
 def run(quick=False, plot_dir=None):
     torch.set_num_threads(1)
     cases = {"one trajectory, y0 (3,)": None, f"batch, y0 ({16 if quick else 128}, 3)":
@@ -227,6 +244,15 @@ def run(quick=False, plot_dir=None):
              f"parameter product is a VJP through a graph of func at the point alone; the "
              f"callback's goes through the graph its dense Jacobian kept (n stacked copies), "
              f"whose backward costs about the same for n = 3.")
+    first, eager, compiled = compiled_against_eager(3 if quick else 7)
+    notes += ("\n\nWith `compile_jacobian=True` (dfunc/dy and dfunc/dparams from one "
+              "`torch.compile`d `torch.func.jacrev` call per point; parameter products become "
+              "products with the stored dfunc/dparams), one trajectory's loss + gradient, "
+              "alternated with the default, medians of thread CPU time:\n\n" + markdown_table(
+                  ["default", "compile_jacobian=True", "compiled / default",
+                   "first compiled call (compiling)"],
+                  [[fmt_time(eager), fmt_time(compiled), f"{compiled / eager:.2f}",
+                    fmt_time(first)]]))
     plots = [] if plot_dir is None else [p for p in [_plot(results, plot_dir / "callbacks.png")]
                                          if p]
     return {"title": TITLE, "table": table, "notes": notes, "plots": plots}

@@ -9,6 +9,7 @@ torch, from one reverse pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -168,7 +169,7 @@ class DenseLinearisation(Linearisation):
     def __init__(self, fn, u, stacked):
         super().__init__(fn, u)
         self.stacked = stacked
-        self._jacobian = self._stacked_graph = None
+        self._jacobian = self._stacked_graph = self._seed = None
 
     @property
     def jacobian(self):
@@ -185,9 +186,11 @@ class DenseLinearisation(Linearisation):
         if self._stacked_graph is None:
             return super().param_vjp(params, w)
         _, value = self._stacked_graph  # row 0 of the stacked copies, seeded with w
-        seed = value.new_zeros(value.shape)
-        seed[0] = w.reshape(value.shape[1:])
-        return torch.autograd.grad(value, params, seed, retain_graph=True, allow_unused=True)
+        if self._seed is None:
+            self._seed = value.new_zeros(value.shape)
+        self._seed[0].copy_(w.reshape(value.shape[1:]))  # (the other rows stay zero)
+        return torch.autograd.grad(value, params, self._seed, retain_graph=True,
+                                   allow_unused=True)
 
 
 def _stacked_graph(fn, u):
@@ -198,11 +201,17 @@ def _stacked_graph(fn, u):
         return leaf, fn(leaf.view(n, *u.shape))
 
 
+@functools.lru_cache(maxsize=16)
+def _identity(n, dtype):
+    """The n x n identity (shared: autograd only reads its cotangents)."""
+    return torch.eye(n, dtype=dtype)
+
+
 def _stacked_pass(leaf, value, retain_graph=False):
     """J from the stacked graph: row i of the output is seeded with e_i, so the gradient's row i
     is J's row i."""
     n = leaf.shape[0]
-    (grad,) = torch.autograd.grad(value, leaf, torch.eye(n, dtype=leaf.dtype).view(value.shape),
+    (grad,) = torch.autograd.grad(value, leaf, _identity(n, leaf.dtype).view(value.shape),
                                   retain_graph=retain_graph)
     return grad
 
@@ -210,7 +219,7 @@ def _stacked_pass(leaf, value, retain_graph=False):
 def _batched_pass(leaf, value, retain_graph=False):
     """J from one backward batched over the n unit cotangents."""
     n = leaf.numel()
-    (grad,) = torch.autograd.grad(value, leaf, torch.eye(n, dtype=leaf.dtype).view(n, *value.shape),
+    (grad,) = torch.autograd.grad(value, leaf, _identity(n, leaf.dtype).view(n, *value.shape),
                                   is_grads_batched=True, retain_graph=retain_graph)
     return grad.reshape(n, n)
 

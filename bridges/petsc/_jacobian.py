@@ -111,6 +111,7 @@ BATCH_BYTES = 24 << 20
 # half the time of COO insertion); below, the fixed cost of reaching the arrays (~30 us) is more
 # than COO insertion's (~6 us for a 3 x 3 block)
 DIRECT_FROM = 1 << 12
+KEPT_SEEDS = 1 << 16  # seeds of at most this many entries are made once and kept
 
 
 def _groups_to_colours(groups, n):
@@ -199,6 +200,7 @@ class ColouredJacobian:
         self._memo = None  # (weak reference to a Linearisation, mode) of the products kept
         self._buffer = None  # the last products (colours x size), reused by the next ones
         self._by_colour = {}  # mode -> seed entries in order of colour, where each colour starts
+        self._seed_rows = {}  # (mode, first and last colour, dtype) -> kept seeds (see _seeds)
 
     def _find_slots(self):
         """Which COO entry each slot of the matrix's AIJ value arrays holds (one index array
@@ -255,14 +257,10 @@ class ColouredJacobian:
         if mode not in self._by_colour:  # seed entries sorted by colour, and where each starts
             order = np.argsort(colour, kind="stable")
             self._by_colour[mode] = order, np.searchsorted(colour[order], np.arange(k + 1))
-        order, starts = self._by_colour[mode]
         chunk = max(1, BATCH_BYTES // (n_seed * u.element_size()))
         for c0 in range(0, k, chunk):
             c1 = min(c0 + chunk, k)
-            seeds = torch.zeros(c1 - c0, n_seed, dtype=u.dtype)
-            entries = order[starts[c0]:starts[c1]]
-            seeds[torch.from_numpy(colour[entries] - c0), torch.from_numpy(entries)] = 1.0
-            seeds = seeds.view(c1 - c0, *seed_shape)
+            seeds = self._seeds(mode, colour, c0, c1, n_seed, u.dtype).view(c1 - c0, *seed_shape)
             self._buffer[c0:c1] = (lin.jvps(seeds) if mode == "forward" else
                                    lin.vjps(seeds, batched=not self.bridged)).reshape(c1 - c0, -1)
         self.evaluations += k
@@ -271,6 +269,20 @@ class ColouredJacobian:
         if linearisation is not None:
             self._memo = (weakref.ref(linearisation), mode)
         return mode, self._buffer
+
+    def _seeds(self, mode, colour, c0, c1, n_seed, dtype):
+        """The 0/1 seeds of colours c0..c1 (one row each); kept when small, as for a batch of
+        small systems, whose every Jacobian would otherwise rebuild them."""
+        key = (mode, c0, c1, dtype)
+        if key in self._seed_rows:
+            return self._seed_rows[key]
+        order, starts = self._by_colour[mode]
+        seeds = torch.zeros(c1 - c0, n_seed, dtype=dtype)
+        entries = order[starts[c0]:starts[c1]]
+        seeds[torch.from_numpy(colour[entries] - c0), torch.from_numpy(entries)] = 1.0
+        if seeds.numel() <= KEPT_SEEDS:
+            self._seed_rows[key] = seeds
+        return seeds
 
     def _verify(self, lin, mode):
         """Raise unless the products' matrix times a random v equals J v (v^T J in reverse)."""
@@ -321,21 +333,21 @@ class ColouredJacobian:
         `source` (see _coo_index): straight into the AIJ arrays where it can, else by COO."""
         if kind not in self._index:  # made once per kind of source
             coo = self._coo_index(kind).astype(np.int64)
-            if self._slots is None:
-                self._index[kind] = coo
+            if self._slots is None:  # (None: in order already, as a dense block's entries)
+                self._index[kind] = None if np.array_equal(coo, np.arange(len(coo))) else coo
             else:
                 diagonal = np.zeros(len(coo), dtype=bool)
                 diagonal[self._diagonal] = True
                 self._index[kind] = ([torch.from_numpy(coo[s]) for s in self._slots],
                                      [torch.from_numpy(np.flatnonzero(diagonal[s]))
                                       for s in self._slots])
-        source = source.reshape(-1).to(torch.float64)
         if self._slots is None:  # (numpy: on small matrices torch's per-op cost dominates)
-            values = np.take(source.numpy(), self._index[kind])
-            values *= factor
+            index, source = self._index[kind], source.reshape(-1).numpy()
+            values = np.multiply(source if index is None else np.take(source, index), factor)
             values[self._diagonal] += diag_shift
             self.mat.setValuesCOO(values.astype(PETSc.ScalarType, copy=False))
         else:
+            source = source.reshape(-1).to(torch.float64)
             with aij_values(self.mat) as arrays:
                 for out, index, diagonal in zip(arrays, *self._index[kind]):
                     out = torch.index_select(source, 0, index, out=torch.from_numpy(out))
@@ -376,42 +388,6 @@ def block_jacobian(shape, *, mode="auto", comm=None) -> ColouredJacobian:
     groups = [np.arange(c, count * block, block) for c in range(block)]
     return ColouredJacobian(block_diagonal_pattern(count, block), groups=groups,
                             block_size=block, comm=comm, mode=mode, verify=False)
-
-
-class ParameterJacobian:
-    """Context of a python-type PETSc Mat for TSAdjoint: sign * dfunc/dparams at a
-    linearisation point (`at`), of which PETSc only ever asks the transposed product. Its
-    columns give every rank its own copy of the parameters, so TSAdjoint accumulates each
-    rank's share without communication. `owned` maps a Vec to this rank's block."""
-
-    def __init__(self, params, n_rows, owned, sign, comm):
-        self.params, self.owned, self.sign = params, owned, sign
-        self.n = max(sum(q.numel() for q in params), 1)
-        self.point, self.products = None, 0
-        self.mat = PETSc.Mat().createPython([(n_rows, None), (self.n, None)], self, comm=comm)
-        self.mat.setUp()
-
-    def at(self, point):
-        """Products from now on are at `point` (a Linearisation, whose graph they share)."""
-        self.point = point
-
-    def multTranspose(self, mat, x, y):
-        out = vec_as_tensor(y, "w")
-        if not self.params:
-            out.zero_()
-            return
-        self.products += 1
-        grads = self.point.param_vjp(self.params, self.owned(x, "r"))
-        offset = 0
-        for param, g in zip(self.params, grads):
-            part = out[offset:offset + param.numel()]
-            torch.mul(g.view(-1), self.sign, out=part) if g is not None else part.zero_()
-            offset += param.numel()
-
-    def release(self):  # (not `destroy`: petsc4py calls a context's destroy(mat))
-        if self.mat is not None:
-            self.mat.destroy()
-        self.mat = self.point = None
 
 
 # Jacobian plans: what a solve assembles, and how it multiplies

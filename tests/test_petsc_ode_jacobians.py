@@ -1,0 +1,108 @@
+"""An ODE solve's Jacobians: compile_jacobian=True forms dfunc/dy and dfunc/dparams of a small
+system, or of each sample of a batch, in one compiled call and gives the eager path's gradients,
+or refuses with the reason."""
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from bridges import ForeignError
+from bridges.petsc import ODESolver, odeint_adjoint
+from bridges.petsc._ode_jacobians import CompiledJacobian
+from bridges.problems import problem
+
+F64 = torch.float64
+
+
+class Pendulum(torch.nn.Module):
+    """A damped pendulum with a stiff damping term: nonlinear in y and in its parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.omega = torch.nn.Parameter(torch.tensor(1.3, dtype=F64))
+        self.damping = torch.nn.Parameter(torch.tensor([40.0, 0.5], dtype=F64))
+
+    def forward(self, t, y):
+        angle, speed = y[..., 0], y[..., 1]
+        accel = -self.omega ** 2 * torch.sin(angle) - self.damping[0] * speed \
+            - self.damping[1] * speed ** 3
+        return torch.stack([speed, accel], dim=-1)
+
+
+def _gradients(func, y0, t, **settings):
+    y0 = y0.clone().requires_grad_()
+    func.zero_grad()
+    ys = odeint_adjoint(func, y0, t, **settings)
+    (ys[-1] * torch.tensor([1.0, -2.0], dtype=F64)[:ys.shape[-1]]).sum().backward()
+    return [ys.detach(), y0.grad, *[q.grad.clone() for q in func.parameters()]]
+
+
+@pytest.mark.parametrize("settings", [dict(rtol=1e-8, atol=1e-10),
+                                      dict(method="cn", steps_per_interval=4)])
+@pytest.mark.parametrize("batch", [(), (2,), (40,)])  # one system; dense pair; blocks
+def test_compiled_jacobians_give_the_eager_gradients(settings, batch):
+    func = Pendulum()
+    y0 = torch.stack([torch.linspace(0.5, 1.5, max(batch, default=1), dtype=F64),
+                      torch.zeros(max(batch, default=1), dtype=F64)], dim=-1).reshape(*batch, 2)
+    t = torch.linspace(0.0, 2.0, 5, dtype=F64)
+    eager = _gradients(func, y0, t, **settings)
+    original = CompiledJacobian.__call__
+    with mock.patch.object(CompiledJacobian, "__call__", autospec=True,
+                           side_effect=original) as called:
+        compiled = _gradients(func, y0, t, compile_jacobian=True, **settings)
+    assert called.call_count > 10  # every Jacobian of the solve and its adjoint came from it
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("samples", [None, 33])  # one system; a batch assembled as blocks
+def test_compiled_jacobians_pass_gradcheck(samples):
+    func = Pendulum()
+    t = torch.linspace(0.0, 1.0, 3, dtype=F64)
+    solver = ODESolver("cn", steps_per_interval=3, compile_jacobian=True)
+    y0 = torch.tensor([0.7, -0.2], dtype=F64)
+    if samples:
+        y0 = y0 * torch.linspace(0.5, 1.5, samples, dtype=F64)[:, None]
+    y0.requires_grad_()
+    # gradcheck moves its inputs in place: func's own parameters, which the compiled call reads
+    assert torch.autograd.gradcheck(lambda y, *params: solver(func, y, t, params)[-1],
+                                    (y0, func.omega, func.damping))
+
+
+def test_rober_gradient_with_compiled_jacobians_matches_scipy_sensitivities():
+    rober = problem("rober", t_end=1e2, n_times=5)
+    func, y0, t = rober.tensors()
+    ys = odeint_adjoint(func, y0, t, rtol=1e-9, atol=1e-14, compile_jacobian=True)
+    ys[-1, 0].backward()
+
+    def last_first(y):  # d(y[-1, 0])/dy
+        seed = np.zeros_like(y)
+        seed[-1, 0] = 1.0
+        return seed
+    reference = rober.gradient(last_first)["k"]
+    scale = np.abs(np.asarray(rober.params["k"]))
+    error = np.abs((func.k.grad.numpy() - reference) * scale).max()
+    assert error / np.abs(reference * scale).max() < 1e-5
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: odeint_adjoint(lambda t, y: -y, torch.ones(2, dtype=F64),
+                            torch.tensor([0.0, 1.0], dtype=F64), compile_jacobian=True),
+     "needs func to be a torch.nn.Module"),
+    (lambda: odeint_adjoint(Pendulum(), torch.ones(2, dtype=F64),
+                            torch.tensor([0.0, 1.0], dtype=F64), method="dopri5",
+                            compile_jacobian=True), "is for implicit methods"),
+    (lambda: odeint_adjoint(Pendulum(), torch.ones(40, 2, dtype=F64),
+                            torch.tensor([0.0, 1.0], dtype=F64), jacobian="matrix-free",
+                            compile_jacobian=True),
+     "is for small systems"),  # (raised inside the op: a ForeignError, with the reason)
+    (lambda: odeint_adjoint(Pendulum(), torch.ones(2, dtype=F64),
+                            torch.tensor([0.0, 1.0], dtype=F64), compile_jacobian=True,
+                            adjoint_params=(torch.ones(1, dtype=F64, requires_grad=True),)),
+     r"adjoint_params\[0\] are not among them"),
+    (lambda: ODESolver(compile_jacobian="yes"), "compile_jacobian must be True or False"),
+])
+def test_compile_jacobian_refuses_what_it_cannot_do_and_says_why(call, message):
+    with pytest.raises((ValueError, TypeError, ForeignError), match=message):
+        call()
