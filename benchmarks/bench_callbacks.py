@@ -201,13 +201,12 @@ def measure(batch, rounds):
             "counts": counts, "total": statistics.median(totals)}
 
 
-def compiled_against_eager(rounds):
-    """One trajectory's loss + gradient by the default solver and with compile_jacobian=True,
-    alternated: (first compiled call's wall time, compiling included; median thread CPU time of
-    each)."""
-    eager = _case(None)[1]()
+def compiled_against_eager(batch, rounds):
+    """Loss + gradient by the default solver and with compile_jacobian=True, alternated: (first
+    compiled call's wall time, compiling included; median thread CPU time of each)."""
+    eager = _case(batch)[1]()
     start = time.perf_counter()
-    compiled = _case(None, compile_jacobian=True)[1]()
+    compiled = _case(batch, compile_jacobian=True)[1]()
     first = time.perf_counter() - start
     times = {eager: [], compiled: []}
     for _ in range(rounds):
@@ -244,15 +243,18 @@ def run(quick=False, plot_dir=None):
              f"parameter product is a VJP through a graph of func at the point alone; the "
              f"callback's goes through the graph its dense Jacobian kept (n stacked copies), "
              f"whose backward costs about the same for n = 3.")
-    first, eager, compiled = compiled_against_eager(3 if quick else 7)
+    compiled_rows = []
+    for label, batch in cases.items():
+        first, eager, compiled = compiled_against_eager(batch, 3 if quick else 7)
+        compiled_rows.append([label, fmt_time(eager), fmt_time(compiled),
+                              f"{compiled / eager:.2f}", fmt_time(first)])
     notes += ("\n\nWith `compile_jacobian=True` (dfunc/dy and dfunc/dparams from one "
-              "`torch.compile`d `torch.func.jacrev` call per point; parameter products become "
-              "products with the stored dfunc/dparams), one trajectory's loss + gradient, "
-              "alternated with the default, medians of thread CPU time:\n\n" + markdown_table(
-                  ["default", "compile_jacobian=True", "compiled / default",
-                   "first compiled call (compiling)"],
-                  [[fmt_time(eager), fmt_time(compiled), f"{compiled / eager:.2f}",
-                    fmt_time(first)]]))
+              "`torch.compile`d `torch.func.jacrev` call per point, under `torch.func.vmap` "
+              "per sample for a batch; parameter products become products with the stored "
+              "dfunc/dparams), loss + gradient alternated with the default, medians of thread "
+              "CPU time:\n\n" + markdown_table(
+                  ["case", "default", "compile_jacobian=True", "compiled / default",
+                   "first compiled call (compiling)"], compiled_rows))
     plots = [] if plot_dir is None else [p for p in [_plot(results, plot_dir / "callbacks.png")]
                                          if p]
     return {"title": TITLE, "table": table, "notes": notes, "plots": plots}

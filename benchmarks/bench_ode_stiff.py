@@ -41,7 +41,17 @@ def bridges_variants(quick):
                 dict(method="arkimex", rtol=r, options={"ts_arkimex_type": tableau}), r)
     for m in (2,) if quick else (2, 5):
         out[f"bridges cn, {m} steps/interval"] = (dict(method="cn", steps_per_interval=m), None)
+    if not quick:
+        out.update(_compiled({"bridges default, rtol 1e-06": ({"rtol": 1e-6}, 1e-6),
+                              "bridges cn, 2 steps/interval": (
+                                  dict(method="cn", steps_per_interval=2), None)}))
     return out
+
+
+def _compiled(variants):
+    """The same variants with compile_jacobian=True (their first call compiles)."""
+    return {f"{label}, compile_jacobian": ({**settings, "compile_jacobian": True}, rtol)
+            for label, (settings, rtol) in variants.items()}
 
 
 def diffrax_variants(quick):
@@ -79,14 +89,18 @@ def first_calls(case, atol, bridges, diffrax, limit):
     results, calls = {}, {}
     for label, (kwargs, rtol) in bridges.items():
         print(f"[bench_ode_stiff] first call of {label}", flush=True)
-        bounded = Bounded(rober_func(), seconds=limit).start()
+        # (a compiled Jacobian needs a func torch.compile can trace: not the counting wrapper)
+        compiled = kwargs.get("compile_jacobian", False)
+        bounded = rober_func() if compiled else Bounded(rober_func(), seconds=limit).start()
         tolerances = {} if rtol is None else {"atol": atol}
         try:
             _, grad = bridges_call(case, bounded, **kwargs, **tolerances)()
         except Exception as exc:  # reported in the table
-            results[label] = {"failure": bounded.why or f"{type(exc).__name__}: {first_line(exc)}"}
+            why = None if compiled else bounded.why
+            results[label] = {"failure": why or f"{type(exc).__name__}: {first_line(exc)}"}
             continue
-        results[label] = {"grad": grad, "work": f"{bounded.total:,} func calls"}
+        results[label] = {"grad": grad, "work": "as without it" if compiled else
+                          f"{bounded.total:,} func calls"}
         calls[label] = bridges_call(case, rober_func(), **kwargs, **tolerances)
     for label, call in diffrax.items():
         try:
@@ -146,6 +160,7 @@ def batched(quick, rounds):
         jax_calls = DiffraxCalls(case, atol)
         bridges = {"bridges default": ({"rtol": 1e-6}, 1e-6),
                    "bridges cn, 2 steps/interval": (dict(method="cn", steps_per_interval=2), None)}
+        bridges.update(_compiled(bridges))
         diffrax = {f"diffrax {s} (vmap)": jax_calls(s, "reverse", 1e-6)
                    for s in ("Kvaerno3", "Kvaerno5")}
         results, calls = first_calls(case, atol, bridges, diffrax, limit=120.0)

@@ -30,6 +30,15 @@ class Pendulum(torch.nn.Module):
         return torch.stack([speed, accel], dim=-1)
 
 
+class Untraceable(Pendulum):
+    """Branches in Python on a value of y: a graph break, which a single graph refuses."""
+
+    def forward(self, t, y):
+        if float(y.detach().abs().max()) > 10.0:  # data-dependent control flow
+            raise RuntimeError("the state diverged")
+        return super().forward(t, y)
+
+
 def _gradients(func, y0, t, **settings):
     y0 = y0.clone().requires_grad_()
     func.zero_grad()
@@ -102,6 +111,9 @@ def test_rober_gradient_with_compiled_jacobians_matches_scipy_sensitivities():
                             adjoint_params=(torch.ones(1, dtype=F64, requires_grad=True),)),
      r"adjoint_params\[0\] are not among them"),
     (lambda: ODESolver(compile_jacobian="yes"), "compile_jacobian must be True or False"),
+    (lambda: odeint_adjoint(Untraceable(), torch.ones(2, dtype=F64),
+                            torch.tensor([0.0, 1.0], dtype=F64), compile_jacobian=True),
+     "could not compile func's Jacobian in one graph"),
 ])
 def test_compile_jacobian_refuses_what_it_cannot_do_and_says_why(call, message):
     with pytest.raises((ValueError, TypeError, ForeignError), match=message):

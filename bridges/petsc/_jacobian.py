@@ -314,11 +314,14 @@ class ColouredJacobian:
 
     def _coo_index(self, kind):
         """Where each COO entry is in the flattened source of `kind`: forward- or reverse-mode
-        products, or a dense Jacobian."""
+        products, a dense Jacobian, or the diagonal blocks of one."""
         if kind == "forward":
             return self.col_colour[self.cols] * self.n_out + self.rows
         if kind == "reverse":
             return self.row_colour[self.rows] * self.n_in + self.cols
+        if kind == "blocks":  # (samples, b, b) diagonal blocks of a block-diagonal pattern
+            b = max(self.mat.getBlockSize(), 1)
+            return (self.rows // b) * b * b + (self.rows % b) * b + self.cols % b
         return self.rows.astype(np.int64) * self.n_in + self.cols
 
     def values(self, fn, u, mode=None, out_shape=None, linearisation=None):
@@ -363,6 +366,11 @@ class ColouredJacobian:
         """Fill the matrix with diag_shift*I + factor*dfn/du at u; returns the PETSc Mat."""
         mode, products = self._products(fn, u, mode, out_shape, linearisation)
         return self._fill(products, mode, diag_shift, factor)
+
+    def set_blocks(self, blocks, diag_shift=0.0, factor=1.0):
+        """Fill a block-diagonal matrix (`block_jacobian`) with diag_shift*I + factor*J for J's
+        diagonal blocks computed elsewhere, (samples, b, b); returns the PETSc Mat."""
+        return self._fill(blocks.detach(), "blocks", diag_shift, factor)
 
     def set_dense(self, jacobian, diag_shift=0.0, factor=1.0):
         """Fill the matrix with diag_shift*I + factor*J for a dense J (n_out x n_in) computed
