@@ -49,7 +49,8 @@ def _gradients(func, y0, t, **settings):
 
 @pytest.mark.parametrize("settings", [dict(rtol=1e-8, atol=1e-10),
                                       dict(method="cn", steps_per_interval=4)])
-@pytest.mark.parametrize("batch", [(), (2,), (40,)])  # one system; dense pair; blocks
+# one system; a dense pair; blocks by COO insertion; blocks written into the AIJ arrays
+@pytest.mark.parametrize("batch", [(), (2,), (40,), (1200,)])
 def test_compiled_jacobians_give_the_eager_gradients(settings, batch):
     func = Pendulum()
     y0 = torch.stack([torch.linspace(0.5, 1.5, max(batch, default=1), dtype=F64),
