@@ -336,8 +336,8 @@ class ColouredJacobian:
         `source` (see _coo_index): straight into the AIJ arrays where it can, else by COO."""
         if kind not in self._index:  # made once per kind of source
             coo = self._coo_index(kind).astype(np.int64)
-            if self._slots is None:  # (None: in order already, as a dense block's entries)
-                self._index[kind] = None if np.array_equal(coo, np.arange(len(coo))) else coo
+            if self._slots is None:  # (and whether the entries are the source's first ones)
+                self._index[kind] = coo, np.array_equal(coo, np.arange(len(coo)))
             else:
                 diagonal = np.zeros(len(coo), dtype=bool)
                 diagonal[self._diagonal] = True
@@ -345,8 +345,9 @@ class ColouredJacobian:
                                      [torch.from_numpy(np.flatnonzero(diagonal[s]))
                                       for s in self._slots])
         if self._slots is None:  # (numpy: on small matrices torch's per-op cost dominates)
-            index, source = self._index[kind], source.reshape(-1).numpy()
-            values = np.multiply(source if index is None else np.take(source, index), factor)
+            (index, in_order), source = self._index[kind], source.reshape(-1).numpy()
+            values = np.multiply(source[:len(index)] if in_order else np.take(source, index),
+                                 factor)
             values[self._diagonal] += diag_shift
             self.mat.setValuesCOO(values.astype(PETSc.ScalarType, copy=False))
         else:
