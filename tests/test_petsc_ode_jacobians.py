@@ -119,3 +119,32 @@ def test_rober_gradient_with_compiled_jacobians_matches_scipy_sensitivities():
 def test_compile_jacobian_refuses_what_it_cannot_do_and_says_why(call, message):
     with pytest.raises((ValueError, TypeError, ForeignError), match=message):
         call()
+
+
+@pytest.mark.parametrize("batch", [(), (100,)])
+def test_a_thousand_compiled_calls_keep_memory_flat(batch, memory_growth):
+    func, solver = Pendulum(), ODESolver("cn", steps_per_interval=2, compile_jacobian=True)
+    y0 = torch.ones(*batch, 2, dtype=F64)
+    t = torch.linspace(0.0, 1.0, 3, dtype=F64)
+
+    def call(i):
+        solver(func, y0, t)[-1].sum().backward()
+    grown = memory_growth(call, 1000)
+    assert grown < 8 << 20, f"resident memory grew by {grown / 2**20:.2f} MB"
+
+
+def test_compiled_jacobians_inside_a_torch_compiled_loss():
+    func, y0 = Pendulum(), torch.tensor([1.0, 0.0], dtype=F64)
+    t = torch.linspace(0.0, 1.0, 3, dtype=F64)
+    solver = ODESolver("cn", steps_per_interval=2, compile_jacobian=True)
+
+    def loss(y):
+        return (solver(func, y, t)[-1] ** 2).sum() * 0.5  # the solve breaks the graph
+
+    grads = []
+    for fn in (loss, torch.compile(loss)):
+        y = y0.clone().requires_grad_()
+        fn(y).backward()
+        grads.append(y.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=0)
+    assert grads[0].abs().sum() > 0
