@@ -40,7 +40,7 @@ CALLBACKS = {  # (file suffix, function) -> what it is; names missing from a pro
                                                   "IJacobianP)",
     ("bridges/_linearise.py", "jacobian"): "dense Jacobians built from a linearisation",
     ("petsc/_ode_jacobians.py", "jacobian_p"): "IJacobianP callbacks",
-    ("petsc/_jacobian.py", "multTranspose"): "parameter-Jacobian transposed products",
+    ("petsc/_ode_jacobians.py", "multTranspose"): "parameter-Jacobian transposed products",
     ("petsc/_linear.py", "applyTranspose"): "adjoint block solves (pivoted LU, refined)",
     ("petsc/_stepping.py", "__call__"): "Newton convergence tests",
     ("petsc/_ode.py", "solve"): "the forward solve (TSSolve)",

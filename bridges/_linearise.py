@@ -70,6 +70,31 @@ def evaluate(fn, *args):
         return fn(*args)
 
 
+def untracked_inputs(value, tracked=()) -> list:
+    """The tensors requiring grad that `value` was computed from, other than those in `tracked`
+    (by identity) and what they were computed from: inputs a solver's gradient would miss, such
+    as a model's weights captured by a plain function instead of passed to the solver."""
+    if not isinstance(value, torch.Tensor) or not value.requires_grad or \
+            torch._C._are_functorch_transforms_active():  # (captured tensors are constants there)
+        return []
+    ids = {id(t) for t in tracked}
+    stops = {t.grad_fn for t in tracked if t.grad_fn is not None}
+    if value.grad_fn is None:
+        return [] if id(value) in ids else [value]
+    found, seen, nodes = [], set(), [value.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # an AccumulateGrad: a leaf's gradient sink
+        if leaf is None:
+            nodes.extend(following for following, _ in node.next_functions)
+        elif id(leaf) not in ids:
+            found.append(leaf)
+    return found
+
+
 def _dual_jvp(fn, u, v):
     # forward AD is switched off inside a Function's forward, where PETSc's callbacks run
     with fwAD._set_fwd_grad_enabled(True), fwAD.dual_level():

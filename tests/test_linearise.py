@@ -8,7 +8,7 @@ import torch
 from bridges import as_numpy, fd2pytorch, foreign_function
 from bridges._errors import MissingDerivativeError
 from bridges._linearise import (FORWARD_FROM, DenseLinearisation, Linearisation, acts_on_rows,
-                                choose, probe)
+                                choose, probe, untracked_inputs)
 
 F64 = torch.float64
 
@@ -147,3 +147,17 @@ def test_a_paired_product_serves_the_parameter_product_for_its_own_vector_only()
     point.vjp(w, (k,))
     torch.testing.assert_close(point.param_vjp((k,), w)[0], jac_k.T @ w)
     torch.testing.assert_close(point.param_vjp((k,), w)[0], jac_k.T @ w)  # kept once only
+
+
+def test_untracked_inputs_finds_captured_leaves_but_not_tracked_ones_or_their_sources():
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    scaled = 2 * w  # a tracked non-leaf: what it was computed from is covered by it
+    value = (scaled * b).sum()
+    found = untracked_inputs(value, (scaled,))
+    assert len(found) == 1 and found[0] is b
+    assert untracked_inputs(value, (scaled, b)) == []
+    assert [t is w for t in untracked_inputs(value, (b,))] == [True]
+    assert untracked_inputs(w, ()) == [w] and untracked_inputs(w, (w,)) == []
+    with torch.no_grad():
+        assert untracked_inputs((w * b).sum(), ()) == []

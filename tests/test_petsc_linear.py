@@ -30,11 +30,12 @@ def _solve(ksp, b, transpose):
     return x
 
 
+@pytest.mark.parametrize("count", [1, 5, 12])  # LAPACK per block up to 8, torch batched above
 @pytest.mark.parametrize("transpose", [False, True])
-def test_block_lu_solves_every_block_like_a_dense_solver(transpose):
+def test_block_lu_solves_every_block_like_a_dense_solver(transpose, count):
     g = torch.Generator().manual_seed(0)
-    blocks = torch.randn(5, 4, 4, generator=g, dtype=F64) + 4 * torch.eye(4, dtype=F64)
-    b = torch.randn(5 * 4, generator=g, dtype=F64)
+    blocks = torch.randn(count, 4, 4, generator=g, dtype=F64) + 4 * torch.eye(4, dtype=F64)
+    b = torch.randn(count * 4, generator=g, dtype=F64)
     assembler, ksp, context = _block_system(blocks)
     try:
         x = _solve(ksp, b, transpose)
@@ -55,18 +56,19 @@ def _wilkinson(n):
     return a
 
 
+@pytest.mark.parametrize("copies", [1, 9])
 @pytest.mark.parametrize("n", [40, 60])
-def test_guard_refines_to_the_exact_answer_or_raises(n):
+def test_guard_refines_to_the_exact_answer_or_raises(n, copies):
     """An ill-conditioned factorisation (element growth 2^39 and 2^59): the plain LU solve is
     visibly wrong; the guarded transposed solve either refines to the exact answer or raises."""
     a = _wilkinson(n)
     x_true = np.random.default_rng(n).standard_normal(n)
     b = torch.from_numpy((a.T.astype(np.longdouble) @ x_true).astype(np.float64))
-    blocks = torch.from_numpy(a).unsqueeze(0)
-    lu, pivots = torch.linalg.lu_factor(blocks)
-    plain = torch.linalg.lu_solve(lu, pivots, b.view(1, n, 1), adjoint=True).view(n).numpy()
+    lu, pivots = torch.linalg.lu_factor(torch.from_numpy(a))
+    plain = torch.linalg.lu_solve(lu, pivots, b.view(n, 1), adjoint=True).view(n).numpy()
     assert np.abs(plain - x_true).max() > 1e-6  # the case really defeats plain LU
-    assembler, ksp, context = _block_system(blocks)
+    b, x_true = b.repeat(copies), np.tile(x_true, copies)
+    assembler, ksp, context = _block_system(torch.from_numpy(a).expand(copies, n, n))
     try:
         try:
             x = _solve(ksp, b, transpose=True)

@@ -180,6 +180,19 @@ def test_gradients_need_no_x0_and_allow_non_tensor_params():
     torch.testing.assert_close(ga, a.detach() ** (-2 / 3) / 3)
 
 
+def test_a_captured_tensor_that_requires_grad_is_refused_not_dropped():
+    a = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    x0 = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(ForeignError, match=r"residual uses 1 tensor\(s\) that require grad "
+                                           r"\(shapes \(3,\)\) without receiving them as "
+                                           r"params.*solve\(residual, x0, w, \.\.\.\)"):
+        solve(lambda x, scale: scale * x ** 3 - a, x0,
+              torch.ones((), dtype=torch.float64, requires_grad=True))
+    x = solve(lambda x, a: x ** 3 - a, x0, a)  # passed: differentiated
+    torch.testing.assert_close(torch.autograd.grad(x.sum(), a)[0], a.detach() ** (-2 / 3) / 3)
+    solve(lambda x: x ** 3 - a, x0)  # nothing needs a gradient: nothing is checked
+
+
 def test_solves_sharing_a_sparsity_keep_their_own_gradients():
     n = 10
     sparsity = stencil_sparsity((n - 2, n - 2))

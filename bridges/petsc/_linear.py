@@ -2,7 +2,8 @@
 
 - `BlockLU`: a PETSc PC (type python) for block-diagonal operators (independent samples, or one
   small dense system). Each block is factored once per operator state with partial pivoting
-  (LAPACK getrf through `torch.linalg.lu_factor_ex`), applied by triangular solves, transposed
+  (LAPACK getrf/getrs: called per block through scipy for a few blocks, batched through
+  `torch.linalg.lu_factor_ex`/`lu_solve` for many), applied by triangular solves, transposed
   for the adjoint, never through an explicit inverse: PETSc's PCPBJACOBI inverts each block,
   and applying an explicit inverse of shift*I - J at a huge step (condition ~1e13 on ROBER at
   t ~ 1e11) lost every digit of the adjoint, which no Newton iteration corrects.
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.linalg.lapack import dgetrf, dgetrs
 
 from .._errors import SolverFailure
 from ._runtime import PETSc
 from ._vec import VecViews
 
+LAPACK_BLOCKS = 8     # up to this many blocks, LAPACK per block (torch's batched call: ~30 us)
 REFINEMENTS = 2       # refinement steps a transposed block solve may take to be accurate
 EXTENDED_STEPS = 2    # further steps, until the corrections reach rounding
 EPS = float(np.finfo(np.float64).eps)
@@ -41,7 +44,7 @@ class BlockLU:
 
     def __init__(self, who: str):
         self.who = who
-        self.blocks = self.lu = self.pivots = self.norms = self._extended = self.views = None
+        self.blocks = self.lu = self.norms = self._extended = self.views = None
         self.factorisations = 0
         self.refinements = 0
 
@@ -49,24 +52,36 @@ class BlockLU:
         _, P = pc.getOperators()
         size = max(P.getBlockSize(), 1)
         _, _, values = P.getValuesCSR()  # rows sorted, each row its own block's columns
-        blocks = torch.from_numpy(values).view(-1, size, size)
-        lu, pivots, info = torch.linalg.lu_factor_ex(blocks)
-        singular = torch.nonzero(info)
-        if singular.numel():
+        blocks = values.reshape(-1, size, size)
+        if len(blocks) <= LAPACK_BLOCKS:
+            factors = [dgetrf(block) for block in blocks]
+            self.lu, info = [(lu, pivots) for lu, pivots, _ in factors], [f[2] for f in factors]
+        else:
+            lu, pivots, info = torch.linalg.lu_factor_ex(torch.from_numpy(blocks))
+            self.lu, info = (lu, pivots), info.numpy()
+        singular = np.flatnonzero(info)
+        if singular.size:
             raise IllConditionedError(
                 f"{self.who}: the Jacobian block of sample {int(singular[0])} is singular (zero "
                 f"pivot in its LU factorisation); check func there, or use a smaller step")
-        self.blocks, self.lu, self.pivots, self._extended = blocks, lu, pivots, None
-        if self.views is None or self.views.shape != (*blocks.shape[:2], 1):
-            self.views = VecViews((*blocks.shape[:2], 1))  # (block, row, 1)
+        self.blocks, self._extended = blocks, None
+        if self.views is None or self.views.shape != blocks.shape[:2]:
+            self.views = VecViews(blocks.shape[:2])  # (block, row)
         self.norms = None  # |A_i|_inf, for the adjoint's check (made there)
         self.factorisations += 1
 
     def _solve(self, b, adjoint):
-        return torch.linalg.lu_solve(self.lu, self.pivots, b, adjoint=adjoint)
+        """A_i^-1 b_i (A_i^-T b_i with `adjoint`) for every block i; b: (blocks, rows) numpy."""
+        if isinstance(self.lu, list):
+            trans = 1 if adjoint else 0
+            return np.stack([dgetrs(lu, pivots, rhs, trans=trans)[0]
+                             for (lu, pivots), rhs in zip(self.lu, b)])
+        lu, pivots = self.lu
+        return torch.linalg.lu_solve(lu, pivots, torch.from_numpy(b)[..., None],
+                                     adjoint=adjoint).numpy()[..., 0]
 
     def apply(self, pc, x, y):
-        self.views.write(y).copy_(self._solve(self.views.read(x), False))
+        self.views.write(y).numpy()[:] = self._solve(self.views.read(x).numpy(), False)
 
     def applyTranspose(self, pc, x, y):
         """y = A^-T x from the factors, then refined with residuals in long double: the backward
@@ -74,13 +89,12 @@ class BlockLU:
         (at most `EXTENDED_STEPS` more) until they reach rounding. In numpy: on blocks this
         small, each torch op would cost more than the arithmetic."""
         if self._extended is None:  # A^T in long double and |A^T|_inf, once per factorisation
-            blocks = self.blocks.numpy()
+            blocks = self.blocks
             self._extended = blocks.transpose(0, 2, 1).astype(np.longdouble)
             self.norms = np.abs(blocks).sum(axis=1).max(axis=1)
-        b, out = self.views.read(x), self.views.write(y)
-        rhs = b.numpy()[..., 0]
-        solution = self._solve(b, True).numpy()[..., 0].astype(np.longdouble)
-        limit = BACKWARD_ERROR * self.lu.shape[-1] * EPS
+        rhs, out = self.views.read(x).numpy(), self.views.write(y).numpy()
+        solution = self._solve(rhs, True).astype(np.longdouble)
+        limit = BACKWARD_ERROR * self.blocks.shape[-1] * EPS
         b_size, converged = np.abs(rhs).max(axis=1), False
         for step in range(REFINEMENTS + EXTENDED_STEPS + 1):
             residual = rhs - np.einsum("kij,kj->ki", self._extended, solution)
@@ -98,16 +112,15 @@ class BlockLU:
             if accurate and converged or step == REFINEMENTS + EXTENDED_STEPS:
                 break
             self.refinements += not accurate
-            correction = self._solve(torch.from_numpy(residual.astype(np.float64))[..., None],
-                                     True).numpy()[..., 0]
+            correction = self._solve(residual.astype(np.float64), True)
             solution += correction
             converged = np.abs(correction).max() <= EPS * np.abs(solution).max()
-        out[..., 0] = torch.from_numpy(solution.astype(np.float64))
+        out[:] = solution
 
     def view(self, pc, viewer=None):
         if viewer is not None:
             viewer.printfASCII("  bridges BlockLU: pivoted LU of each diagonal block "
-                               "(torch.linalg.lu_factor), transposed solves refined\n")
+                               "(LAPACK getrf), transposed solves refined\n")
 
 
 def use_block_lu(ksp, who: str) -> BlockLU:

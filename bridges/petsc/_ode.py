@@ -12,6 +12,7 @@ after the last backward that can use it, or when the outputs die without one.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import weakref
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError, check_finite
-from .._linearise import evaluate
+from .._linearise import evaluate, untracked_inputs
 from .._runs import RunPool, check_choice, check_state
 from .._runs import forward as run_forward
 from ._capi import renew_trajectory, set_pre_stage, trajectory_prefix
@@ -133,7 +134,8 @@ class _ODESolve:
         self.layout = problem.grid or SerialLayout(y0.shape)
         self.shape = self.layout.owned_shape
         self.y0 = y0.clone(memory_format=torch.contiguous_format)
-        self.steps = self.log = None
+        self.steps = self.log = self.ys = None
+        self.keep_outputs = False  # kept for the gradient w.r.t. t (set per call by _forward)
         self.store_all = record and problem.checkpoints is None  # PETSc's trajectory
         self.ts = self.u = self.F = self.jacobians = self.dm = self.newton = None
         self.stats, self.n_func, self._solves = ODEStats(), 0, 0
@@ -226,7 +228,7 @@ class _ODESolve:
     def _check_func(self, t0):
         """func at (t0, y0), once: its output must have the state's (owned) shape and be finite."""
         self._owned(self.u, "w").copy_(self.y0)
-        with torch.no_grad():
+        with torch.enable_grad() if self.record else torch.no_grad():  # (see _check_tracked)
             value = self.p.rhs(t0, self._ghosted(self.u))
         where = "this rank's owned block" if self.layout.dm is not None else "y0"
         if not isinstance(value, torch.Tensor):
@@ -239,6 +241,26 @@ class _ODESolve:
         check_finite(value, f"{WHO}: func(t, y) at t = {t0:g} (y = y0)",
                      "check func for a division by zero, a log or sqrt of a negative number, "
                      "or an overflow", error=ForeignError)
+        if self.record:
+            self._check_tracked(value)
+
+    def _check_tracked(self, value):
+        """Refuse (or, with adjoint_params given, warn about) tensors requiring grad that func
+        uses but the adjoint does not differentiate: their gradients would be silently missing."""
+        missed = untracked_inputs(value, self.p.params)
+        if not missed:
+            return
+        shapes = ", ".join(str(tuple(t.shape)) for t in missed[:4]) + \
+            (", ..." if len(missed) > 4 else "")
+        what = (f"{WHO}: func uses {len(missed)} tensor(s) that require grad (shapes {shapes}) "
+                f"but are not among adjoint_params, so they get no gradient")
+        if not self.p.params and not isinstance(self.p.func, torch.nn.Module):
+            raise ValueError(f"{what}. A plain function's tensors cannot be found: pass them, "
+                             f"odeint_adjoint(func, y0, t, adjoint_params=(w, ...)), make func "
+                             f"an nn.Module with them as parameters, or detach them if no "
+                             f"gradient is wanted")
+        warnings.warn(f"{what}; add them to adjoint_params, or detach them if no gradient is "
+                      f"wanted")
 
     # -- PETSc callbacks (they record linearisation points; torch does the algebra) -------------
     def _owned(self, vec, mode="r"):
@@ -308,6 +330,8 @@ class _ODESolve:
             func_calls=self.n_func, jacobians=self.jacobians.count,
             newton_tests=self.newton.calls if self.newton is not None else 0)
         ys = torch.stack(values)
+        self.ys = ys.clone() if self.keep_outputs else None  # (not ys: the output's graph
+        # holds the pullback, which holds this run, which PETSc's callbacks keep from the gc)
         finite = torch.isfinite(ys.reshape(len(times), -1)).all(dim=1)
         if not bool(finite.all()):
             k = int(torch.nonzero(~finite)[0])
@@ -370,6 +394,7 @@ class _ODESolve:
                     grad_params[i] = part.reshape(-1, *param.shape).clone()
                     offset += param.numel()
             grad_y0 = torch.stack([self._owned(lam) for lam in lams])
+            grad_t = self._time_gradient(cotangents, grad_y0) if needs_input_grad[1] else None
         finally:
             ts.adjointReset()  # the TS keeps no pointer to the cost gradients, which it does
             destroy(*lams, *mus)  # not own (a later solve with this TS would use them)
@@ -381,7 +406,21 @@ class _ODESolve:
         self.options.report_unused(final=True)
         if not batched:
             grad_y0, grad_params = grad_y0[0], [g if g is None else g[0] for g in grad_params]
-        return (grad_y0, None, None, *grad_params)
+            grad_t = None if grad_t is None else grad_t[0]
+        return (grad_y0, grad_t, None, *grad_params)
+
+    def _time_gradient(self, cotangents, lam0):
+        """dL/dt (one row per cotangent): moving output time t_k by dt moves y_k by
+        func(t_k, y_k) dt; moving t_0 moves every later output by -Phi func(t_0, y_0) dt, whose
+        product with their cotangents is the adjoint at t_0 less output 0's own cotangent. (On
+        a grid, this rank's share, like the parameters'.)"""
+        ys, self.ys = self.ys, None
+        slopes = torch.stack([self._value(float(t), y).reshape(-1)
+                              for t, y in zip(self.times, ys)])
+        cotangents = cotangents.reshape(*cotangents.shape[:2], -1)  # (cotangent, time, state)
+        grad = (cotangents * slopes).sum(-1)
+        grad[:, 0] = -((lam0.reshape(len(lam0), -1) - cotangents[:, 0]) * slopes[0]).sum(-1)
+        return grad
 
     def _check_adjoint_solve(self, ksp, b, x):
         check_solution(ksp, b, x, WHO, f"a transposed (adjoint) solve at t = "
@@ -463,6 +502,7 @@ def _forward(y0, t, problem, *params, needs_input_grad):
         except BaseException:
             pool.give(run)
             raise
+    run.keep_outputs = needs_input_grad[1]
     out = run_forward(run, record, pool.ref if pool is not None else None, batched=True)
     if solver is not None:
         solver.stats = run.stats  # (the pullback adds the adjoint's counts to it)
@@ -576,7 +616,7 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
     """Solve dy/dt = func(t, y) with PETSc TS; gradients by TSAdjoint (discrete adjoint).
 
     Follows torchdiffeq's convention: returns the solution at every time in ``t``, a tensor of
-    shape ``(len(t), *y0.shape)``, differentiable w.r.t. ``y0`` and ``adjoint_params``.
+    shape ``(len(t), *y0.shape)``, differentiable w.r.t. ``y0``, ``t`` and ``adjoint_params``.
 
     Args:
         func: ``func(t, y) -> dy/dt`` on torch tensors (t is a 0-d tensor); usually an nn.Module.
@@ -615,6 +655,8 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
             (``ts_trajectory_type memory``) unless options or the command line say otherwise.
         prefix: options prefix of this solver (e.g. ``"chem_"`` makes ``-chem_ts_type`` apply).
         adjoint_params: tensors func depends on that need gradients (default: func.parameters()).
+            A tensor requiring grad that func uses but that is not among them is refused for a
+            plain function (whose tensors cannot be found otherwise) and warned about otherwise.
         jacobian: how implicit methods get dfunc/dy. ``"assembled"`` (with sparsity or grid): the
             exact sparse Jacobian from one product per colour, solved by GMRES with PETSc's
             default PC (ILU on one rank, block Jacobi on many; any PC through options: gamg,

@@ -18,7 +18,7 @@ import torch
 
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError
-from .._linearise import probe
+from .._linearise import probe, untracked_inputs
 from .._runs import RunPool, check_choice, check_state
 from .._runs import forward as run_forward
 from ._grid import Grid, SerialLayout
@@ -232,6 +232,20 @@ class _Solve:
                              f"; F must have one entry per unknown")
         return out
 
+    def check_tracked(self):
+        """Refuse tensors requiring grad that residual captures instead of receiving as params
+        (which arrive detached): their gradients would be silently missing."""
+        with torch.enable_grad():
+            missed = untracked_inputs(self._residual(self._ghosted(self.x_vec)))
+        if missed:
+            shapes = ", ".join(str(tuple(t.shape)) for t in missed[:4]) + \
+                (", ..." if len(missed) > 4 else "")
+            raise ValueError(f"{WHO}: residual uses {len(missed)} tensor(s) that require grad "
+                             f"(shapes {shapes}) without receiving them as params, so they "
+                             f"would get no gradient; pass them, solve(residual, x0, w, ...) "
+                             f"with residual(x, w, ...), or detach them if no gradient is "
+                             f"wanted")
+
     # PETSc callbacks
     def _function(self, snes, X, F):
         with torch.no_grad():
@@ -390,6 +404,12 @@ def _forward(x0, problem, *params, needs_input_grad):
         run = _Solve(problem, x0, params, problem.key)
     else:
         run.start(x0, params, problem.sink)
+    if any(needs_input_grad):
+        try:
+            run.check_tracked()
+        except BaseException:
+            run.release()
+            raise
     out = run_forward(run, any(needs_input_grad), pool.ref if pool is not None else None)
     if solver is not None:
         solver.stats = run.stats
@@ -442,6 +462,8 @@ def solve(residual, x0, *params, options=None, sparsity=None, grid=None, prefix=
         x0: initial guess (float64, CPU): any shape, or on a grid this rank's owned block
             (``grid.owned_shape``). The solution does not depend on it, so it gets no gradient.
         params: tensors (gradients flow to them) or other values, passed to residual as is.
+            A tensor requiring grad that residual captures instead is refused by name when a
+            gradient is wanted (it would get none).
         options: PETSc options of this solve, keyed without the dash, e.g.
             ``{"ksp_type": "cg", "pc_type": "gamg", "snes_monitor": True}``; they stay in force
             for the solve's whole life, its backward included, and options PETSc never reads
