@@ -236,13 +236,18 @@ def run(quick=False, plot_dir=None):
     worst = max((r["callbacks"][n] / r["bare"][n], f"{n} ({label})")
                 for label, r in results.items() for n in CALLBACKS)
     totals = "; ".join(f"{label}: {fmt_time(r['total'])}" for label, r in results.items())
+    floors = " and ".join(fmt_time(r["callbacks"]["Newton test, first iteration"])
+                          for r in results.values())
     notes = (f"Goal: each callback at most 1.3x its bare torch work. The largest ratio here is "
              f"**{worst[0]:.2f}x**, the {worst[1]}. Medians over rounds of thread CPU time; "
              f"the callbacks' times include the timer's own call (well under a microsecond). "
              f"Loss + gradient in thread CPU time, with the timers: {totals}. The bare "
              f"parameter product is a VJP through a graph of func at the point alone; the "
              f"callback's goes through the graph its dense Jacobian kept (n stacked copies), "
-             f"whose backward costs about the same for n = 3.")
+             f"whose backward costs about the same for n = 3. The Newton test's first-iteration "
+             f"call does no tensor work (a comparison and a step-size check), so its "
+             f"{floors} are what a Python callback costs as PETSc makes it (petsc4py's "
+             f"dispatch and argument objects); the later calls' numpy work is small beside it.")
     compiled_rows = []
     for label, batch in cases.items():
         first, eager, compiled = compiled_against_eager(batch, 3 if quick else 7)

@@ -95,6 +95,13 @@ def untracked_inputs(value, tracked=()) -> list:
     return found
 
 
+def describe_tensors(tensors) -> str:
+    """'2 tensor(s) that require grad (shapes (3,), ())', for errors about `untracked_inputs`."""
+    shapes = ", ".join(str(tuple(t.shape)) for t in tensors[:4])
+    return (f"{len(tensors)} tensor(s) that require grad (shapes {shapes}"
+            f"{', ...' if len(tensors) > 4 else ''})")
+
+
 def _dual_jvp(fn, u, v):
     # forward AD is switched off inside a Function's forward, where PETSc's callbacks run
     with fwAD._set_fwd_grad_enabled(True), fwAD.dual_level():

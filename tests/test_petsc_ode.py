@@ -262,7 +262,9 @@ def test_batch_of_initial_states_matches_separate_solves():
     torch.testing.assert_close(total_k, batch_grad_k)
 
 
-def test_samples_coupled_by_func_fall_back_to_matrix_free():
+def test_samples_coupled_by_func_get_the_whole_jacobian_not_their_blocks():
+    """Rows of y0 that func couples: "auto" sees the per-sample blocks are not exact and takes
+    the whole (small) Jacobian as one dense block; it agrees with matrix-free products."""
     class Coupled(torch.nn.Module):  # each sample feels the batch mean: blocks are not exact
         def __init__(self):
             super().__init__()

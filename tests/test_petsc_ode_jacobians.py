@@ -1,6 +1,6 @@
 """An ODE solve's Jacobians: compile_jacobian=True forms dfunc/dy and dfunc/dparams of a small
 system, or of each sample of a batch, in one compiled call and gives the eager path's gradients,
-or refuses with the reason."""
+or refuses with the reason; a coupled system without a sparsity gets one dense block."""
 from unittest import mock
 
 import numpy as np
@@ -148,3 +148,72 @@ def test_compiled_jacobians_inside_a_torch_compiled_loss():
         grads.append(y.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=0)
     assert grads[0].abs().sum() > 0
+
+
+class Brusselator1D(torch.nn.Module):
+    """The 1-D Brusselator on N interior points with Dirichlet ends, state (u, v) stacked: a
+    stiff system whose unknowns are all coupled through diffusion."""
+
+    def __init__(self, points):
+        super().__init__()
+        self.points = points
+        self.alpha = torch.nn.Parameter(torch.tensor(0.02, dtype=F64))
+        self.a = torch.nn.Parameter(torch.tensor(1.0, dtype=F64))
+
+    def forward(self, t, y):
+        u, v = y[:self.points], y[self.points:]
+        one, h2 = self.a.new_ones(1), (self.points + 1.0) ** -2
+        lap_u = torch.diff(torch.cat([one, u, one]), 2) / h2
+        lap_v = torch.diff(torch.cat([3 * one, v, 3 * one]), 2) / h2
+        return torch.cat([self.a + u * u * v - 4 * u + self.alpha * lap_u,
+                          3 * u - u * u * v + self.alpha * lap_v])
+
+
+class Paired(torch.nn.Module):
+    """A flat func on a state stored as (points, 2): rows coupled, so no per-sample blocks."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, t, y):
+        return self.inner(t, y.t().reshape(-1)).reshape(2, -1).t()
+
+
+def test_a_coupled_system_without_sparsity_gets_one_dense_block():
+    """80 coupled states (above the 64 of per-sample blocks, no sparsity), flat or as
+    (points, 2): by default one dense Jacobian block, solved directly (one linear iteration per
+    Newton iteration), with the gradients of the matrix-free path and of central differences."""
+    points = 40
+    func = Brusselator1D(points)
+    x = torch.linspace(0, 1, points + 2, dtype=F64)[1:-1]
+    y0 = torch.cat([1 + torch.sin(2 * np.pi * x), torch.full_like(x, 3.0)])
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+
+    def loss(paired=False, **kwargs):
+        solver = ODESolver(rtol=1e-7, atol=1e-9, **kwargs)
+        if paired:
+            end = solver(Paired(func), y0.reshape(2, -1).t().contiguous(), t)[-1].t()
+        else:
+            end = solver(func, y0, t)[-1]
+        return (end ** 2).sum(), solver.stats
+
+    gradients = {}
+    for label, kwargs in [("flat", {}), ("paired", {"paired": True}),
+                          ("matrix-free", {"jacobian": "matrix-free",
+                                           "options": {"ksp_rtol": 1e-12}})]:
+        value, stats = loss(**kwargs)
+        gradients[label] = torch.stack(torch.autograd.grad(value, (func.alpha, func.a)))
+        direct = stats.linear_iterations == stats.newton_iterations
+        assert direct == (label != "matrix-free"), label
+    torch.testing.assert_close(gradients["paired"], gradients["flat"], rtol=1e-9, atol=0)
+    torch.testing.assert_close(gradients["matrix-free"], gradients["flat"], rtol=1e-6, atol=0)
+    with torch.no_grad():  # central differences in alpha
+        h = 1e-6
+        func.alpha += h
+        up = loss()[0]
+        func.alpha -= 2 * h
+        down = loss()[0]
+        func.alpha += h
+    np.testing.assert_allclose(float(gradients["flat"][0]), float((up - down) / (2 * h)),
+                               rtol=1e-5)

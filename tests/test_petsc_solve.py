@@ -191,6 +191,11 @@ def test_a_captured_tensor_that_requires_grad_is_refused_not_dropped():
     x = solve(lambda x, a: x ** 3 - a, x0, a)  # passed: differentiated
     torch.testing.assert_close(torch.autograd.grad(x.sum(), a)[0], a.detach() ** (-2 / 3) / 3)
     solve(lambda x: x ** 3 - a, x0)  # nothing needs a gradient: nothing is checked
+    for packed in ([a], (a,), {"a": a}):
+        with pytest.raises(TypeError, match=rf"params\[0\] is a {type(packed).__name__} "
+                                            rf"holding tensors that require grad"):
+            solve(lambda x, p: x ** 3 - a, x0, packed)
+    solve(lambda x, p: x ** 3 - p[0], x0, [a.detach()])  # no gradient wanted: accepted
 
 
 def test_solves_sharing_a_sparsity_keep_their_own_gradients():

@@ -20,7 +20,7 @@ import torch
 
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError, check_finite
-from .._linearise import evaluate, untracked_inputs
+from .._linearise import describe_tensors, evaluate, untracked_inputs
 from .._runs import RunPool, check_choice, check_state
 from .._runs import forward as run_forward
 from ._capi import renew_trajectory, set_pre_stage, trajectory_prefix
@@ -250,10 +250,8 @@ class _ODESolve:
         missed = untracked_inputs(value, self.p.params)
         if not missed:
             return
-        shapes = ", ".join(str(tuple(t.shape)) for t in missed[:4]) + \
-            (", ..." if len(missed) > 4 else "")
-        what = (f"{WHO}: func uses {len(missed)} tensor(s) that require grad (shapes {shapes}) "
-                f"but are not among adjoint_params, so they get no gradient")
+        what = (f"{WHO}: func uses {describe_tensors(missed)} but are not among "
+                f"adjoint_params, so they get no gradient")
         if not self.p.params and not isinstance(self.p.func, torch.nn.Module):
             raise ValueError(f"{what}. A plain function's tensors cannot be found: pass them, "
                              f"odeint_adjoint(func, y0, t, adjoint_params=(w, ...)), make func "
@@ -665,7 +663,9 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
             ``"matrix-free"``: a PETSc Mat of Jacobian products, solved by GMRES
             (preconditioned by the blocks when n <= 64). ``"auto"`` (default): assembled with
             sparsity or a grid, else blocks when n <= 64 and a check with one product at y0
-            shows func treats samples independently, else matrix-free.
+            shows func treats samples independently, else the whole state as one dense block
+            when it has at most 1024 entries and func no bridged ops (a stiff system's Krylov
+            solve without a preconditioner can take 100x longer), else matrix-free.
         products: how Jacobian products are formed. ``"forward"``: forward-mode AD (needs every
             op in func to have one); ``"reverse"``: reverse-mode AD, which every bridged op has
             (assembled blocks only); ``"fd"``: the finite-difference action J v ~ (f(u + h v) -

@@ -21,6 +21,10 @@ from ._solve import multigrid_defaults
 from ._vec import VecViews, as_vec
 
 BLOCK_LIMIT = 64  # largest per-sample system whose Jacobian blocks are assembled by default
+# largest coupled system of plain torch (no sparsity, no grid) taken as one dense block: a
+# matrix-free Krylov solve without a preconditioner crawls on stiff problems (a 1-D Brusselator
+# of 400 states: 534 s against 4.6 s dense), and an n x n LU of this size takes milliseconds
+DENSE_LIMIT = 1024
 # grids of at least this many unknowns precondition implicit steps with geometric multigrid:
 # in benchmarks/bench_reaction_diffusion.py its iterations stay flat (5 per solve up to 10^6
 # unknowns, ILU's grow to 23), ILU is faster below, the two take about the same time above
@@ -75,22 +79,31 @@ class ODEJacobians:
         caps = probe(fn, u0, self.who)
         block = None if layout.dm is not None else self.shape[-1] if y0.ndim else 1
         independent = True
-        if p.jacobian in ("auto", "blocks") and p.assembler is None and block <= BLOCK_LIMIT \
-                and p.products != "fd":  # (kept to precondition a matrix-free Jacobian)
+        # per-sample blocks (also kept to precondition a matrix-free Jacobian)
+        if p.assembler is None and p.products != "fd" and (p.jacobian == "blocks" or (
+                p.jacobian == "auto" and block <= BLOCK_LIMIT)):
             self.blocks = block_jacobian(self.shape, mode=p.products)
             independent = p.jacobian == "blocks" or self._rows_independent(fn, y0)
+        n = y0.numel()
+        whole = p.jacobian == "auto" and p.assembler is None and layout.dm is None and \
+            p.products != "fd" and not p.compile_jacobian and not caps.bridged and \
+            n <= DENSE_LIMIT and (self.blocks is None or not independent)
+        if whole:  # one coupled system of plain torch: its whole Jacobian as one dense block
+            # (with bridged ops, n products per Jacobian could cost more than Krylov's few)
+            if self.blocks is not None:
+                self.blocks.destroy()
+            self.blocks, block, independent = block_jacobian((n,), mode=p.products), n, True
         jacobian, products = plan_jacobian(self.who, p.jacobian, p.products,
                                            assembler=p.assembler, block=block,
-                                           block_limit=BLOCK_LIMIT, independent=independent,
-                                           forward=caps.forward)
+                                           block_limit=n if whole else BLOCK_LIMIT,
+                                           independent=independent, forward=caps.forward)
         if jacobian == "assembled":
             self.blocks = p.assembler
         self.assembled = jacobian in ("assembled", "blocks")
         # one small system of plain torch: its whole Jacobian comes from one reverse pass per
         # point (see DenseLinearisation)
-        n = y0.numel()
         self.dense = (jacobian == "blocks" and n == self.blocks.n_in and products != "forward"
-                      and n <= BLOCK_LIMIT and not caps.bridged)
+                      and n <= DENSE_LIMIT and not caps.bridged)
         self.stacked = self.dense and acts_on_rows(fn, u0)
         if p.compile_jacobian:
             if jacobian != "blocks" or caps.bridged:

@@ -18,7 +18,7 @@ import torch
 
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError
-from .._linearise import probe, untracked_inputs
+from .._linearise import describe_tensors, probe, untracked_inputs
 from .._runs import RunPool, check_choice, check_state
 from .._runs import forward as run_forward
 from ._grid import Grid, SerialLayout
@@ -238,13 +238,10 @@ class _Solve:
         with torch.enable_grad():
             missed = untracked_inputs(self._residual(self._ghosted(self.x_vec)))
         if missed:
-            shapes = ", ".join(str(tuple(t.shape)) for t in missed[:4]) + \
-                (", ..." if len(missed) > 4 else "")
-            raise ValueError(f"{WHO}: residual uses {len(missed)} tensor(s) that require grad "
-                             f"(shapes {shapes}) without receiving them as params, so they "
-                             f"would get no gradient; pass them, solve(residual, x0, w, ...) "
-                             f"with residual(x, w, ...), or detach them if no gradient is "
-                             f"wanted")
+            raise ValueError(f"{WHO}: residual uses {describe_tensors(missed)} without "
+                             f"receiving them as params, so they would get no gradient; pass "
+                             f"them, solve(residual, x0, w, ...) with residual(x, w, ...), or "
+                             f"detach them if no gradient is wanted")
 
     # PETSc callbacks
     def _function(self, snes, X, F):
@@ -560,6 +557,13 @@ class SNESSolver:
             if isinstance(p, torch.Tensor) and p.device.type != "cpu":
                 raise ValueError(f"{WHO}: params[{i}] is on device '{p.device}', but this PETSc "
                                  f"build is CPU-only; move it with .cpu()")
+            inner = p.values() if isinstance(p, dict) else p if isinstance(p, (list, tuple)) \
+                else ()
+            if any(isinstance(v, torch.Tensor) and v.requires_grad for v in inner):
+                raise TypeError(f"{WHO}: params[{i}] is a {type(p).__name__} holding tensors "
+                                f"that require grad, which would get no gradient: only tensors "
+                                f"passed directly are differentiated; pass them one by one, "
+                                f"solve(residual, x0, *tensors)")
         grid = self.grid
         assembler = _assembler(WHO, self.sparsity, grid, x0.numel())
         if assembler is not None and grid is None:
