@@ -25,6 +25,23 @@ FORWARD_FROM = 4096
 _SQRT_EPS = float(torch.finfo(torch.float64).eps) ** 0.5
 
 
+def grads(value, inputs, seed, *, batched=False, zeros=False):
+    """torch.autograd.grad(value, inputs, seed), graph kept, for a value that may not depend on
+    some or all inputs (func(t, y) = constant, or 0 * y): None for those, or zeros if `zeros`.
+    `batched`: seed has a leading batch dimension (is_grads_batched)."""
+    inputs = tuple(inputs)
+    if value.requires_grad:
+        out = torch.autograd.grad(value, inputs, seed, retain_graph=True, allow_unused=True,
+                                  is_grads_batched=batched)
+    else:
+        out = (None,) * len(inputs)
+    if not zeros:
+        return out
+    lead = seed.shape[:1] if batched else ()
+    return tuple(x.new_zeros((*lead, *x.shape)) if g is None else g
+                 for g, x in zip(out, inputs))
+
+
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
     """What a function supports at a point: forward mode, and whether it calls bridged ops."""
@@ -137,11 +154,10 @@ class Linearisation:
         keeps it for `param_vjp` with this w (an explicit Runge-Kutta adjoint asks both products
         of each stage with one vector: one pass instead of two)."""
         leaf, value = self.graph()
-        grads = torch.autograd.grad(value, (leaf, *params), w.reshape(value.shape),
-                                    retain_graph=True, allow_unused=True)
+        found = grads(value, (leaf, *params), w.reshape(value.shape))
         if params:
-            self._paired = (w.clone(), params, grads[1:])
-        return torch.zeros_like(leaf) if grads[0] is None else grads[0]
+            self._paired = (w.clone(), params, found[1:])
+        return torch.zeros_like(leaf) if found[0] is None else found[0]
 
     def param_vjp(self, params, w):
         """(d fn / d p)^T w for each tensor p of params (None where fn does not use it), through
@@ -150,8 +166,7 @@ class Linearisation:
         if paired is not None and paired[1] is params and torch.equal(paired[0], w):
             return paired[2]
         _, value = self.graph()
-        return torch.autograd.grad(value, params, w.reshape(value.shape), retain_graph=True,
-                                   allow_unused=True)
+        return grads(value, params, w.reshape(value.shape))
 
     def vjps(self, W, batched=False):
         """J^T W[k] for every row k of W: one backward pass each through the same graph, which
@@ -160,9 +175,7 @@ class Linearisation:
         if not batched:
             return torch.stack([self.vjp(w) for w in W])
         leaf, value = self.graph()
-        (g,) = torch.autograd.grad(value, leaf, W.reshape(-1, *value.shape), retain_graph=True,
-                                   allow_unused=True, is_grads_batched=True)
-        return torch.zeros(W.shape[0], *leaf.shape, dtype=leaf.dtype) if g is None else g
+        return grads(value, (leaf,), W.reshape(-1, *value.shape), batched=True, zeros=True)[0]
 
     def jvp(self, v):
         """J v."""
@@ -209,9 +222,9 @@ class DenseLinearisation(Linearisation):
         if self._jacobian is None:
             if self.stacked:
                 self._stacked_graph = leaf, value = _stacked_graph(self.fn, self.u)
-                self._jacobian = _stacked_pass(leaf, value, retain_graph=True)
+                self._jacobian = _stacked_pass(leaf, value)
             else:
-                self._jacobian = _batched_pass(*self.graph(), retain_graph=True)
+                self._jacobian = _batched_pass(*self.graph())
         return self._jacobian
 
     def param_vjp(self, params, w):
@@ -221,8 +234,7 @@ class DenseLinearisation(Linearisation):
         if self._seed is None:
             self._seed = value.new_zeros(value.shape)
         self._seed[0].copy_(w.reshape(value.shape[1:]))  # (the other rows stay zero)
-        return torch.autograd.grad(value, params, self._seed, retain_graph=True,
-                                   allow_unused=True)
+        return grads(value, params, self._seed)
 
 
 def _stacked_graph(fn, u):
@@ -239,21 +251,18 @@ def _identity(n, dtype):
     return torch.eye(n, dtype=dtype)
 
 
-def _stacked_pass(leaf, value, retain_graph=False):
-    """J from the stacked graph: row i of the output is seeded with e_i, so the gradient's row i
-    is J's row i."""
+def _stacked_pass(leaf, value):
+    """J from the stacked graph (kept): row i of the output is seeded with e_i, so the
+    gradient's row i is J's row i."""
     n = leaf.shape[0]
-    (grad,) = torch.autograd.grad(value, leaf, _identity(n, leaf.dtype).view(value.shape),
-                                  retain_graph=retain_graph)
-    return grad
+    return grads(value, (leaf,), _identity(n, leaf.dtype).view(value.shape), zeros=True)[0]
 
 
-def _batched_pass(leaf, value, retain_graph=False):
-    """J from one backward batched over the n unit cotangents."""
+def _batched_pass(leaf, value):
+    """J from one backward (graph kept) batched over the n unit cotangents."""
     n = leaf.numel()
-    (grad,) = torch.autograd.grad(value, leaf, _identity(n, leaf.dtype).view(n, *value.shape),
-                                  is_grads_batched=True, retain_graph=retain_graph)
-    return grad.reshape(n, n)
+    seed = _identity(n, leaf.dtype).view(n, *value.shape)
+    return grads(value, (leaf,), seed, batched=True, zeros=True)[0].reshape(n, n)
 
 
 def stacked_jacobian(fn, u):

@@ -9,6 +9,7 @@ outputs), and `forward` does so at once when no gradient is wanted or the solve 
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -89,6 +90,17 @@ def check_state(who, name, value, what, check=None):
     if value.numel() == 0:
         raise ValueError(f"{who}: {name} is empty")
     check_finite(value, f"{who}: {name}", f"{what} must be finite")
+
+
+def warn_if_rounded(who, what, value, dtype):
+    """Warn when `what` (a user function's output) is a floating-point tensor less precise than
+    the state's `dtype`: the solve is then only as accurate as that precision."""
+    if value.dtype != dtype and value.is_floating_point() and \
+            torch.finfo(value.dtype).eps > torch.finfo(dtype).eps:
+        warnings.warn(f"{who}: {what} returned {value.dtype} for a {dtype} state, so its "
+                      f"values carry only {value.dtype}'s precision (about "
+                      f"{torch.finfo(value.dtype).eps:.0e}) and the solve can be no more "
+                      f"accurate; compute it in {dtype}", stacklevel=2)
 
 
 def check_choice(who, name, value, choices):

@@ -8,7 +8,7 @@ import torch
 from bridges import as_numpy, fd2pytorch, foreign_function
 from bridges._errors import MissingDerivativeError
 from bridges._linearise import (FORWARD_FROM, DenseLinearisation, Linearisation, acts_on_rows,
-                                choose, probe, untracked_inputs)
+                                choose, grads, probe, untracked_inputs)
 
 F64 = torch.float64
 
@@ -106,20 +106,20 @@ def test_products_work_inside_a_bridged_forward():
 def test_dense_linearisation_parameter_products_reuse_the_jacobian_graph():
     """The dense Jacobian of a parameterised function and (d fn / d k)^T w through the graph
     that Jacobian's pass kept equal the analytic ones, stacked or batched."""
-    k = torch.tensor([0.04, 3e7, 1e4], dtype=torch.float64, requires_grad=True)
+    k = torch.tensor([0.04, 3e7, 1e4], dtype=F64, requires_grad=True)
 
     def fn(y):  # Robertson's kinetics, rows of a leading batch dimension independent
         y1, y2, y3 = y.unbind(-1)
         return torch.stack([-k[0] * y1 + k[2] * y2 * y3,
                             k[0] * y1 - k[2] * y2 * y3 - k[1] * y2 ** 2, k[1] * y2 ** 2], -1)
-    u = torch.tensor([0.9, 2e-5, 0.1], dtype=torch.float64)
-    w = torch.tensor([0.3, -1.2, 0.7], dtype=torch.float64)
+    u = torch.tensor([0.9, 2e-5, 0.1], dtype=F64)
+    w = torch.tensor([0.3, -1.2, 0.7], dtype=F64)
     y1, y2, y3 = u.tolist()
     jac = torch.tensor([[-0.04, 1e4 * y3, 1e4 * y2],
                         [0.04, -1e4 * y3 - 6e7 * y2, -1e4 * y2],
-                        [0.0, 6e7 * y2, 0.0]], dtype=torch.float64)
+                        [0.0, 6e7 * y2, 0.0]], dtype=F64)
     jac_k = torch.tensor([[-y1, 0.0, y2 * y3], [y1, -y2 ** 2, -y2 * y3], [0.0, y2 ** 2, 0.0]],
-                         dtype=torch.float64)
+                         dtype=F64)
     assert acts_on_rows(fn, u)
     for stacked in (True, False):
         point = DenseLinearisation(fn, u, stacked)
@@ -149,9 +149,27 @@ def test_a_paired_product_serves_the_parameter_product_for_its_own_vector_only()
     torch.testing.assert_close(point.param_vjp((k,), w)[0], jac_k.T @ w)  # kept once only
 
 
+@pytest.mark.parametrize("stacked", [True, False])
+def test_functions_that_ignore_their_input_have_zero_jacobians_and_products(stacked):
+    """fn constant in u (or depending on a parameter only): zeros, not autograd's error."""
+    k = torch.tensor(2.0, dtype=F64, requires_grad=True)
+    u = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    for fn in (lambda v: torch.ones_like(v), lambda v: k * torch.ones_like(v)):
+        lin = DenseLinearisation(fn, u, stacked)
+        assert torch.equal(lin.jacobian, torch.zeros(3, 3, dtype=F64))
+        assert torch.equal(lin.vjp(torch.ones(3, dtype=F64)), torch.zeros(3, dtype=F64))
+        assert lin.vjps(torch.eye(3, dtype=F64), batched=True).shape == (3, 3)
+    (gk,) = lin.param_vjp((k,), torch.ones(3, dtype=F64))
+    assert float(gk) == 3.0
+    value = torch.ones(2, dtype=F64)  # requires no grad at all
+    assert grads(value, (k,), torch.ones(2, dtype=F64)) == (None,)
+    (zero,) = grads(value, (u,), torch.ones(4, 2, dtype=F64), batched=True, zeros=True)
+    assert torch.equal(zero, torch.zeros(4, 3, dtype=F64))
+
+
 def test_untracked_inputs_finds_captured_leaves_but_not_tracked_ones_or_their_sources():
-    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
-    b = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    w = torch.ones(3, dtype=F64, requires_grad=True)
+    b = torch.ones(3, dtype=F64, requires_grad=True)
     scaled = 2 * w  # a tracked non-leaf: what it was computed from is covered by it
     value = (scaled * b).sum()
     found = untracked_inputs(value, (scaled,))

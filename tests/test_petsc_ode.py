@@ -364,6 +364,76 @@ def test_clear_errors():
         odeint_adjoint(func, y0, t, method="rk4")
     with pytest.raises(TypeError, match="options must be a dict"):
         odeint_adjoint(func, y0, t, options=["ts_type", "cn"])
+    with pytest.raises(ValueError, match=r"t\[1\] is nan; every time must be finite"):
+        odeint_adjoint(func, y0, torch.tensor([0.0, float("nan"), 1.0], dtype=F64))
+    with pytest.raises(ValueError, match=r"t\[0\] = 1 and t\[1\] = 1.0000000000000011 are a "
+                                         r"few rounding units apart"):
+        odeint_adjoint(func, y0, torch.tensor([1.0, 1 + 1e-15], dtype=F64))
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0, got -1"):
+        odeint_adjoint(func, y0, t, rtol=-1)
+    with pytest.raises(ValueError, match="rtol and atol are both 0"):
+        odeint_adjoint(func, y0, t, rtol=0, atol=0, steps_per_interval=4)
+
+
+def test_a_less_precise_func_is_warned_about():
+    with pytest.warns(UserWarning, match="func.* returned torch.float32 for a torch.float64 "
+                                         "state"):
+        odeint_adjoint(lambda t, y: (-y).float(), torch.ones(2, dtype=F64),
+                       torch.tensor([0.0, 1.0], dtype=F64))
+
+
+# (-1 is PETSC_DETERMINE to TSSetMaxTime; the others end with a step a rounding short of the end)
+@pytest.mark.parametrize("times", [[-3.0, -1.0], [-2.000001, -1e-6], [-0.501, -0.001],
+                                   [-1.999, 0.001], [0.0, 1.0]])
+def test_end_times_that_petsc_reads_specially_or_steps_land_short_of(times):
+    """Backward Euler, 10 steps of h on y' = -k y: y_N = (1 + kh)^-N exactly, so dy_N/dk =
+    -N h (1 + kh)^-(N+1); the adaptive default against the exact solution. func is never
+    evaluated past the end (nor at ARKIMEX's stale restart time, 0, which is past it for the
+    negative spans)."""
+    t, n, k0 = torch.tensor(times, dtype=F64), 10, 1.5
+    h = (times[1] - times[0]) / n
+    seen = []
+    for method, kwargs in [("beuler", {"steps_per_interval": n}),
+                           ("arkimex", {"rtol": 1e-10, "atol": 1e-12})]:
+        k = torch.tensor(k0, dtype=F64, requires_grad=True)
+
+        def func(s, y):
+            seen.append(float(s))
+            return -k * y
+        solver = bridges.petsc.ODESolver(method, **kwargs)
+        ys = solver(func, torch.ones(1, dtype=F64), t, adjoint_params=(k,))
+        (dk,) = torch.autograd.grad(ys[-1].sum(), k)
+        if method == "beuler":
+            assert solver.stats.steps == n
+            y, grad = (1 + k0 * h) ** -n, -n * h * (1 + k0 * h) ** -(n + 1)
+        else:
+            span = times[1] - times[0]
+            y, grad = np.exp(-k0 * span), -span * np.exp(-k0 * span)
+        np.testing.assert_allclose(float(ys[-1].detach()), y, rtol=1e-8)
+        np.testing.assert_allclose(float(dk), grad, rtol=1e-7)
+    assert max(seen) <= times[1] + 1e-12 * abs(times[1] - times[0])
+
+
+@pytest.mark.parametrize("method,kwargs", [("arkimex", {}), ("beuler", {"step_size": 0.1}),
+                                           ("cn", {"step_size": 0.1}), ("dopri5", {}),
+                                           ("rk4", {"step_size": 0.1})])
+def test_a_func_that_ignores_y_or_its_parameters(method, kwargs):
+    """dy/dt constant in y (or zero) needs no Jacobian in the forward, and its derivatives
+    w.r.t. y and unused parameters are zero, not an error."""
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=F64)
+    k = torch.tensor(2.0, dtype=F64, requires_grad=True)
+    coarse = method in ("beuler", "cn")  # (fixed steps of 0.1 on the cosine)
+    cases = [(lambda s, y: torch.cos(s) * torch.ones_like(y), 1 + np.sin(2.0), 0.0,
+              5e-2 if coarse else 1e-5),  # every method integrates the others exactly:
+             (lambda s, y: -k * torch.ones_like(y), 1 - 2 * 2.0, -2.0, 1e-9),
+             (lambda s, y: 0 * y + 0 * k, 1.0, 0.0, 1e-12)]
+    for func, y_end, dk, within in cases:
+        y0 = torch.ones(2, dtype=F64, requires_grad=True)
+        ys = odeint_adjoint(func, y0, t, method=method, adjoint_params=(k,), **kwargs)
+        np.testing.assert_allclose(ys[-1].detach().numpy(), y_end, rtol=within)
+        g_y0, g_k = torch.autograd.grad(ys[-1].sum(), (y0, k))
+        np.testing.assert_allclose(g_y0.numpy(), 1.0, rtol=1e-12)
+        np.testing.assert_allclose(float(g_k), 2 * dk, rtol=1e-9, atol=1e-12)
 
 
 def test_divergence_reports_reason_and_time():

@@ -66,6 +66,19 @@ def test_petsc_evaluation_time_defect_is_still_present():
     assert "<- wrong" in run.stdout and "DEFECT" in run.stdout
 
 
+def test_petsc_arkimex_restart_time_defect_is_still_present():
+    """The plain-petsc4py reproducer of PETSc 3.26.1 evaluating a fully implicit ARKIMEX's
+    IFunction and IJacobian at a stale time when a step restarts still fails: bridges' own
+    correction (ODEJacobians.restarting, _ODESolve.restart_step) is still needed."""
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "petsc_arkimex_restart_time.py"
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "('IJacobian', 0.0)" in run.stdout
+
+
 def test_import_reads_no_command_line_and_init_hands_it_to_petsc(tmp_path):
     """A script's own arguments are not PETSc options at import; after bridges.petsc.init() the
     command line beats the defaults, and a solve's options dict still beats the command line."""

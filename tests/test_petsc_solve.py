@@ -180,6 +180,21 @@ def test_gradients_need_no_x0_and_allow_non_tensor_params():
     torch.testing.assert_close(ga, a.detach() ** (-2 / 3) / 3)
 
 
+def test_a_param_the_residual_ignores_gets_a_zero_gradient():
+    a = torch.tensor([1.0, 8.0], dtype=torch.float64, requires_grad=True)
+    unused = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    x = solve(lambda x, a, b: x ** 3 - a, torch.ones(2, dtype=torch.float64), a, unused)
+    ga, gb = torch.autograd.grad(x.sum(), (a, unused))
+    torch.testing.assert_close(ga, a.detach() ** (-2 / 3) / 3)
+    assert float(gb) == 0.0
+
+
+def test_a_less_precise_residual_is_warned_about():
+    with pytest.warns(UserWarning, match="residual returned torch.float32 for a torch.float64"):
+        x = solve(lambda x: (x ** 2 - 2).float(), torch.ones(1, dtype=torch.float64))
+    assert abs(float(x) - 2 ** 0.5) < 1e-6
+
+
 def test_a_captured_tensor_that_requires_grad_is_refused_not_dropped():
     a = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
     x0 = torch.ones(3, dtype=torch.float64)

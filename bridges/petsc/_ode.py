@@ -12,6 +12,8 @@ after the last backward that can use it, or when the outputs die without one.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import warnings
 import weakref
 
@@ -21,7 +23,7 @@ import torch
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError, check_finite
 from .._linearise import describe_tensors, evaluate, untracked_inputs
-from .._runs import RunPool, check_choice, check_state
+from .._runs import RunPool, check_choice, check_state, warn_if_rounded
 from .._runs import forward as run_forward
 from ._capi import renew_trajectory, set_pre_stage, trajectory_prefix
 from ._checkpoint import MEMORYLESS, Recomputation, StepLog, budget
@@ -30,9 +32,9 @@ from ._jacobian import JACOBIANS, PRODUCTS
 from ._linear import check_solution
 from ._ode_jacobians import ODEJacobians, compiled_parameter_names
 from ._options import SolverOptions, check_options
-from ._runtime import PETSc, destroy, diverged, petsc_errors
+from ._runtime import PETSc, destroy, diverged, petsc_errors, petsc_real
 from ._solve import _assembler
-from ._stepping import NewtonTest, check_progress, starting_step
+from ._stepping import COLLAPSE, NewtonTest, check_progress, starting_step
 from ._vec import check_tensor, vec_as_tensor
 
 # method -> (TS type, its scheme option or None, form)
@@ -100,7 +102,9 @@ class _ODEProblem:
     def defaults(self, times, record):
         """PETSc options this solve starts from; the user's options and command line win."""
         dt = self.first_step(times)
-        values = {"ts_type": self.ts_type, "ts_exact_final_time": "matchstep",
+        # (the output hook lands the steps on the output times; PETSc's own clamp to its end
+        # time would not see the last output's closeness window)
+        values = {"ts_type": self.ts_type, "ts_exact_final_time": "stepover",
                   "ts_max_steps": 100_000, "ts_time_step": dt, "ts_error_if_step_fails": False,
                   "ts_adapt_type": "none" if self.fixed else "basic"}
         if self.scheme:
@@ -218,7 +222,7 @@ class _ODESolve:
             trajectory_prefix(ts, self.options.prefix)
         with petsc_errors(WHO, "setting up PETSc TS from the options"):
             ts.setFromOptions()
-        self._restarting, self._pre_stage = False, None
+        self._pre_stage = None
         if ts.getType() == "arkimex" and p.form == "implicit":
             self._pre_stage = set_pre_stage(ts, self._stage_begins)
         user_step = self.options.given.keys() & {"ts_time_step", "ts_dt"} or \
@@ -238,6 +242,7 @@ class _ODESolve:
             raise ValueError(f"{WHO}: func(t, y) returned shape {tuple(value.shape)} at "
                              f"t = {t0:g}, but dy/dt must have the shape of {where}, "
                              f"{tuple(self.shape)}")
+        warn_if_rounded(WHO, "func(t, y)", value, self.y0.dtype)
         check_finite(value, f"{WHO}: func(t, y) at t = {t0:g} (y = y0)",
                      "check func for a division by zero, a log or sqrt of a negative number, "
                      "or an overflow", error=ForeignError)
@@ -274,7 +279,7 @@ class _ODESolve:
 
     def _ifunction(self, ts, t, U, Udot, F):
         self.n_func += 1
-        if self._restarting:  # see restart_step
+        if self.jacobians.restarting:  # see restart_step
             t = ts.getTime()
         value = evaluate(self.p.rhs, t, self._ghosted(U))
         torch.sub(self._owned(Udot), value, out=self._owned(F, "w"))
@@ -283,12 +288,12 @@ class _ODESolve:
         """Start the next step afresh (no data from the step before). ARKIMEX then solves
         F(t, y, slope) = 0 for the first stage's slope, but at the time of the last stage it
         computed, forward or adjoint, not at the step's start: until the step's first stage
-        begins, func gets the step's start time."""
+        begins, func (residual and Jacobian) gets the step's start time."""
         self.ts.restartStep()
-        self._restarting = self._pre_stage is not None
+        self.jacobians.restarting = self._pre_stage is not None
 
     def _stage_begins(self):
-        self._restarting = False
+        self.jacobians.restarting = False
 
     # -- forward and adjoint --------------------------------------------------------------------
     def solve(self):
@@ -304,7 +309,9 @@ class _ODESolve:
         self._owned(self.u, "w").copy_(self.y0)
         ts.setTime(float(times[0]))
         ts.setStepNumber(0)
-        ts.setMaxTime(float(times[-1]))
+        # PETSc tests its end time before the output hook rounds a step that landed a rounding
+        # short, and a step it does not end on is stored and followed by a sliver
+        ts.setMaxTime(petsc_real(times[-1] - _landing_window(times, len(times) - 1)))
         self.outputs.start(ts, times, self.y0, self.p.steps_per_interval, self.dt0)
         self.restart_step()  # as TSSolve does at step 0
         if self.log:
@@ -357,6 +364,11 @@ class _ODESolve:
         if jacobians.block_lu is None and self.log is None:  # (BlockLU checks and refines its
             ksp.setPostSolve(self._check_adjoint_solve)  # own transposed solves)
         want_params = jacobians.paired = any(needs_input_grad[3:])
+        if jacobians.count == 0 and ts.getType() == "arkimex":  # Newton never needed one (func
+            # constant in y): ARKIMEX's adjoint copies the unassembled matrix, so assemble it
+            J, P, _ = ts.getIJacobian()
+            with petsc_errors(WHO, "the Jacobian for the adjoint"):
+                ts.computeIJacobian(ts.getTime(), ts.getSolution(), self.F, 1.0, J, P)
         lams = [self.layout.global_vec() for _ in cotangents]
         mus = [PETSc.Vec().createMPI((jacobians.params.n, None), comm=self.layout.comm)
                for _ in cotangents] if want_params else []
@@ -445,6 +457,11 @@ class _ODESolve:
         self.options.close()
 
 
+def _landing_window(times, k):
+    """How close to output time k a step that lands on it ends (rounding of the step sums)."""
+    return 1e-12 * max(abs(times[k]), times[k] - times[k - 1])
+
+
 class _Outputs:
     """The TS post-step hook that lands steps on the output times and keeps the solution at
     each. (PETSc's evaluation times are not used: PETSc 3.26 passes its closeness tolerance,
@@ -471,10 +488,10 @@ class _Outputs:
         k, times = len(self.steps), self.times
         if k >= len(times):
             return
-        check_progress(ts, times, WHO, self.owned(ts.getSolution(), "r"))
         t, dt = ts.getTime(), ts.getTimeStep()
-        if abs(t - times[k]) <= 1e-12 * max(abs(times[k]), times[k] - times[k - 1]):
-            ts.setTime(float(times[k]))  # rounding off the last step; ends the solve exactly
+        check_progress(ts, times, WHO, self.owned(ts.getSolution(), "r"))
+        if abs(t - times[k]) <= _landing_window(times, k):
+            ts.setTime(float(times[k]))  # rounding off the last step
             self.steps.append(ts.getStepNumber())
             self.values.append(self.owned(ts.getSolution(), "r").clone())
             if k + 1 == len(times):
@@ -536,6 +553,13 @@ class ODESolver:
                              f"{steps_per_interval!r}")
         check_options(WHO, options)
         fixed = step_size is not None or steps_per_interval is not None
+        for name, tol in (("rtol", rtol), ("atol", atol)):
+            if not (isinstance(tol, numbers.Real) and math.isfinite(tol) and tol >= 0):
+                raise ValueError(f"{WHO}: {name} must be a finite number >= 0, got {tol!r}")
+        if rtol == 0 and atol == 0:
+            raise ValueError(f"{WHO}: rtol and atol are both 0, but step control and Newton's "
+                             f"test weigh errors by atol + rtol |y|; give a positive one (e.g. "
+                             f"rtol=1e-6, atol=1e-8)")
         if method == "rk4" and not fixed and not (options or {}).get("ts_adapt_type"):
             raise ValueError(f"{WHO}: rk4 has no error estimate to adapt steps with; give "
                              f"step_size or steps_per_interval, or use an adaptive method such "
@@ -571,10 +595,19 @@ class ODESolver:
         if t.ndim != 1 or t.numel() < 2:
             raise ValueError(f"{WHO}: t must be a 1-D sequence of at least 2 times (the initial "
                              f"time first), got shape {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            k = int(torch.nonzero(~torch.isfinite(t))[0])
+            raise ValueError(f"{WHO}: t[{k}] is {t[k].item()}; every time must be finite")
         if not bool((t[1:] > t[:-1]).all()):
             k = int(torch.nonzero(t[1:] <= t[:-1])[0])
             raise ValueError(f"{WHO}: times must strictly increase, but t[{k + 1}] = "
                              f"{t[k + 1].item():g} follows t[{k}] = {t[k].item():g}")
+        gaps = (t[1:] - t[:-1]) / torch.maximum(t[1:].abs(), t[:-1].abs())
+        if bool((gaps <= COLLAPSE).any()):
+            k = int(torch.nonzero(gaps <= COLLAPSE)[0])
+            raise ValueError(f"{WHO}: t[{k}] = {t[k].item():.17g} and t[{k + 1}] = "
+                             f"{t[k + 1].item():.17g} are a few rounding units apart, too close "
+                             f"for a time step between them; merge or space them")
         if adjoint_params is None:
             adjoint_params = tuple(func.parameters()) if isinstance(func, torch.nn.Module) \
                 else ()

@@ -45,6 +45,7 @@ class ODEJacobians:
         self.blocks = self.block_lu = self.compiled = None
         self.dense = self.stacked = self.chord = False
         self.paired = False  # an adjoint that wants parameter gradients (see rhs_jacobian)
+        self.restarting = False  # ARKIMEX's restart: PETSc's time is stale (see restart_step)
         self.count = 0
         self.reset()
 
@@ -168,6 +169,8 @@ class ODEJacobians:
             return
         self._new_step, self._shift = False, shift
         self.count += 1
+        if self.restarting:
+            t = ts.getTime()
         lin = self.linearisation(t, self.layout.exchange(U))
         if self.dense:
             self.blocks.set_dense(lin.jacobian, diag_shift=shift, factor=-1.0)

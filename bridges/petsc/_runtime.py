@@ -147,3 +147,10 @@ def destroy(*objects) -> None:
     for obj in objects:
         if obj is not None:
             obj.destroy()
+
+
+def petsc_real(value) -> float:
+    """`value` for a PETSc setter of a real that reads -1 as PETSC_DETERMINE (TSSetMaxTime
+    replaces it with its default): -1 itself becomes the double just below it."""
+    value = float(value)
+    return np.nextafter(-1.0, -np.inf) if value == -1.0 else value

@@ -18,8 +18,8 @@ import torch
 
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError
-from .._linearise import describe_tensors, probe, untracked_inputs
-from .._runs import RunPool, check_choice, check_state
+from .._linearise import describe_tensors, grads, probe, untracked_inputs
+from .._runs import RunPool, check_choice, check_state, warn_if_rounded
 from .._runs import forward as run_forward
 from ._grid import Grid, SerialLayout
 from ._jacobian import PRODUCTS, ColouredJacobian, TorchJacobian, plan_jacobian
@@ -230,6 +230,7 @@ class _Solve:
                              f"{tuple(out.shape)}) for {int(np.prod(shape))} unknowns (shape "
                              f"{shape}){' of its ghosted block ' + str(tuple(u.shape)) if self.p.grid else ''}"
                              f"; F must have one entry per unknown")
+        warn_if_rounded(WHO, "residual", out, u.dtype)
         return out
 
     def check_tracked(self):
@@ -327,9 +328,9 @@ class _Solve:
     def pullback(self, grad_x, *, needs_input_grad):
         want = [needs_input_grad[2 + i] and isinstance(p, torch.Tensor)
                 for i, p in enumerate(self.params)]
-        grads = [None] * len(self.params)
+        param_grads = [None] * len(self.params)
         if not any(want):
-            return (None, None, *grads)
+            return (None, None, *param_grads)
         ksp = self.snes.getKSP()
         u = self._ghosted(self.x_vec)
         self._linearise(u)  # the operator (and PC) at the solution itself
@@ -373,15 +374,12 @@ class _Solve:
             it = iter(leaves)
             args = [next(it) if w else p for p, w in zip(self.params, want)]
             value = self.p.residual(u, *args)
-            parts = torch.autograd.grad(value, leaves, -lam_t.view(value.shape),
-                                        allow_unused=True)
-        it = iter(parts)
+            parts = iter(grads(value, leaves, -lam_t.view(value.shape), zeros=True))
         for i, w in enumerate(want):
             if w:
-                part = next(it)
-                grads[i] = torch.zeros_like(self.params[i]) if part is None else part
+                param_grads[i] = next(parts)
         self.options.report_unused(final=True)
-        return (None, None, *grads)
+        return (None, None, *param_grads)
 
     def release(self):
         """Free this solve's PETSc objects (idempotent; the assembler's matrix is the
