@@ -387,14 +387,15 @@ def test_a_less_precise_func_is_warned_about():
                                    [-1.999, 0.001], [0.0, 1.0]])
 def test_end_times_that_petsc_reads_specially_or_steps_land_short_of(times):
     """Backward Euler, 10 steps of h on y' = -k y: y_N = (1 + kh)^-N exactly, so dy_N/dk =
-    -N h (1 + kh)^-(N+1); the adaptive default against the exact solution. func is never
-    evaluated past the end (nor at ARKIMEX's stale restart time, 0, which is past it for the
-    negative spans)."""
+    -N h (1 + kh)^-(N+1); the adaptive default (also with checkpoints) against the exact
+    solution. func is never evaluated past the end (nor at ARKIMEX's stale restart time, 0,
+    which is past it for the negative spans)."""
     t, n, k0 = torch.tensor(times, dtype=F64), 10, 1.5
     h = (times[1] - times[0]) / n
     seen = []
     for method, kwargs in [("beuler", {"steps_per_interval": n}),
-                           ("arkimex", {"rtol": 1e-10, "atol": 1e-12})]:
+                           ("arkimex", {"rtol": 1e-10, "atol": 1e-12}),
+                           ("arkimex", {"rtol": 1e-10, "atol": 1e-12, "checkpoints": 2})]:
         k = torch.tensor(k0, dtype=F64, requires_grad=True)
 
         def func(s, y):
