@@ -183,6 +183,9 @@ class FDFunction:
         out = []
         for k, key in enumerate(keys):
             y = memo[key]
+            if not np.issubdtype(y.dtype, np.number):
+                raise TypeError(f"{self.name}: the black box must return numbers, got an array "
+                                f"of dtype {y.dtype} {what(k)}")
             bad = ~np.isfinite(y)
             if check and bad.any():
                 i = int(np.flatnonzero(bad.ravel())[0])

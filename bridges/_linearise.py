@@ -277,15 +277,25 @@ def batched_jacobian(fn, u):
         return _batched_pass(leaf, fn(leaf))
 
 
+def probe_points(u):
+    """u and a fixed random point near it (relative distance 1e-3), for structure checks that a
+    coincidence at u alone would fool (a coupling whose derivative vanishes there)."""
+    nudge = torch.randn(u.shape, dtype=u.dtype, generator=torch.Generator().manual_seed(1))
+    scale = float(u.abs().max()) or 1.0
+    return u, u + 1e-3 * (u.abs() + 1e-3 * scale) * nudge
+
+
 def acts_on_rows(fn, u):
     """Whether fn, given n stacked copies of u, returns n copies of fn(u) whose Jacobians are
-    fn's at u: checked once against the batched backward."""
+    fn's at u: checked against the batched backward at u and at a random point near it (at u
+    alone, a term coupling the copies with zero derivative there, such as (y - y.mean(0))^2,
+    would pass)."""
     try:
         with torch.no_grad():
             value = fn(u.reshape(1, -1).expand(u.numel(), -1).reshape(u.numel(), *u.shape))
         if value.shape != (u.numel(), *u.shape):
             return False
-        return bool(torch.allclose(stacked_jacobian(fn, u), batched_jacobian(fn, u),
-                                   rtol=1e-12, atol=0))
+        return all(bool(torch.allclose(stacked_jacobian(fn, v), batched_jacobian(fn, v),
+                                       rtol=1e-12, atol=0)) for v in probe_points(u))
     except (RuntimeError, IndexError, ValueError):  # func does not take a batch dimension
         return False

@@ -157,6 +157,13 @@ def test_complex_scheme_needs_complex_propagation():
         f(torch.ones(2, dtype=torch.float64, requires_grad=True)).sum().backward()
 
 
+def test_a_black_box_returning_no_numbers_is_named():
+    f = fd2pytorch(lambda x: np.array(["hello"]), name="words")
+    with pytest.raises(ForeignError, match=r"words: the black box must return numbers, got an "
+                                        r"array of dtype <U5 at the unperturbed input"):
+        f(torch.ones(1, dtype=torch.float64))
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="unknown scheme 'spline'; valid schemes: forward, "
                                          "central, complex"):

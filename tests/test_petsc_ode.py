@@ -291,6 +291,25 @@ def test_samples_coupled_by_func_get_the_whole_jacobian_not_their_blocks():
     _assert_close_relative(results[0][1].view(1), fd.view(1), 1e-6)
 
 
+def test_samples_coupled_only_away_from_y0_are_not_taken_for_independent():
+    """Rows coupled through y - mean(y), whose derivative vanishes at equal rows: at y0 alone
+    the per-sample blocks look exact, but not once the rows part. The gradient equals the
+    matrix-free path's (and dopri5's, an explicit method with no Jacobian to choose)."""
+    def func(t, y):
+        return -y + (y - y.mean(0, keepdim=True)) ** 2 + \
+            0.1 * torch.sin(3 * t) * torch.arange(3.0, dtype=F64).reshape(3, 1)
+    t = torch.tensor([0.0, 1.0, 3.0], dtype=F64)
+    grads = []
+    for kwargs in [{}, {"jacobian": "matrix-free", "options": {"ksp_rtol": 1e-13}},
+                   {"method": "dopri5"}]:
+        y0 = torch.ones(3, 2, dtype=F64, requires_grad=True)
+        ys = odeint_adjoint(func, y0, t, rtol=1e-10, atol=1e-12, **kwargs)
+        grads.append(torch.autograd.grad(ys[-1, 0, 0], y0)[0])
+    assert float(grads[1][1:].abs().max()) > 1e-4  # the other rows do matter
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-8)
+    torch.testing.assert_close(grads[0], grads[2], rtol=0, atol=1e-7)
+
+
 def test_matrix_free_and_block_jacobians_agree():
     t = ROBERTSON_T[:6]
     grads = []

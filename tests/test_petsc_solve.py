@@ -189,6 +189,17 @@ def test_a_param_the_residual_ignores_gets_a_zero_gradient():
     assert float(gb) == 0.0
 
 
+def test_a_residual_shaped_unlike_x_but_with_one_entry_per_unknown():
+    """x0 of shape (2, 3), residual x.T - b of shape (3, 2) (not contiguous): entries pair up
+    in order of their flattening."""
+    b = torch.arange(6.0, dtype=torch.float64).reshape(3, 2).requires_grad_()
+    x = solve(lambda x, b: x.T - b, torch.zeros(2, 3, dtype=torch.float64), b)
+    torch.testing.assert_close(x, b.detach().T)
+    (gb,) = torch.autograd.grad((x * torch.arange(6.0, dtype=torch.float64).reshape(2, 3)).sum(),
+                                b)
+    torch.testing.assert_close(gb, torch.arange(6.0, dtype=torch.float64).reshape(2, 3).T)
+
+
 def test_a_less_precise_residual_is_warned_about():
     with pytest.warns(UserWarning, match="residual returned torch.float32 for a torch.float64"):
         x = solve(lambda x: (x ** 2 - 2).float(), torch.ones(1, dtype=torch.float64))

@@ -77,7 +77,7 @@ class TorchJacobian:
         else:  # ghosted tangent (halo exchanged) -> owned product
             v = layout.exchange(x)
             product = self._lin.jvp(v) if self.products == "forward" else self._lin.fd_jvp(v)
-            torch.mul(product.view(out.shape), self.factor, out=out)
+            torch.mul(product.reshape(out.shape), self.factor, out=out)
         if self.diag_shift:
             out.add_(owned_x, alpha=self.diag_shift)
 
