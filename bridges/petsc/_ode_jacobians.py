@@ -101,9 +101,10 @@ class ODEJacobians:
         if jacobian == "assembled":
             self.blocks = p.assembler
         self.assembled = jacobian in ("assembled", "blocks")
-        # one small system of plain torch: its whole Jacobian comes from one reverse pass per
-        # point (see DenseLinearisation)
-        self.dense = (jacobian == "blocks" and n == self.blocks.n_in and products != "forward"
+        # one small system of plain torch (not a batch, whose blocks come from one reverse
+        # pass over their colours): its whole Jacobian from one reverse pass per point (see
+        # DenseLinearisation)
+        self.dense = (jacobian == "blocks" and block == n and products != "forward"
                       and n <= DENSE_LIMIT and not caps.bridged)
         self.stacked = self.dense and acts_on_rows(fn, u0)
         if p.compile_jacobian:
