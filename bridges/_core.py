@@ -356,6 +356,13 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
 
     def setup_context(ctx, inputs, output):
         record = _pending.call
+        if record is None:  # the per-sample calls of `vmap` below consumed it
+            raise MissingDerivativeError(
+                f"{name}: torch.func.grad, vjp, jacrev, jvp or jacfwd inside torch.func.vmap "
+                f"cannot reach this op's derivative rules, which vmap runs once per sample; "
+                f"put vmap inside instead (torch.func.jacrev, or vmap over the pullback "
+                f"torch.func.vjp returns), or differentiate the vmapped op with ordinary "
+                f"autograd (.backward(), torch.autograd.grad)")
         if record[2] is not _TRANSFORMED and not _in_functorch_transform():
             _pending.call = None  # plain autograd: this is the only setup_context
         setup(ctx, inputs, output, *record)
@@ -401,7 +408,13 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
         return out[0] if call.single else out
 
     def vmap(info, in_dims, *args):
-        per_sample = [function.apply(*_select(args, in_dims, b)) for b in range(info.batch_size)]
+        grad, per_sample = getattr(_pending, "grad", True), []
+        for b in range(info.batch_size):
+            _pending.grad = grad  # (each sample's call sees the caller's grad mode)
+            per_sample.append(function.apply(*_select(args, in_dims, b)))
+        # a transform outside (torch.func.grad inside vmap) would take one sample's derivative
+        # rules for all: its setup_context finds none, and says so
+        _pending.call = None
         if isinstance(per_sample[0], torch.Tensor):
             return torch.stack(per_sample), 0
         n = len(per_sample[0])

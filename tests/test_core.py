@@ -71,9 +71,29 @@ def test_jacrev_vmap_jacfwd_match_analytic_jacobian():
     torch.testing.assert_close(torch.func.jacfwd(f)(a), expected)
     batch = torch.randn(7, 5, dtype=torch.float64)
     torch.testing.assert_close(torch.func.vmap(f)(batch), 2.0 * batch * b + torch.sin(c))
-    # per-sample Jacobians: vmap over jacrev
-    jac = torch.func.vmap(torch.func.jacrev(f))(batch)
-    torch.testing.assert_close(jac, expected.expand(7, 5, 5))
+    # per-sample Jacobians through ordinary autograd over the vmapped op (a block diagonal)
+    batch.requires_grad_()
+    jac = torch.autograd.functional.jacobian(torch.func.vmap(f), batch)
+    torch.testing.assert_close(torch.einsum("bibj->bij", jac), expected.expand(7, 5, 5))
+
+
+def test_derivatives_through_vmap_are_per_sample_or_refused():
+    """y2 = sum(a^2) c is nonlinear in a, so every sample has its own pullback. Gradients
+    outside vmap reach each sample's (grad over vmap); derivative transforms inside vmap, which
+    would see only one sample's rules, are refused by name (they used to take the last
+    sample's pullback for all)."""
+    _, b, c = (t.detach() for t in _inputs())
+    batch = torch.randn(4, 5, dtype=torch.float64)
+    g = torch.func.grad(lambda a: torch.func.vmap(
+        lambda x: NumpyOp.apply(x, b, 2.0, c)[1])(a).sum())(batch)
+    torch.testing.assert_close(g, 2 * batch * c.sum())
+    for transform in (torch.func.grad, torch.func.jacrev, torch.func.jacfwd):
+        f = (lambda a: NumpyOp.apply(a, b, 2.0, c)[1].sum()) if transform is torch.func.grad \
+            else (lambda a: NumpyOp.apply(a, b, 2.0, c)[1])
+        with pytest.raises(bridges.MissingDerivativeError,
+                           match=r"numpy_op: torch.func.grad, vjp, jacrev, jvp or jacfwd inside "
+                                 r"torch.func.vmap .*put vmap inside"):
+            torch.func.vmap(transform(f))(batch)
 
 
 def test_torch_func_grad_and_vjp():

@@ -219,8 +219,9 @@ def test_gradient_wrt_the_times_passes_gradcheck_and_batches_under_jacrev():
 
 
 def test_captured_tensors_that_require_grad_are_not_dropped_silently():
-    """A plain function's captured weights cannot be differentiated unless passed: refused;
-    adjoint_params that leave some out: a warning; everything passed: neither."""
+    """A plain function's captured weights cannot be differentiated unless passed: refused, also
+    when no input requires grad; adjoint_params that leave some out: a warning; everything
+    passed, or no grad mode: neither."""
     k = torch.tensor(0.7, dtype=F64, requires_grad=True)
     func = lambda t, y: -k * y  # noqa: E731
     y0, t = torch.ones(2, dtype=F64, requires_grad=True), torch.tensor([0.0, 1.0], dtype=F64)
@@ -228,6 +229,11 @@ def test_captured_tensors_that_require_grad_are_not_dropped_silently():
                                            r"\(shapes \(\)\) but are not among adjoint_params"
                                            r".*adjoint_params=\(w, \.\.\.\)"):
         odeint_adjoint(func, y0, t)
+    # nothing the op differentiates requires grad, yet k does: its gradient would lack the ODE
+    with pytest.raises(ForeignError, match=r"func uses 1 tensor\(s\) that require grad .*"
+                                           r"neither y0, t nor adjoint_params require grad"
+                                           r".*torch.no_grad\(\)"):
+        odeint_adjoint(func, y0.detach(), t)
     model = Oscillator()
     with pytest.warns(UserWarning, match=r"func uses 2 tensor\(s\) that require grad"):
         odeint_adjoint(model, torch.ones(2, dtype=F64), t, adjoint_params=(model.k,))
@@ -635,3 +641,20 @@ def test_jacrev_through_odeint_is_one_adjoint_sweep_and_exact():
     jac = torch.func.jacrev(lambda y0: odeint_adjoint(lambda s, y: a @ y, y0, t, rtol=1e-10,
                                                       atol=1e-12)[-1])(torch.ones(2, dtype=F64))
     torch.testing.assert_close(jac, torch.linalg.matrix_exp(a), rtol=1e-7, atol=1e-9)
+
+
+def test_vmap_over_y0_runs_one_solve_per_sample_with_each_samples_gradient():
+    """torch.func.vmap over y0 (the front door's checks cannot read values there): each
+    sample's solution and gradient, by ordinary autograd and by torch.func.grad outside vmap,
+    against exp(-k t)."""
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    y0 = torch.tensor([[0.5, 1.0], [2.0, -1.0], [1.5, 0.25]], dtype=F64, requires_grad=True)
+    single = lambda y: odeint_adjoint(lambda t, y: -0.7 * y, y, t, rtol=1e-10,  # noqa: E731
+                                      atol=1e-12)[-1]
+    ys = torch.func.vmap(single)(y0)
+    decay = float(np.exp(-0.7))
+    torch.testing.assert_close(ys, y0.detach() * decay, rtol=1e-8, atol=0)
+    ys.square().sum().backward()
+    torch.testing.assert_close(y0.grad, 2 * y0.detach() * decay ** 2, rtol=1e-8, atol=0)
+    g = torch.func.grad(lambda y: torch.func.vmap(single)(y).square().sum())(y0.detach())
+    torch.testing.assert_close(g, y0.grad, rtol=1e-12, atol=0)

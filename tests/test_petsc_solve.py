@@ -216,7 +216,10 @@ def test_a_captured_tensor_that_requires_grad_is_refused_not_dropped():
               torch.ones((), dtype=torch.float64, requires_grad=True))
     x = solve(lambda x, a: x ** 3 - a, x0, a)  # passed: differentiated
     torch.testing.assert_close(torch.autograd.grad(x.sum(), a)[0], a.detach() ** (-2 / 3) / 3)
-    solve(lambda x: x ** 3 - a, x0)  # nothing needs a gradient: nothing is checked
+    with pytest.raises(ForeignError, match=r"residual uses 1 tensor\(s\) that require grad"):
+        solve(lambda x: x ** 3 - a, x0)  # no input requires grad, but a does
+    with torch.no_grad():  # no gradient wanted: nothing to check
+        solve(lambda x: x ** 3 - a, x0)
     for packed in ([a], (a,), {"a": a}):
         with pytest.raises(TypeError, match=rf"params\[0\] is a {type(packed).__name__} "
                                             rf"holding tensors that require grad"):

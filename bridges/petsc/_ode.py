@@ -86,6 +86,9 @@ class _ODEProblem:
         self.jacobian, self.products = jacobian, products
         self.compile_jacobian = compile_jacobian
         self.assembler, self.grid = assembler, grid
+        # grad mode at the call: with it on, tensors requiring grad that func captures must be
+        # differentiated even when no input requires grad
+        self.grad_mode = torch.is_grad_enabled()
         self._t = self._t_tensor = None
 
     def rhs(self, t, y):
@@ -232,7 +235,8 @@ class _ODESolve:
     def _check_func(self, t0):
         """func at (t0, y0), once: its output must have the state's (owned) shape and be finite."""
         self._owned(self.u, "w").copy_(self.y0)
-        with torch.enable_grad() if self.record else torch.no_grad():  # (see _check_tracked)
+        tracking = self.record or self.p.grad_mode  # (see _check_tracked)
+        with torch.enable_grad() if tracking else torch.no_grad():
             value = self.p.rhs(t0, self._ghosted(self.u))
         where = "this rank's owned block" if self.layout.dm is not None else "y0"
         if not isinstance(value, torch.Tensor):
@@ -246,7 +250,7 @@ class _ODESolve:
         check_finite(value, f"{WHO}: func(t, y) at t = {t0:g} (y = y0)",
                      "check func for a division by zero, a log or sqrt of a negative number, "
                      "or an overflow", error=ForeignError)
-        if self.record:
+        if tracking:
             self._check_tracked(value)
 
     def _check_tracked(self, value):
@@ -255,6 +259,12 @@ class _ODESolve:
         missed = untracked_inputs(value, self.p.params)
         if not missed:
             return
+        if not self.record:  # nothing the op differentiates requires grad
+            raise ValueError(f"{WHO}: func uses {describe_tensors(missed)}, but neither y0, t "
+                             f"nor adjoint_params require grad, so the solve would give them "
+                             f"no gradient; pass them, odeint_adjoint(func, y0, t, "
+                             f"adjoint_params=(w, ...)), or call under torch.no_grad() if no "
+                             f"gradient is wanted")
         what = (f"{WHO}: func uses {describe_tensors(missed)} but are not among "
                 f"adjoint_params, so they get no gradient")
         if not self.p.params and not isinstance(self.p.func, torch.nn.Module):
@@ -507,7 +517,7 @@ def _forward(y0, t, problem, *params, needs_input_grad):
     times = t.detach().cpu().numpy().astype(np.float64)
     solver = problem.solver() if problem.solver is not None else None
     pool = solver._pool if solver is not None else None
-    key = (*problem.key, record)
+    key = (*problem.key, record, problem.grad_mode)
     run = pool.take(key) if pool is not None else None
     if run is None:
         run = _ODESolve(problem, y0, times, record, key)

@@ -131,6 +131,9 @@ class _Problem:
         self.grid, self.linear, self.symmetric = grid, linear, symmetric
         self.nullspace, self.key, self.sink = nullspace, key, sink
         self.solver = weakref.ref(solver) if solver is not None else None
+        # grad mode at the call: with it on, tensors requiring grad that residual captures
+        # must be differentiated even when no input requires grad
+        self.grad_mode = torch.is_grad_enabled()
 
 
 class _Solve:
@@ -399,7 +402,7 @@ def _forward(x0, problem, *params, needs_input_grad):
         run = _Solve(problem, x0, params, problem.key)
     else:
         run.start(x0, params, problem.sink)
-    if any(needs_input_grad):
+    if any(needs_input_grad) or problem.grad_mode:
         try:
             run.check_tracked()
         except BaseException:
