@@ -155,18 +155,23 @@ class FDFunction:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self.name}: expected a tensor input, got {type(x).__name__}")
+        if x.numel() == 0:
+            raise ValueError(f"{self.name}: the input is empty (shape {tuple(x.shape)}); the "
+                             f"black box needs at least one number to differentiate by")
         if self.sparsity is not None and self.sparsity.shape[1] != x.numel():
             raise ValueError(f"{self.name}: sparsity has {self.sparsity.shape[1]} columns but the "
                              f"input has {x.numel()} elements; give an m x {x.numel()} pattern")
         return self.op.apply(x)
 
     # -- evaluation ---------------------------------------------------------------------------
-    def _evaluate(self, points, what, memo=None, counter="evaluations", check=True):
-        """The black box at each point, checked (unless not `check`) for non-finite values;
-        `what(k)` describes point k for errors. Points already in `memo` (a dict from point
-        bytes to outputs) are not run again.
+    def _evaluate(self, points, what, memo=None, counter="evaluations", check=True, size=None):
+        """The black box at each point, checked for numbers, for `size` entries (else those of
+        the first point) and (unless not `check`) for non-finite values; `what(k)` describes
+        point k for errors. Points already in `memo` (a dict from point bytes to outputs) are
+        not run again.
         """
         memo = {} if memo is None else memo
+        reference = "at the unperturbed input"  # (where `size` comes from, when given)
         keys = [p.tobytes() for p in points]
         todo = list({key: p for key, p in zip(keys, points) if key not in memo}.items())
         with self._lock:
@@ -179,13 +184,26 @@ class FDFunction:
                 results = list(pool.map(self.func, fresh))
         else:
             results = list(self.workers.map(self.func, fresh))
-        memo.update((key, np.asarray(y)) for (key, _), y in zip(todo, results))
+        for (key, _), y in zip(todo, results):
+            try:
+                memo[key] = np.asarray(y)
+            except ValueError as exc:  # (ragged nested lists)
+                raise TypeError(f"{self.name}: the black box must return an array of numbers, "
+                                f"got a {type(y).__name__} numpy cannot read as one "
+                                f"({exc})") from None
         out = []
         for k, key in enumerate(keys):
             y = memo[key]
             if not np.issubdtype(y.dtype, np.number):
                 raise TypeError(f"{self.name}: the black box must return numbers, got an array "
                                 f"of dtype {y.dtype} {what(k)}")
+            if size is None:
+                size, reference = y.size, what(k)
+            if y.size != size:
+                raise ForeignError(
+                    f"{self.name}: the black box returned {y.size} numbers {what(k)}, but "
+                    f"{size} {reference}; its output must have the same length at every input "
+                    f"near it (a program that drops or adds lines of output?)")
             bad = ~np.isfinite(y)
             if check and bad.any():
                 i = int(np.flatnonzero(bad.ravel())[0])
@@ -286,7 +304,7 @@ class FDFunction:
         ys = self._evaluate([x + c * d for d in deltas for c in multiples],
                             lambda k: f"probing the curvature for columns "
                                       f"{_columns(groups[k // len(multiples)])}", memo,
-                            counter="noise_evaluations", check=False)
+                            counter="noise_evaluations", check=False, size=y0.size)
         ys = [y.reshape(-1) for y in ys]
         if not all(np.isfinite(y).all() for y in ys):
             return None
@@ -411,13 +429,15 @@ class FDFunction:
         def what(sign):
             return lambda i: f"at x {sign(i)} h for {describe(i % k)} ({self.scheme} scheme)"
         if self.scheme == "forward":
-            ys = self._evaluate([x + d for d in deltas], what(lambda i: "+"), memo)
+            ys = self._evaluate([x + d for d in deltas], what(lambda i: "+"), memo,
+                                size=y0.size)
             return [y.reshape(-1) - y0 for y in ys]
         if self.scheme == "central":
             ys = self._evaluate([x + d for d in deltas] + [x - d for d in deltas],
-                                what(lambda i: "+" if i < k else "-"), memo)
+                                what(lambda i: "+" if i < k else "-"), memo, size=y0.size)
             return [(ys[i].reshape(-1) - ys[k + i].reshape(-1)) / 2 for i in range(k)]
-        ys = self._evaluate([x + 1j * d for d in deltas], what(lambda i: "+ i"), memo)
+        ys = self._evaluate([x + 1j * d for d in deltas], what(lambda i: "+ i"), memo,
+                            size=y0.size)
         if not all(np.iscomplexobj(y) for y in ys):
             raise TypeError(f"{self.name}: the black box returned real values for a complex "
                             f"input, so the complex-step scheme cannot see the derivative; make it "

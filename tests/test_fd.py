@@ -162,6 +162,24 @@ def test_a_black_box_returning_no_numbers_is_named():
     with pytest.raises(ForeignError, match=r"words: the black box must return numbers, got an "
                                         r"array of dtype <U5 at the unperturbed input"):
         f(torch.ones(1, dtype=torch.float64))
+    ragged = fd2pytorch(lambda x: [[1.0, 2.0], [3.0]], name="ragged")
+    with pytest.raises(ForeignError, match=r"ragged: the black box must return an array of "
+                                           r"numbers, got a list numpy cannot read as one"):
+        ragged(torch.ones(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"words: the input is empty \(shape \(0,\)\)"):
+        f(torch.ones(0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rel_step", [None, 1e-6])  # (with and without measuring the noise)
+def test_an_output_whose_length_changes_between_runs_is_named(rel_step):
+    """A program that prints one line more at some inputs: named, with both lengths."""
+    def flaky(x):
+        return np.arange(3.0 if x[0] < 1.0 else 4.0) * x.sum()
+    f = fd2pytorch(flaky, name="flaky", rel_step=rel_step)
+    x = torch.tensor([1.0 - 1e-12, 2.0], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ForeignError, match=r"flaky: the black box returned 4 numbers at x .*, "
+                                           r"but 3 at .*must have the same length"):
+        f(x).sum().backward()
 
 
 def test_invalid_arguments():
