@@ -27,6 +27,7 @@ _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 _keep_graph = torch._C._autograd._get_current_graph_task_keep_graph  # retain_graph of a backward
 _is_compiling = torch.compiler.is_compiling
 _forward_calls = [0]
+_ANY_LEVEL = "any"  # a batched pullback's functorch level: any vmap may batch it
 _TRANSFORMED = "transformed"  # grad mode recorded by apply inside torch.func transforms
 
 
@@ -155,8 +156,12 @@ class _Call:
         what = lambda: f"{self.name}: the pullback's gradient for argument {i}"  # noqa: E731
         return _conform(_tensor(grad, what), spec, what)
 
-    def call_pushforward(self, *tangents):
-        out = _run_foreign(self.name, "pushforward", self.pushforward, *tangents)
+    def call_pushforward(self, *tangents, batch=None):
+        """The pushforward's tangents, checked; with `batch` (a batched pushforward under vmap)
+        every tangent has a leading dimension of that size."""
+        rule = self.pushforward if batch is None else functools.partial(self.pushforward,
+                                                                         batched=True)
+        out = _run_foreign(self.name, "pushforward", rule, *tangents)
         out = (out,) if not isinstance(out, (tuple, list)) else tuple(out)
         if len(out) != len(self.output_specs):
             raise ValueError(f"{self.name}: the pushforward returned {len(out)} tangent(s) for "
@@ -164,6 +169,8 @@ class _Call:
         conformed = []
         for k, (t, spec) in enumerate(zip(out, self.output_specs)):
             what = lambda: f"{self.name}: the pushforward's tangent for output {k}"  # noqa: E731
+            if batch is not None:
+                spec = (torch.Size((batch, *spec[0])), *spec[1:])
             conformed.append(_conform(_tensor(t, what), spec, what))
         return tuple(conformed)
 
@@ -221,9 +228,13 @@ class _RuleCall(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, name, rule, n_args, *tensors):
-        if getattr(rule, "batched", False):  # one call with every sample's cotangents
+        # one call with every sample's cotangents; a rule made for one vmap's samples (`level`,
+        # see _per_sample_pullback) only at that vmap, below whichever others batch its inputs
+        if getattr(rule, "batched", False) and getattr(
+                rule, "level", _ANY_LEVEL) in (_ANY_LEVEL, torch._C._functorch.maybe_current_level()):
             size = info.batch_size
-            cotangents = [t.expand(size, *t.shape) if d is None else t.movedim(d, 0)
+            cotangents = [t if t is None else t.expand(size, *t.shape) if d is None else
+                          t.movedim(d, 0)
                           for t, d in zip(tensors[:n_args], in_dims[3:3 + n_args])]
             out = rule(*cotangents, batch=size)
             return out, tuple(None if o is None else 0 for o in out)
@@ -236,6 +247,43 @@ class _RuleCall(torch.autograd.Function):
 
 def _select(args, in_dims, b):
     return [a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]
+
+
+def _per_sample_result(records, per_sample, outs, single, args, in_dims):
+    """A vmapped op's (outputs, pullback[, pushforward]) for a derivative transform outside
+    vmap, from its samples' `records` (their forward results) and outputs `per_sample`."""
+    inputs = [_select(args, in_dims, b) for b in range(len(records))]
+    result = (outs, _per_sample_rule([r[0][1] for r in records], inputs))
+    if all(len(r[0]) == 3 and r[0][2] is not None for r in records):
+        outputs = [(o,) if single else tuple(o) for o in per_sample]
+        result += (_per_sample_rule([r[0][2] for r in records], outputs),)
+    return result
+
+
+def _per_sample_rule(rules, likes):
+    """One batched derivative rule (see _RuleCall.vmap) from the rules (pullbacks or
+    pushforwards) of a vmapped op's samples: sample b's cotangents or tangents go to rules[b].
+    likes[b][i]: what result i of sample b must look like (its zeros stand in for a None)."""
+    def rule(*args, batched=True, **kwargs):
+        per_sample = []
+        for b, fn in enumerate(rules):
+            out = fn(*[None if a is None else a[b] for a in args], **kwargs)
+            per_sample.append(out if type(out) is tuple else tuple(out) if isinstance(
+                out, list) else (out,))
+        stacked = []
+        for i, column in enumerate(zip(*per_sample)):
+            if all(r is None for r in column) or not isinstance(likes[0][i], torch.Tensor):
+                stacked.append(None if all(r is None for r in column) else column[0])
+                continue
+            what = lambda: f"result {i} of a sample's derivative rule"  # noqa: E731
+            stacked.append(torch.stack([
+                torch.zeros_like(likes[b][i]) if r is None else
+                _conform(_tensor(r, what), _spec(likes[b][i]), what)
+                for b, r in enumerate(column)]))
+        return tuple(stacked)
+    rule.batched, rule.samples = True, len(rules)
+    rule.level = torch._C._functorch.maybe_current_level()  # (that of the vmap's rule)
+    return rule
 
 
 class BridgedOp:
@@ -356,13 +404,12 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
 
     def setup_context(ctx, inputs, output):
         record = _pending.call
-        if record is None:  # the per-sample calls of `vmap` below consumed it
+        if record is None:  # (see `vmap` below)
             raise MissingDerivativeError(
-                f"{name}: torch.func.grad, vjp, jacrev, jvp or jacfwd inside torch.func.vmap "
-                f"cannot reach this op's derivative rules, which vmap runs once per sample; "
-                f"put vmap inside instead (torch.func.jacrev, or vmap over the pullback "
-                f"torch.func.vjp returns), or differentiate the vmapped op with ordinary "
-                f"autograd (.backward(), torch.autograd.grad)")
+                f"{name}: torch.func.grad, vjp, jacrev, jvp or jacfwd inside nested "
+                f"torch.func.vmaps cannot reach this op's derivative rules, which vmap runs "
+                f"once per sample; use one vmap over the samples flattened, or differentiate "
+                f"outside vmap")
         if record[2] is not _TRANSFORMED and not _in_functorch_transform():
             _pending.call = None  # plain autograd: this is the only setup_context
         setup(ctx, inputs, output, *record)
@@ -393,6 +440,7 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
             return ctx.call.call_pullback(pullback, ctx.needs_input_grad, *grad_outputs)
         rule = functools.partial(ctx.call.call_pullback, pullback, ctx.needs_input_grad)
         rule.batched = getattr(pullback, "batched", False)
+        rule.level = getattr(pullback, "level", _ANY_LEVEL)
         return _RuleCall.apply(name, rule, len(grad_outputs), *grad_outputs, *anchors)
 
     def jvp(ctx, *tangents):
@@ -402,23 +450,30 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
                 f"{name} has no forward-mode (jvp) rule: its adapter gives only a pullback. Use "
                 f"reverse mode instead (backward, torch.func.vjp, torch.func.jacrev)")
         if _in_functorch_transform():
-            out = _RuleCall.apply(name, call.call_pushforward, len(tangents), *tangents)
+            rule = functools.partial(call.call_pushforward)
+            rule.batched = getattr(call.pushforward, "batched", False)
+            rule.level = getattr(call.pushforward, "level", _ANY_LEVEL)
+            out = _RuleCall.apply(name, rule, len(tangents), *tangents)
         else:
             out = call.call_pushforward(*tangents)
         return out[0] if call.single else out
 
     def vmap(info, in_dims, *args):
-        grad, per_sample = getattr(_pending, "grad", True), []
+        grad, per_sample, records = getattr(_pending, "grad", True), [], []
         for b in range(info.batch_size):
             _pending.grad = grad  # (each sample's call sees the caller's grad mode)
             per_sample.append(function.apply(*_select(args, in_dims, b)))
-        # a transform outside (torch.func.grad inside vmap) would take one sample's derivative
-        # rules for all: its setup_context finds none, and says so
-        _pending.call = None
-        if isinstance(per_sample[0], torch.Tensor):
-            return torch.stack(per_sample), 0
-        n = len(per_sample[0])
-        return tuple(torch.stack([s[k] for s in per_sample]) for k in range(n)), (0,) * n
+            records.append(_pending.call)  # kept (not None) when a transform waits outside
+        single = isinstance(per_sample[0], torch.Tensor)
+        outs = torch.stack(per_sample) if single else tuple(
+            torch.stack([s[k] for s in per_sample]) for k in range(len(per_sample[0])))
+        # a derivative transform outside (torch.func.grad inside vmap) gets every sample's
+        # rules in one; nested vmaps under it are refused there (its setup_context finds none)
+        _pending.call = None if None in records or any(
+            getattr(r[0][1], "samples", None) for r in records) else \
+            [_per_sample_result(records, per_sample, outs, single, args, in_dims), single,
+             records[0][2]]
+        return outs, (0 if single else (0,) * len(outs))
 
     doc = f"Bridged op '{name}' (made by bridges.foreign_function)."
     rules = [("backward", backward), ("jvp", jvp)]

@@ -13,6 +13,8 @@ import warnings
 import weakref
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from ._errors import check_finite
 
@@ -90,6 +92,32 @@ def check_state(who, name, value, what, check=None):
     if value.numel() == 0:
         raise ValueError(f"{who}: {name} is empty")
     check_finite(value, f"{who}: {name}", f"{what} must be finite")
+
+
+class RefuseTransformedReads(TorchFunctionMode):
+    """A torch function mode that refuses a user function reading a tensor of an enclosing
+    torch.func transform (grad, vmap, jacrev, ...; a functorch wrapper) which it captures
+    rather than receives: the solver differentiates the function with ordinary autograd, to
+    which such a tensor is a constant, so its derivative would be lost silently (or, under
+    vmap, one sample would stand for all). `passed` names what is differentiated instead."""
+
+    def __init__(self, who, what, passed):
+        super().__init__()
+        self.who, self.what, self.passed = who, what, passed
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(isinstance(a, torch.Tensor) and _is_wrapped(a)
+               for a in tree_leaves((args, kwargs))):
+            raise ValueError(f"{self.who}: {self.what} uses a tensor captured from an enclosing "
+                             f"torch.func transform (grad, vmap, jacrev, ...), whose derivative "
+                             f"would be lost. Under torch.func only {self.passed} are "
+                             f"differentiated; for the captured tensors use ordinary autograd "
+                             f"(loss.backward())")
+        return func(*args, **kwargs)
+
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def warn_if_rounded(who, what, value, dtype):

@@ -77,23 +77,26 @@ def test_jacrev_vmap_jacfwd_match_analytic_jacobian():
     torch.testing.assert_close(torch.einsum("bibj->bij", jac), expected.expand(7, 5, 5))
 
 
-def test_derivatives_through_vmap_are_per_sample_or_refused():
-    """y2 = sum(a^2) c is nonlinear in a, so every sample has its own pullback. Gradients
-    outside vmap reach each sample's (grad over vmap); derivative transforms inside vmap, which
-    would see only one sample's rules, are refused by name (they used to take the last
-    sample's pullback for all)."""
+def test_derivatives_inside_and_outside_vmap_reach_each_samples_rules():
+    """y2 = sum(a^2) c is nonlinear in a, so every sample has its own pullback and pushforward.
+    grad over vmap, and grad, jacrev and jacfwd inside vmap, give each sample its own
+    derivative (inside vmap they used to take the last sample's rules for all); inside two
+    nested vmaps they are refused by name."""
     _, b, c = (t.detach() for t in _inputs())
     batch = torch.randn(4, 5, dtype=torch.float64)
-    g = torch.func.grad(lambda a: torch.func.vmap(
-        lambda x: NumpyOp.apply(x, b, 2.0, c)[1])(a).sum())(batch)
+    f = lambda a: NumpyOp.apply(a, b, 2.0, c)[1]  # noqa: E731
+    g = torch.func.grad(lambda a: torch.func.vmap(f)(a).sum())(batch)
     torch.testing.assert_close(g, 2 * batch * c.sum())
-    for transform in (torch.func.grad, torch.func.jacrev, torch.func.jacfwd):
-        f = (lambda a: NumpyOp.apply(a, b, 2.0, c)[1].sum()) if transform is torch.func.grad \
-            else (lambda a: NumpyOp.apply(a, b, 2.0, c)[1])
-        with pytest.raises(bridges.MissingDerivativeError,
-                           match=r"numpy_op: torch.func.grad, vjp, jacrev, jvp or jacfwd inside "
-                                 r"torch.func.vmap .*put vmap inside"):
-            torch.func.vmap(transform(f))(batch)
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(lambda a: f(a).sum()))(batch),
+                               2 * batch * c.sum())
+    jacobians = 2 * c[None, :, None] * batch[:, None, :]
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        torch.testing.assert_close(torch.func.vmap(transform(f))(batch), jacobians)
+    with pytest.raises(bridges.MissingDerivativeError,
+                       match=r"numpy_op: torch.func.grad, vjp, jacrev, jvp or jacfwd inside "
+                             r"nested torch.func.vmaps"):
+        torch.func.vmap(torch.func.vmap(torch.func.grad(lambda a: f(a).sum())))(
+            batch.reshape(2, 2, 5))
 
 
 def test_torch_func_grad_and_vjp():

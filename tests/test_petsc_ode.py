@@ -658,3 +658,20 @@ def test_vmap_over_y0_runs_one_solve_per_sample_with_each_samples_gradient():
     torch.testing.assert_close(y0.grad, 2 * y0.detach() * decay ** 2, rtol=1e-8, atol=0)
     g = torch.func.grad(lambda y: torch.func.vmap(single)(y).square().sum())(y0.detach())
     torch.testing.assert_close(g, y0.grad, rtol=1e-12, atol=0)
+    g = torch.func.vmap(torch.func.grad(lambda y: single(y).square().sum()))(y0.detach())
+    torch.testing.assert_close(g, y0.grad, rtol=1e-12, atol=0)
+
+
+def test_torch_func_refuses_a_func_that_captures_a_transformed_tensor():
+    """Under torch.func.grad or vmap, a k that func captures (even if also passed as
+    adjoint_params) reaches the callbacks as a constant: its derivative was silently 0."""
+    t, y0 = torch.tensor([0.0, 1.0], dtype=F64), torch.ones(2, dtype=F64)
+    k = torch.tensor([0.7, 0.9], dtype=F64)
+    for call in (lambda k: odeint_adjoint(lambda t, y: -k * y, y0, t)[-1].sum(),
+                 lambda k: odeint_adjoint(lambda t, y: -k * y, y0, t,
+                                          adjoint_params=(k,))[-1].sum()):
+        for transform in (torch.func.grad, torch.func.vmap):
+            with pytest.raises(ForeignError, match=r"func\(t, y\) uses a tensor captured from "
+                                                   r"an enclosing torch.func transform .*only y0 "
+                                                   r"and t are differentiated"):
+                transform(call)(k[0] if transform is torch.func.grad else k)

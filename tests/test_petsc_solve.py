@@ -206,6 +206,22 @@ def test_a_less_precise_residual_is_warned_about():
     assert abs(float(x) - 2 ** 0.5) < 1e-6
 
 
+def test_torch_func_over_solve_params_per_sample_and_captured_ones_refused():
+    """vmap over grad and grad over vmap of x(c), x^3 = c, against c^(-2/3)/3; a c captured by
+    the residual instead of passed is refused (its derivative was silently 0)."""
+    c = torch.tensor([2.0, 3.0, 0.5], dtype=torch.float64)
+    x0 = torch.ones((), dtype=torch.float64)
+    root = lambda c: solve(lambda x, c: x ** 3 - c, x0, c, options={  # noqa: E731
+        "snes_rtol": 1e-14, "snes_atol": 1e-14})
+    want = c ** (-2 / 3) / 3
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(root))(c), want)
+    torch.testing.assert_close(torch.func.grad(lambda c: torch.func.vmap(root)(c).sum())(c),
+                               want)
+    with pytest.raises(ForeignError, match=r"residual uses a tensor captured from an enclosing "
+                                           r"torch.func transform"):
+        torch.func.grad(lambda c: solve(lambda x: x ** 3 - c, x0))(c[0])
+
+
 def test_a_captured_tensor_that_requires_grad_is_refused_not_dropped():
     a = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
     x0 = torch.ones(3, dtype=torch.float64)

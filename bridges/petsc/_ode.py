@@ -11,6 +11,7 @@ after the last backward that can use it, or when the outputs die without one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -23,7 +24,7 @@ import torch
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError, check_finite
 from .._linearise import describe_tensors, evaluate, untracked_inputs
-from .._runs import RunPool, check_choice, check_state, warn_if_rounded
+from .._runs import RefuseTransformedReads, RunPool, check_choice, check_state, warn_if_rounded
 from .._runs import forward as run_forward
 from ._capi import renew_trajectory, set_pre_stage, trajectory_prefix
 from ._checkpoint import MEMORYLESS, Recomputation, StepLog, budget
@@ -89,6 +90,7 @@ class _ODEProblem:
         # grad mode at the call: with it on, tensors requiring grad that func captures must be
         # differentiated even when no input requires grad
         self.grad_mode = torch.is_grad_enabled()
+        self.transformed = torch._C._are_functorch_transforms_active()  # (torch.func at the call)
         self._t = self._t_tensor = None
 
     def rhs(self, t, y):
@@ -236,7 +238,9 @@ class _ODESolve:
         """func at (t0, y0), once: its output must have the state's (owned) shape and be finite."""
         self._owned(self.u, "w").copy_(self.y0)
         tracking = self.record or self.p.grad_mode  # (see _check_tracked)
-        with torch.enable_grad() if tracking else torch.no_grad():
+        refuse = RefuseTransformedReads(WHO, "func(t, y)", "y0 and t") if self.p.transformed \
+            else contextlib.nullcontext()
+        with torch.enable_grad() if tracking else torch.no_grad(), refuse:
             value = self.p.rhs(t0, self._ghosted(self.u))
         where = "this rank's owned block" if self.layout.dm is not None else "y0"
         if not isinstance(value, torch.Tensor):
@@ -517,7 +521,7 @@ def _forward(y0, t, problem, *params, needs_input_grad):
     times = t.detach().cpu().numpy().astype(np.float64)
     solver = problem.solver() if problem.solver is not None else None
     pool = solver._pool if solver is not None else None
-    key = (*problem.key, record, problem.grad_mode)
+    key = (*problem.key, record, problem.grad_mode, problem.transformed)
     run = pool.take(key) if pool is not None else None
     if run is None:
         run = _ODESolve(problem, y0, times, record, key)

@@ -10,6 +10,7 @@ dL/dparams = -lam^T dF/dparams by torch autograd; no iteration is differentiated
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 
@@ -19,7 +20,7 @@ import torch
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError
 from .._linearise import describe_tensors, grads, probe, untracked_inputs
-from .._runs import RunPool, check_choice, check_state, warn_if_rounded
+from .._runs import RefuseTransformedReads, RunPool, check_choice, check_state, warn_if_rounded
 from .._runs import forward as run_forward
 from ._grid import Grid, SerialLayout
 from ._jacobian import PRODUCTS, ColouredJacobian, TorchJacobian, plan_jacobian
@@ -134,6 +135,7 @@ class _Problem:
         # grad mode at the call: with it on, tensors requiring grad that residual captures
         # must be differentiated even when no input requires grad
         self.grad_mode = torch.is_grad_enabled()
+        self.transformed = torch._C._are_functorch_transforms_active()  # (torch.func at the call)
 
 
 class _Solve:
@@ -239,7 +241,9 @@ class _Solve:
     def check_tracked(self):
         """Refuse tensors requiring grad that residual captures instead of receiving as params
         (which arrive detached): their gradients would be silently missing."""
-        with torch.enable_grad():
+        refuse = RefuseTransformedReads(WHO, "residual", "x0 and the params passed to solve") \
+            if self.p.transformed else contextlib.nullcontext()
+        with torch.enable_grad(), refuse:
             missed = untracked_inputs(self._residual(self._ghosted(self.x_vec)))
         if missed:
             raise ValueError(f"{WHO}: residual uses {describe_tensors(missed)} without "
