@@ -229,9 +229,10 @@ class _RuleCall(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, name, rule, n_args, *tensors):
         # one call with every sample's cotangents; a rule made for one vmap's samples (`level`,
-        # see _per_sample_pullback) only at that vmap, below whichever others batch its inputs
-        if getattr(rule, "batched", False) and getattr(
-                rule, "level", _ANY_LEVEL) in (_ANY_LEVEL, torch._C._functorch.maybe_current_level()):
+        # see _per_sample_rule) only at that vmap, below whichever others batch its inputs
+        level = getattr(rule, "level", _ANY_LEVEL)
+        if getattr(rule, "batched", False) and level in (
+                _ANY_LEVEL, torch._C._functorch.maybe_current_level()):
             size = info.batch_size
             cotangents = [t if t is None else t.expand(size, *t.shape) if d is None else
                           t.movedim(d, 0)
