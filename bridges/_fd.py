@@ -146,6 +146,7 @@ class FDFunction:
         self.fixed_steps = rel_step is not None or noise is None or scheme == "complex"
         self.sparsity = None if sparsity is None else scipy.sparse.csc_matrix(sparsity, dtype=bool)
         self.groups = None
+        self._unverified = sparsity is not None  # until a Jacobian passes `_check_pattern`
         self.evaluations = self.noise_evaluations = 0
         self.noise = self.jacobian_error = self.gradient_error = None
         self._warned = False
@@ -368,12 +369,52 @@ class FDFunction:
                                         lambda k: f"columns {_columns(groups[k])}", memo)
         jac = _assemble(pattern, groups, differences)
         cols = np.repeat(np.arange(n), np.diff(jac.indptr))
+        if self.sparsity is not None:
+            self._check_pattern(x, y0, h, jac, groups, differences, memo)
         jac.data /= h[cols]
         self.jacobian_error = None if self.noise is None else self._error(jac, h, cols)
         dense = self.sparsity is None
         if dense and self.jacobian_error is not None:
             self.jacobian_error = self.jacobian_error.toarray()
         return jac.toarray() if dense else jac
+
+    def _check_pattern(self, x, y0, h, jac, groups, differences, memo):
+        """Raise if the sparsity pattern leaves out a dependence, whose derivative would be
+        silently dropped or added to another's: an output changed by a group of columns none
+        of which it has an entry for (every Jacobian, free), or, on the first Jacobian, a
+        difference along a random mix of all columns that the pattern's entries do not
+        reproduce (one or two more evaluations). Both allow for noise and rounding."""
+        pattern = self.sparsity
+        floor = 8 * EPS * np.abs(y0) + (0 if self.noise is None else 8 * self.noise.level)
+        covered = np.zeros((len(groups), y0.size), bool)
+        for g, cols in enumerate(groups):
+            for j in cols:
+                covered[g, pattern.indices[pattern.indptr[j]:pattern.indptr[j + 1]]] = True
+        changes = np.abs(np.stack(differences))
+        bad = ~covered & (changes > floor + 1e-6 * (changes * covered).max(axis=0))
+        if bad.any():
+            g, i = (int(v[0]) for v in np.nonzero(bad))
+            where = f"when inputs {_columns(groups[g])} were perturbed"
+        elif self._unverified:
+            rng = np.random.default_rng(0)
+            mix = rng.uniform(0.5, 1.0, x.size) * rng.choice([-1.0, 1.0], x.size)
+            (along,) = self._differences(x, y0, [mix * h], lambda k: "a random mix of all "
+                                         "columns (checking the sparsity pattern)", memo)
+            predicted = jac @ mix  # (the entries still hold differences, not yet over h)
+            scale = np.abs(jac) @ np.abs(mix) + np.abs(along)
+            gap = np.abs(along - predicted)
+            bad = gap > floor * x.size ** 0.5 + 1e-4 * scale
+            if not bad.any():
+                self._unverified = False
+                return
+            i = int(np.argmax(bad))
+            where = "along a random mix of all inputs, unlike the pattern's entries predict"
+        else:
+            return
+        raise ValueError(
+            f"{self.name}: output {i} changed {where}: the sparsity pattern leaves out a "
+            f"dependence of it, whose derivative would be dropped or credited to another "
+            f"input; add the entries to sparsity, or leave sparsity=None")
 
     def _error(self, jac, h, cols):
         """Estimated absolute error of each Jacobian entry: truncation plus noise over step."""

@@ -69,7 +69,32 @@ def test_central_cost_is_two_evaluations_per_group():
     pattern = scipy.sparse.diags([1, 1, 1], [-1, 0, 1], shape=(n, n), dtype=bool)
     f = fd2pytorch(tridiagonal, scheme="central", sparsity=pattern)
     f(torch.zeros(n, dtype=torch.float64, requires_grad=True)).sum().backward()
-    assert f.evaluations == 1 + 2 * 3
+    assert f.evaluations == 1 + 2 * 3 + 2  # (+ the first Jacobian's check of the pattern)
+    f(torch.full((n,), 0.5, dtype=torch.float64, requires_grad=True)).sum().backward()
+    assert f.evaluations == 2 * (1 + 2 * 3) + 2
+
+
+@pytest.mark.parametrize("scheme", ["forward", "central"])
+def test_a_sparsity_pattern_missing_a_dependence_is_named(scheme):
+    """out0 = x0 + x1 with a diagonal pattern: x0 and x1 share a colour, so out0's change was
+    silently credited to x0 alone (gradient [3, 1] for [1, 2]); x2 -> out2 is left out
+    outright. Both are caught, and a correct pattern passes."""
+    x = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64, requires_grad=True)
+    mixed = fd2pytorch(lambda v: np.array([v[0] + v[1], v[1], 3.0]), scheme=scheme,
+                       sparsity=np.diag([True, True, False]), name="mixed")
+    with pytest.raises(ForeignError, match=r"mixed: output 0 changed along a random mix of all "
+                                           r"inputs.*leaves out a dependence"):
+        mixed(x).sum().backward()
+    dropped = fd2pytorch(lambda v: np.array([v[0], v[1], v[2] ** 2]), scheme=scheme,
+                         sparsity=np.diag([True, True, False]), name="dropped")
+    with pytest.raises(ForeignError, match=r"dropped: output 2 changed when inputs \[0, 1, 2\] "
+                                           r"were perturbed"):
+        dropped(x).sum().backward()
+    right = fd2pytorch(lambda v: np.array([v[0] + v[1], v[1], v[2] ** 2]), scheme=scheme,
+                       sparsity=np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1]], bool))
+    right(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64),
+                               rtol=1e-6, atol=0)
 
 
 def test_coloring_groups_share_no_row():

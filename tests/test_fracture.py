@@ -1,6 +1,7 @@
 """bridges.fracture: the PETSc and torch-native TPFA solves against each other, finite differences,
 gradcheck and analytic solutions; the Julia solvers (ours and DPFEHM's) where Julia runs, and
 DPFEHM's graph of the grid checked here against the operator."""
+import gc
 import importlib.util
 
 import numpy as np
@@ -164,6 +165,27 @@ def test_petsc_adjoint_is_one_transposed_solve():
     stats = []
     pressure_petsc(k, stats=stats).sum().backward()
     assert len(stats) == 2 and k.grad.abs().max() > 0
+
+
+def test_petsc_one_cell_grid_and_outputs_never_differentiated_are_freed():
+    """A 1 x 1 grid: its adjoint through GAMG's transposed solve failed (PETSc error 56) and
+    freeing that KSP then aborted the process; the pressure does not depend on k there. An
+    output that requires grad but never meets backward is freed at once (the run held the
+    output itself, a cycle through its graph that kept every such run alive)."""
+    k = torch.ones(1, 1, dtype=F64, requires_grad=True)
+    pressure_petsc(k).sum().backward()
+    assert k.grad.item() == 0.0
+    k = synthetic_fracture(8, seed=2).k_true.clone().requires_grad_()
+    gc.collect()
+    before = sum(type(o).__name__ == "_PetscSolve" for o in gc.get_objects())
+    gc.disable()
+    try:
+        for _ in range(5):
+            pressure_petsc(k)
+        alive = sum(type(o).__name__ == "_PetscSolve" for o in gc.get_objects())
+    finally:
+        gc.enable()
+    assert alive == before
 
 
 # -- Julia (bridges/fracture/Fracture.jl) -----------------------------------------------------------

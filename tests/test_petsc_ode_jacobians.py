@@ -238,3 +238,28 @@ def test_a_batch_of_independent_samples_gets_per_sample_blocks_not_one_dense_blo
                                  tuple(func.parameters())) for y in y0]
     for got, want in zip(batched, map(sum, zip(*alone))):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_a_sparsity_missing_a_coupling_that_starts_at_zero_is_caught_at_the_adjoint():
+    """dF2/dy0 = k y1 is zero at y0 = (1, 0, 0), so the pattern's first check passes without
+    entry (2, 0); the adjoint checks again at the end state and names the omission instead of
+    using a Jacobian without it."""
+    k = torch.tensor(2.0, dtype=F64, requires_grad=True)
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64, requires_grad=True)
+
+    def func(t, y):
+        return torch.stack([-y[0], y[0] - y[1], y[1] - y[2] + k * y[1] * y[0]])
+    pattern = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 1]], bool)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    ys = odeint_adjoint(func, y0, t, sparsity=pattern, jacobian="assembled",
+                        adjoint_params=(k,))
+    with pytest.raises(ForeignError, match=r"the sparsity pattern leaves out"):
+        ys[-1, 2].backward()
+    full = pattern | np.array([[0, 0, 0], [0, 0, 0], [1, 0, 0]], bool)
+    ys = odeint_adjoint(func, y0, t, sparsity=full, jacobian="assembled", adjoint_params=(k,),
+                        rtol=1e-10, atol=1e-12)
+    ys[-1, 2].backward()
+    dense = y0.grad.clone()
+    y0.grad = None
+    odeint_adjoint(func, y0, t, rtol=1e-10, atol=1e-12, adjoint_params=(k,))[-1, 2].backward()
+    torch.testing.assert_close(dense, y0.grad, rtol=1e-7, atol=1e-12)

@@ -455,3 +455,46 @@ def test_a_preconditioner_a_matrix_free_jacobian_cannot_serve_is_named_and_the_s
     assert solver._pool.idle == {}  # the failed run was released, not kept for reuse
     x = solve(lambda x: x - 1.0, x0)
     torch.testing.assert_close(x, torch.ones(3, dtype=torch.float64))
+
+
+def _cubic(x, a):
+    return x ** 3 + a * x - 1
+
+
+def test_broken_promises_about_the_residual_are_named_not_turned_into_wrong_gradients():
+    """linear=True, snes_type ksponly, symmetric=True and a sparsity pattern each promise
+    something of the residual; a residual that breaks the promise used to give a wrong
+    gradient (or a non-root) with no word. The same options on residuals that keep the
+    promise still give the exact answer."""
+    F64 = torch.float64
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=F64, requires_grad=True)
+    x0 = torch.zeros(4, dtype=F64)
+    with pytest.raises(ForeignError, match=r"linear=True, but the residual is not affine in x"):
+        solve(_cubic, x0, a, sparsity=scipy.sparse.identity(4, format="csr"), linear=True)
+    with pytest.raises(bridges.SolverFailure, match=r"snes_type ksponly makes one linear solve"
+                                                    r".*so x is no root"):
+        solve(_cubic, x0, a, options={"snes_type": "ksponly"})
+    A = torch.tensor([[4.0, 1.0, 0.0], [0.0, 4.0, 2.0], [1.0, 0.0, 5.0]], dtype=F64)
+    b = torch.ones(3, dtype=F64, requires_grad=True)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    for kwargs in ({}, {"sparsity": np.ones((3, 3), bool)}):
+        x = solve(lambda x, b: A @ x + 0.1 * x ** 3 - b, torch.zeros(3, dtype=F64), b,
+                  symmetric=True, **kwargs)
+        with pytest.raises(ForeignError, match=r"symmetric=True, but dF/dx is not symmetric"):
+            (w @ x).backward()
+    # a coupling x0 -> F1 whose derivative (x0 x1) vanishes at x0 = 0 passes the first check
+    c = torch.tensor([1.0, 1.0], dtype=F64, requires_grad=True)
+    hidden = lambda x, c: torch.stack([x[0] - c[0], x[1] + 0.5 * x[0] ** 2 * x[1] - c[1]])  # noqa: E731
+    x = solve(hidden, torch.zeros(2, dtype=F64), c, sparsity=np.eye(2, dtype=bool))
+    with pytest.raises(ForeignError, match=r"the sparsity pattern leaves out"):
+        x[1].backward()
+    # kept promises: exact
+    S = A + A.T
+    b.grad = None
+    x = solve(lambda x, b: S @ x - b, torch.zeros(3, dtype=F64), b, linear=True, symmetric=True,
+              sparsity=np.ones((3, 3), bool))
+    (w @ x).backward()
+    torch.testing.assert_close(b.grad, torch.linalg.solve(S, w), rtol=1e-10, atol=0)
+    x = solve(lambda x, b: S @ x - b, torch.zeros(3, dtype=F64), b.detach(),
+              options={"snes_type": "ksponly"})
+    torch.testing.assert_close(x, torch.linalg.solve(S, b.detach()), rtol=1e-8, atol=0)

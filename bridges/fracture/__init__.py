@@ -7,7 +7,7 @@ top and bottom, no sources. The same discrete operator has four solvers, each a 
 gradient is one transposed solve:
 
     pressure(k, backend="torch")   # scipy SuperLU, the reference (one factorisation, two solves)
-    pressure(k, backend="petsc")   # PETSc AIJ + KSP (CG + GAMG), adjoint by KSPSolveTranspose
+    pressure(k, backend="petsc")   # PETSc AIJ + KSP (CG + GAMG), adjoint by the same KSP
     pressure(k, backend="julia")   # Fracture.jl (ours) through julia2pytorch (where Julia runs)
     pressure(k, backend="dpfehm")  # DPFEHM.jl's groundwater solver, as in seed 003 (optional)
 

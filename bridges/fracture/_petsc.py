@@ -1,6 +1,7 @@
 """The PETSc solve of A(k) p = b(k) as a bridged op: the matrix assembled in scipy handed to PETSc
-as AIJ, KSP (CG + GAMG by default), and the gradient's one transposed solve by KSPSolveTranspose
-with the same preconditioner, then dL/dk = -(dr/dk)^T lam by torch autograd of the residual."""
+as AIJ, KSP (CG + GAMG by default), and the gradient's one adjoint solve A^T lam = g by the same
+KSP and preconditioner (A is symmetric, so KSPSolve: no PC needs a transpose), then dL/dk =
+-(dr/dk)^T lam by torch autograd of the residual."""
 from __future__ import annotations
 
 import torch
@@ -42,22 +43,27 @@ class _PetscSolve:
             raise
 
     def solve(self):
-        self.p = self._solve(torch.from_numpy(self.b), transpose=False)
+        p = self._solve(torch.from_numpy(self.b), transpose=False)
+        # the pullback's own alias of the output (same memory): the output itself would tie
+        # this run to its graph, which holds the run, a cycle that outlives a skipped backward
+        self.p = p.detach()
         self.options.report_unused()
-        return self.p
+        return p
 
     def pullback(self, grad_p, *, needs_input_grad):
         lam = self._solve(grad_p.detach().to(self.dtype), transpose=True)
         return grad_k(self.p, lam, self.k, self.p_left, self.p_right), None, None, None, None, None
 
     def _solve(self, rhs, transpose):
-        """A^-1 rhs (A^-T rhs for the adjoint, same KSP and preconditioner)."""
+        """A^-1 rhs (for the adjoint A^-T rhs, which is the same solve: A is symmetric. With
+        plain petsc4py, CG + GAMG set from options fails a transposed solve of a 1 x 1 system
+        (PETSc error 56, SOR's transpose), and destroying that KSP then aborts the process)."""
         x = torch.zeros(rhs.numel(), dtype=self.dtype)
         b_vec, x_vec = as_vec(rhs.reshape(-1).clone(), who=WHO), as_vec(x, who=WHO)
         what = "transposed (adjoint)" if transpose else "forward"
         try:
             with petsc_errors(WHO, f"the {what} KSP solve"):
-                (self.ksp.solveTranspose if transpose else self.ksp.solve)(b_vec, x_vec)
+                self.ksp.solve(b_vec, x_vec)
             reason = self.ksp.getConvergedReason()
             if reason < 0:
                 raise diverged(WHO, f"the {what} KSP solve", PETSc.KSP.ConvergedReason, reason,
@@ -89,7 +95,7 @@ _PetscOp = foreign_function(_petsc_forward, name="fracture_pressure_petsc",
 
 def pressure_petsc(k, p_left=2.0, p_right=1.0, *, options=None, prefix=None, stats=None):
     """Pressure (ny, nx) for cell permeability k (ny, nx): PETSc AIJ matrix, KSP (default CG +
-    GAMG, rtol 1e-12); the gradient is one KSPSolveTranspose with the same preconditioner.
+    GAMG, rtol 1e-12); the gradient is one more solve with the same KSP (A is symmetric).
 
     options: PETSc options for this solve (keys without the dash, e.g. {"pc_type": "ilu"}),
     under `prefix` if given; precedence options > command line > defaults (PETSC_DEFAULTS).

@@ -196,7 +196,7 @@ class ColouredJacobian:
         self._slots = self._find_slots() if len(rows) >= DIRECT_FROM else None
         self._index = {}  # kind of source -> where each matrix value comes from (see _fill)
         self.evaluations = 0
-        self._unverified = verify  # until the first products are checked
+        self._verifies = self._unverified = verify  # until the first products are checked
         self._memo = None  # (weak reference to a Linearisation, mode) of the products kept
         self._buffer = None  # the last products (colours x size), reused by the next ones
         self._by_colour = {}  # mode -> seed entries in order of colour, where each colour starts
@@ -283,6 +283,12 @@ class ColouredJacobian:
         if seeds.numel() <= KEPT_SEEDS:
             self._seed_rows[key] = seeds
         return seeds
+
+    def verify_next(self):
+        """Check the next products against a direct one again (if checks were asked for): a
+        dependence left out of the pattern whose derivative vanished at the first point (a
+        state starting at zero) shows at a later one, such as a solve's root."""
+        self._unverified = self._verifies
 
     def _verify(self, lin, mode):
         """Raise unless the products' matrix times a random v equals J v (v^T J in reverse)."""

@@ -377,6 +377,8 @@ class _ODESolve:
         ksp = ts.getSNES().getKSP()
         if jacobians.block_lu is None and self.log is None:  # (BlockLU checks and refines its
             ksp.setPostSolve(self._check_adjoint_solve)  # own transposed solves)
+        if self.p.assembler is not None:  # (the pattern, at the end state too)
+            self.p.assembler.verify_next()
         want_params = jacobians.paired = any(needs_input_grad[3:])
         if jacobians.count == 0 and ts.getType() == "arkimex":  # Newton never needed one (func
             # constant in y): ARKIMEX's adjoint copies the unassembled matrix, so assemble it

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from .._core import eager_under_compile, foreign_function
-from .._errors import ForeignError
+from .._errors import ForeignError, SolverFailure
 from .._linearise import describe_tensors, grads, probe, untracked_inputs
 from .._runs import RefuseTransformedReads, RunPool, check_choice, check_state, warn_if_rounded
 from .._runs import forward as run_forward
 from ._grid import Grid, SerialLayout
 from ._jacobian import PRODUCTS, ColouredJacobian, TorchJacobian, plan_jacobian
-from ._linear import check_solution
+from ._linear import KRYLOV_MARGIN, check_solution
 from ._options import SolverOptions, check_options
 from ._runtime import PETSc, destroy, diverged, petsc_errors, reason_name
 from ._vec import check_tensor, vec_as_tensor
@@ -301,17 +301,33 @@ class _Solve:
                 "pc_type none, or give sparsity= or grid= for an assembled Jacobian"
                 if self.shell is not None else "for pc_type mg on a grid, choose sizes that "
                 "halve evenly (see bridges.petsc.mg_levels) or options {'pc_type': 'gamg'}")
+        ksp = snes.getKSP()
+        # ksponly evaluates F neither at its result nor (for us) at x0: both are checked
+        one_step = snes.getType() == "ksponly" and not (
+            self.p.linear and ksp.getNormType() == PETSc.KSP.NormType.UNPRECONDITIONED)
+        if one_step:
+            snes.computeFunction(self.x_vec, self.F)
+            start = self.F.norm()  # |F(x0)|
         with petsc_errors(WHO, f"the nonlinear solve (PETSc SNES '{snes.getType()}')", hint):
             snes.solve(None, self.x_vec)
         reason = snes.getConvergedReason()
         norm = snes.getFunctionNorm()
-        ksp = snes.getKSP()
-        if snes.getType() == "ksponly":  # it does not evaluate F at its result
-            if self.p.linear and ksp.getNormType() == PETSc.KSP.NormType.UNPRECONDITIONED:
+        if snes.getType() == "ksponly":
+            if not one_step:
                 norm = ksp.getResidualNorm()  # |J dx + F(x0)| = |F(x)| for affine F
             else:
                 snes.computeFunction(self.x_vec, self.F)
                 norm = self.F.norm()
+                rtol, atol, _, _ = ksp.getTolerances()
+                if reason >= 0 and norm > max(KRYLOV_MARGIN * max(rtol * start, atol), 1e-300):
+                    raise SolverFailure(
+                        f"{WHO}: snes_type ksponly makes one linear solve, which solves F = 0 "
+                        f"only for a residual affine in x; after it |F(x)| = {norm:.3e} "
+                        f"(|F(x0)| = {start:.3e}, the linear solve's tolerance rtol {rtol:g}), "
+                        f"so x is no root. Drop snes_type ksponly (Newton iterates), or check "
+                        f"that the residual is linear in x")
+        if self.p.linear and self.p.jacobian == "assembled" and reason >= 0:
+            self._check_affine()
         self._report(snes_type=snes.getType(), ksp_type=ksp.getType(),
                      pc_type=ksp.getPC().getType(), snes_iterations=snes.getIterationNumber(),
                      ksp_iterations=snes.getLinearSolveIterations(), residual_norm=norm,
@@ -332,6 +348,56 @@ class _Solve:
         self.options.report_unused()
         return x
 
+    def _check_affine(self):
+        """linear=True keeps the Jacobian assembled at x0: at the root x, F(x + v) - F(x) must
+        equal that matrix times v (exactly, for an affine F; v a fixed random vector of the
+        size of x), or the adjoint would use a wrong Jacobian."""
+        v, shifted, change, product = (self.x_vec.duplicate() for _ in range(4))
+        try:
+            owned = self.layout.owned_view(v, "w")
+            scale = max(float(self.x_vec.norm(PETSc.NormType.INFINITY)), 1.0)
+            owned.copy_(torch.from_numpy(np.random.default_rng(0).uniform(
+                -scale, scale, owned.shape)))
+            self.x_vec.copy(shifted)
+            shifted.axpy(1.0, v)
+            self.snes.computeFunction(self.x_vec, self.F)
+            self.snes.computeFunction(shifted, change)
+            size = change.norm() + self.F.norm()  # (the rounding in the difference)
+            change.axpy(-1.0, self.F)  # F(x + v) - F(x)
+            self.A.mult(v, product)
+            size += product.norm()
+            product.axpy(-1.0, change)
+            gap = product.norm()
+        finally:
+            destroy(v, shifted, change, product)
+        if gap > 1e-8 * size:
+            raise ValueError(
+                f"{WHO}: linear=True, but the residual is not affine in x: its Jacobian at the "
+                f"root differs from the one at x0 (|F(x + v) - F(x) - J(x0) v| = {gap:.3e} "
+                f"against {size:.3e} for a random v), so the gradient would be wrong. Drop "
+                f"linear=True")
+
+    def _check_symmetric(self):
+        """symmetric=True lets the adjoint solve with J for J^T: at the root, u^T J v must
+        equal v^T J u (u, v fixed random vectors; two products with J)."""
+        u, v, ju, jv = (self.x_vec.duplicate() for _ in range(4))
+        try:
+            rng = np.random.default_rng(1)
+            for vec in (u, v):
+                owned = self.layout.owned_view(vec, "w")
+                owned.copy_(torch.from_numpy(rng.standard_normal(owned.shape)))
+            self.A.mult(u, ju)
+            self.A.mult(v, jv)
+            gap = abs(u.dot(jv) - v.dot(ju))
+            size = u.norm() * jv.norm() + v.norm() * ju.norm()
+        finally:
+            destroy(u, v, ju, jv)
+        if gap > 1e-6 * size:
+            raise ValueError(
+                f"{WHO}: symmetric=True, but dF/dx is not symmetric at the root (u^T J v - "
+                f"v^T J u = {gap:.3e} against {size:.3e} for random u, v), so the adjoint "
+                f"solve with J in place of J^T would give a wrong gradient. Drop symmetric=True")
+
     def pullback(self, grad_x, *, needs_input_grad):
         want = [needs_input_grad[2 + i] and isinstance(p, torch.Tensor)
                 for i, p in enumerate(self.params)]
@@ -340,8 +406,12 @@ class _Solve:
             return (None, None, *param_grads)
         ksp = self.snes.getKSP()
         u = self._ghosted(self.x_vec)
+        if self.p.jacobian == "assembled":
+            self.p.assembler.verify_next()  # (the pattern, at the root too)
         self._linearise(u)  # the operator (and PC) at the solution itself
         self._claim_operator()
+        if self.p.symmetric:
+            self._check_symmetric()
         ksp.setOperators(self.A, self.P)
         g, lam = self.layout.global_vec(), self.layout.global_vec()
         try:
