@@ -141,7 +141,8 @@ class ExternalProgram:
                 result = np.asarray(self.read_output(*paths), dtype=np.float64)
             except Exception as exc:
                 raise ForeignError(f"{self.name}: reading its output failed: "
-                                   f"{type(exc).__name__}: {exc}{_locate(exc, paths)}. {where}",
+                                   f"{type(exc).__name__}: {exc}{_locate(exc, paths)}. {where}"
+                                   f"{_tails(run.stderr, run.stdout)}",
                                    original=exc) from exc
             failed = False
             return result

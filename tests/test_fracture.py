@@ -141,6 +141,13 @@ def test_bad_permeability_is_refused_by_name(name):
         SOLVERS[name](torch.ones(4, dtype=F64))
 
 
+def test_a_grid_too_small_for_a_synthetic_fracture_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"synthetic_fracture: the grid must be at least 2 x 2 "
+                                         r"cells.*n=1, ny=1"):
+        synthetic_fracture(1)
+    assert synthetic_fracture(2, ny=3).k_true.shape == (3, 2)
+
+
 def test_unknown_backend_and_bad_options():
     k = torch.ones(3, 3, dtype=F64)
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -498,3 +498,13 @@ def test_broken_promises_about_the_residual_are_named_not_turned_into_wrong_grad
     x = solve(lambda x, b: S @ x - b, torch.zeros(3, dtype=F64), b.detach(),
               options={"snes_type": "ksponly"})
     torch.testing.assert_close(x, torch.linalg.solve(S, b.detach()), rtol=1e-8, atol=0)
+
+
+def test_a_non_finite_residual_names_its_source():
+    F64 = torch.float64
+    with pytest.raises(ForeignError, match=r"solve: params\[0\] holds nan at index \(1,\)"):
+        solve(lambda x, a: x ** 3 - a, torch.ones(2, dtype=F64),
+              torch.tensor([1.0, float("nan")], dtype=F64))
+    with pytest.raises(ForeignError, match=r"solve: the residual F\(x, params\) after 0 Newton "
+                                           r"iterations holds nan at index \(0,\)"):
+        solve(lambda x: torch.log(x - 2), torch.ones(2, dtype=F64))

@@ -10,6 +10,7 @@ from torch.autograd import gradcheck
 
 from bridges import ExternalProgram, ForeignError, fd2pytorch
 from bridges.programs import heat1d, ngspice, xfoil
+from bridges.programs.xfoil import naca4
 
 
 def _python_program(tmp_path, body):
@@ -229,3 +230,22 @@ def test_xfoil_by_stdin_script_against_thin_airfoil_theory():
         x.detach().numpy())
     np.testing.assert_allclose(x.grad.numpy(), coarse[0], rtol=0.03)
     assert -0.1 < cm.item() < 0
+
+
+def test_simulator_set_up_mistakes_are_named():
+    """A netlist placeholder without a parameter (and a parameter without one, which would get
+    a zero derivative); an analysis ngspice refuses (its own message is shown); a cambered
+    NACA airfoil whose maximum camber sits on the chord's end; the symmetric NACA 00xx."""
+    for netlist, names in [("R1 in out {R}\nC1 out 0 {C}u", ["R"]),
+                           ("R1 in out {R}\nC1 out 0 1u", ["R", "C"])]:
+        with pytest.raises(ValueError, match=r"ngspice: the netlist's placeholders .* and "
+                                             r"parameters .* must name the same values"):
+            ngspice(netlist, names, analysis="tran 1u 2m", probes=["v(out)"], times=RC_TIMES)
+    circuit = ngspice("V1 in 0 1\nR1 in out {R}k\nC1 out 0 1u", ["R"], analysis="tran 1u",
+                      probes=["v(out)"], times=RC_TIMES)
+    with pytest.raises(ForeignError, match=r"(?s)measured no value.*stderr.*TSTOP is invalid"):
+        circuit(np.array([1.0]))
+    with pytest.raises(ValueError, match=r"naca4: a cambered airfoil .* 0 < position < 1"):
+        naca4(0.02, 0.0, 0.12)
+    symmetric = naca4(0.0, 0.0, 0.12)
+    np.testing.assert_allclose(symmetric[:, 1], -symmetric[::-1, 1], atol=1e-15)

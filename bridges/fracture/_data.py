@@ -55,6 +55,9 @@ class SyntheticFracture:
 def synthetic_fracture(n, *, ny=None, seed=0, correlation=None, sigma=0.8, beta=2.0):
     """One seeded fracture on an ny x n grid (ny defaults to n); correlation defaults to n/16."""
     ny = ny or n
+    if min(n, ny) < 2:
+        raise ValueError(f"synthetic_fracture: the grid must be at least 2 x 2 cells (its "
+                         f"roughness takes differences of the aperture), got n={n!r}, ny={ny!r}")
     ell = correlation or max(n / 16, 1.0)
     a = aperture_field(ny, n, correlation=ell, sigma=sigma, seed=seed)
     c = roughness_factor(a, correlation=ell, beta=beta)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .._core import eager_under_compile, foreign_function
-from .._errors import ForeignError, SolverFailure
+from .._errors import ForeignError, SolverFailure, check_finite
 from .._linearise import describe_tensors, grads, probe, untracked_inputs
 from .._runs import RefuseTransformedReads, RunPool, check_choice, check_state, warn_if_rounded
 from .._runs import forward as run_forward
@@ -332,6 +332,8 @@ class _Solve:
                      pc_type=ksp.getPC().getType(), snes_iterations=snes.getIterationNumber(),
                      ksp_iterations=snes.getLinearSolveIterations(), residual_norm=norm,
                      reason=reason_name(PETSc.SNES.ConvergedReason, reason))
+        if reason == PETSc.SNES.ConvergedReason.DIVERGED_FUNCTION_NANORINF:
+            self._name_non_finite()
         if reason < 0:
             raise diverged(
                 WHO, f"PETSc SNES ({snes.getType()}, KSP {ksp.getType()}, PC "
@@ -347,6 +349,20 @@ class _Solve:
             raise ForeignError(f"{WHO}: the solution contains nan/inf; check the residual")
         self.options.report_unused()
         return x
+
+    def _name_non_finite(self):
+        """Raise naming where a non-finite residual comes from: a param, or F at the iterate
+        Newton had reached."""
+        for i, p in enumerate(self.params):
+            if isinstance(p, torch.Tensor) and p.is_floating_point():
+                check_finite(p, f"{WHO}: params[{i}]", "every param must be finite",
+                             error=ForeignError)
+        with torch.no_grad():
+            value = self._residual(self._ghosted(self.x_vec))
+        check_finite(value, f"{WHO}: the residual F(x, params) after "
+                     f"{self.snes.getIterationNumber()} Newton iterations",
+                     "check the residual for a division by zero, a log or sqrt of a negative "
+                     "number, or an overflow there (a closer x0 may avoid it)", error=ForeignError)
 
     def _check_affine(self):
         """linear=True keeps the Jacobian assembled at x0: at the root x, F(x + v) - F(x) must

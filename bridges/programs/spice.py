@@ -9,6 +9,7 @@ its step control reacts to the parameters: its outputs carry noise of about 1e-7
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,13 @@ def ngspice(netlist: str, parameters, *, analysis: str, probes, times, timeout=6
     The result has ``len(probes) * len(times)`` values, probe-major.
     """
     parameters, probes = tuple(parameters), list(probes)
+    fields = {field for _, field, _, _ in string.Formatter().parse(netlist) if field is not None}
+    if fields != set(parameters):
+        raise ValueError(
+            f"ngspice: the netlist's placeholders {sorted(fields)} and parameters "
+            f"{list(parameters)} must name the same values (a placeholder without a parameter "
+            f"has no value; a parameter without a placeholder would get a zero derivative); "
+            f"write {{name}} where each parameter's value goes")
     times = [float(t) for t in np.ravel(times)]
     names = [f"m{i}" for i in range(len(probes) * len(times))]
     measures = [f"meas tran {n} find {probe} at={t!r}"

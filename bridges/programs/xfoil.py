@@ -32,10 +32,16 @@ def naca4(camber, position, thickness, points=100):
     half = 5 * thickness * (0.2969 * np.sqrt(x) - 0.1260 * x - 0.3516 * x ** 2
                             + 0.2843 * x ** 3 - 0.1015 * x ** 4)
     m, p = camber, position
-    front = x < p
-    line = np.where(front, m / p ** 2 * (2 * p * x - x ** 2),
-                    m / (1 - p) ** 2 * (1 - 2 * p + 2 * p * x - x ** 2))
-    slope = np.where(front, 2 * m / p ** 2 * (p - x), 2 * m / (1 - p) ** 2 * (p - x))
+    if m == 0:  # symmetric (NACA 00xx): no camber line, whatever the position
+        line = slope = np.zeros_like(x)
+    elif not 0 < p < 1:
+        raise ValueError(f"naca4: a cambered airfoil (camber {m}) needs its maximum camber "
+                         f"inside the chord, 0 < position < 1; got position {p}")
+    else:
+        front = x < p
+        line = np.where(front, m / p ** 2 * (2 * p * x - x ** 2),
+                        m / (1 - p) ** 2 * (1 - 2 * p + 2 * p * x - x ** 2))
+        slope = np.where(front, 2 * m / p ** 2 * (p - x), 2 * m / (1 - p) ** 2 * (p - x))
     s, c = np.sin(np.arctan(slope)), np.cos(np.arctan(slope))
     upper = np.stack([x - half * s, line + half * c], axis=1)
     lower = np.stack([x + half * s, line - half * c], axis=1)
