@@ -508,3 +508,9 @@ def test_a_non_finite_residual_names_its_source():
     with pytest.raises(ForeignError, match=r"solve: the residual F\(x, params\) after 0 Newton "
                                            r"iterations holds nan at index \(0,\)"):
         solve(lambda x: torch.log(x - 2), torch.ones(2, dtype=F64))
+
+
+def test_a_residual_that_detaches_x_is_named():
+    with pytest.raises(ForeignError, match=r"solve: the residual does not depend on x through "
+                                           r"torch \(it detaches x"):
+        solve(lambda x: x.detach() ** 3 - 2, torch.ones(2, dtype=torch.float64))

@@ -335,20 +335,37 @@ class _Solve:
         if reason == PETSc.SNES.ConvergedReason.DIVERGED_FUNCTION_NANORINF:
             self._name_non_finite()
         if reason < 0:
+            self._check_depends_on_x()
+            singular = " (with a null space, F = 0 has a solution only if F's constant part " \
+                "is orthogonal to it: for constants, a right-hand side summing to zero)" \
+                if self.p.nullspace is not None else ""
             raise diverged(
                 WHO, f"PETSc SNES ({snes.getType()}, KSP {ksp.getType()}, PC "
                 f"{ksp.getPC().getType()})", PETSc.SNES.ConvergedReason, reason,
                 f"after {snes.getIterationNumber()} Newton iterations, residual norm "
                 f"{norm:.3e} (last linear solve: "
                 f"{reason_name(PETSc.KSP.ConvergedReason, ksp.getConvergedReason())})",
-                "check that F(x, params) = 0 has a solution near x0, loosen or raise "
-                "snes_rtol, snes_atol, snes_max_it, or choose another ksp_type/pc_type through "
-                "options")
+                f"check that F(x, params) = 0 has a solution near x0{singular}, loosen or "
+                f"raise snes_rtol, snes_atol, snes_max_it, or choose another ksp_type/pc_type "
+                f"through options")
         x = self.layout.owned_view(self.x_vec, "r").clone()
         if not bool(torch.isfinite(x).all()):
             raise ForeignError(f"{WHO}: the solution contains nan/inf; check the residual")
         self.options.report_unused()
         return x
+
+    def _check_depends_on_x(self):
+        """After a failed solve: raise if F has no derivative in x at all (it detaches x, or
+        uses only params), which no Newton iteration can fix."""
+        with torch.enable_grad():
+            leaf = self._ghosted(self.x_vec).requires_grad_()
+            value = self._residual(leaf)
+        if not value.requires_grad or grads(value, (leaf,), torch.ones_like(value))[0] is None:
+            raise ValueError(f"{WHO}: the residual does not depend on x through torch (it "
+                             f"detaches x, converts it to numpy, or uses only the params), so "
+                             f"its Jacobian is zero and Newton cannot move; compute F from x "
+                             f"with torch ops, or wrap foreign code with bridges."
+                             f"foreign_function")
 
     def _name_non_finite(self):
         """Raise naming where a non-finite residual comes from: a param, or F at the iterate
