@@ -13,10 +13,11 @@ import warnings
 import weakref
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ._errors import check_finite
+from ._errors import MissingDerivativeError, check_finite
 
 
 class Pullback:
@@ -92,6 +93,18 @@ def check_state(who, name, value, what, check=None):
     if value.numel() == 0:
         raise ValueError(f"{who}: {name} is empty")
     check_finite(value, f"{who}: {name}", f"{what} must be finite")
+
+
+def refuse_forward_mode(who):
+    """A solver's Jacobian products use forward-mode AD themselves, which torch cannot nest,
+    and the solver has no forward-mode derivative: refuse a call inside forward-mode AD
+    (torch.func.jvp, jacfwd, torch.autograd.forward_ad) by name."""
+    if fwAD._current_level >= 0:
+        raise MissingDerivativeError(
+            f"{who} cannot run inside forward-mode AD (torch.func.jvp, jacfwd, "
+            f"torch.autograd.forward_ad.dual_level): its Jacobian products use forward mode "
+            f"themselves, and it has no forward-mode derivative. Use reverse mode (backward, "
+            f"torch.func.vjp, jacrev), or call it outside the forward-mode block")
 
 
 class RefuseTransformedReads(TorchFunctionMode):

@@ -675,3 +675,25 @@ def test_torch_func_refuses_a_func_that_captures_a_transformed_tensor():
                                                    r"an enclosing torch.func transform .*only y0 "
                                                    r"and t are differentiated"):
                 transform(call)(k[0] if transform is torch.func.grad else k)
+
+
+def test_a_solve_inside_func_composes_and_forward_mode_is_refused():
+    """dy/dt = -k x(y), x^3 + x = y solved by PETSc SNES inside func (its products become
+    reverse mode): dk against central differences; under torch.func.jvp the ODE says it
+    cannot run there."""
+    from bridges.petsc import solve
+    k = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=F64)
+    t = torch.tensor([0.0, 0.5], dtype=F64)
+
+    def end(k):
+        return odeint_adjoint(lambda t, y: -k * solve(lambda x, y: x ** 3 + x - y,
+                                                        torch.zeros_like(y), y),
+                              y0, t, rtol=1e-11, atol=1e-13, adjoint_params=(k,))[-1].sum()
+    end(k).backward()
+    with torch.no_grad():
+        fd = (end(k + 1e-6) - end(k - 1e-6)) / 2e-6
+    np.testing.assert_allclose(float(k.grad), float(fd), rtol=1e-6)
+    with pytest.raises(bridges.MissingDerivativeError, match=r"odeint_adjoint cannot run inside "
+                                                             r"forward-mode AD"):
+        torch.func.jvp(end, (k.detach(),), (torch.ones_like(k),))

@@ -514,3 +514,15 @@ def test_a_residual_that_detaches_x_is_named():
     with pytest.raises(ForeignError, match=r"solve: the residual does not depend on x through "
                                            r"torch \(it detaches x"):
         solve(lambda x: x.detach() ** 3 - 2, torch.ones(2, dtype=torch.float64))
+
+
+def test_forward_mode_ad_is_refused_by_name():
+    """solve's own Jacobian products use forward mode, which torch cannot nest: under jvp,
+    jacfwd or a dual level it says so instead of torch's "Nested forward mode AD"."""
+    c = torch.tensor([2.0], dtype=torch.float64)
+    root = lambda c: solve(lambda x, c: x ** 3 - c, torch.ones(1, dtype=torch.float64), c)  # noqa: E731
+    for call in (lambda: torch.func.jvp(root, (c,), (torch.ones_like(c),)),
+                 lambda: torch.func.jacfwd(root)(c)):
+        with pytest.raises(bridges.MissingDerivativeError,
+                           match=r"solve cannot run inside forward-mode AD .*Use reverse mode"):
+            call()

@@ -24,7 +24,8 @@ import torch
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError, check_finite
 from .._linearise import describe_tensors, evaluate, untracked_inputs
-from .._runs import RefuseTransformedReads, RunPool, check_choice, check_state, warn_if_rounded
+from .._runs import (RefuseTransformedReads, RunPool, check_choice, check_state,
+                     refuse_forward_mode, warn_if_rounded)
 from .._runs import forward as run_forward
 from ._capi import renew_trajectory, set_pre_stage, trajectory_prefix
 from ._checkpoint import MEMORYLESS, Recomputation, StepLog, budget
@@ -519,6 +520,7 @@ class _Outputs:
 
 
 def _forward(y0, t, problem, *params, needs_input_grad):
+    refuse_forward_mode(WHO)  # (here, so that a probe sees a bridged op)
     record = any(needs_input_grad)
     times = t.detach().cpu().numpy().astype(np.float64)
     solver = problem.solver() if problem.solver is not None else None

@@ -20,7 +20,8 @@ import torch
 from .._core import eager_under_compile, foreign_function
 from .._errors import ForeignError, SolverFailure, check_finite
 from .._linearise import describe_tensors, grads, probe, untracked_inputs
-from .._runs import RefuseTransformedReads, RunPool, check_choice, check_state, warn_if_rounded
+from .._runs import (RefuseTransformedReads, RunPool, check_choice, check_state,
+                     refuse_forward_mode, warn_if_rounded)
 from .._runs import forward as run_forward
 from ._grid import Grid, SerialLayout
 from ._jacobian import PRODUCTS, ColouredJacobian, TorchJacobian, plan_jacobian
@@ -502,6 +503,7 @@ class _Solve:
 
 
 def _forward(x0, problem, *params, needs_input_grad):
+    refuse_forward_mode(WHO)  # (here, so that a probe sees a bridged op)
     solver = problem.solver() if problem.solver is not None else None
     pool = solver._pool if solver is not None else None
     run = pool.take(problem.key) if pool is not None else None
