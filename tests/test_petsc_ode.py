@@ -697,3 +697,53 @@ def test_a_solve_inside_func_composes_and_forward_mode_is_refused():
     with pytest.raises(bridges.MissingDerivativeError, match=r"odeint_adjoint cannot run inside "
                                                              r"forward-mode AD"):
         torch.func.jvp(end, (k.detach(),), (torch.ones_like(k),))
+
+
+def test_repeated_or_frozen_adjoint_params_and_times_far_from_zero():
+    """A tensor listed twice gets its gradient once (it got it twice); a frozen parameter
+    among adjoint_params is a constant (backward failed); output times near 1.7e9 (seconds
+    since 1970) are met without snapping steps that end well short of them (18 % off), and
+    tolerances below what double resolves there fail naming the cause."""
+    k = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 2.0], dtype=F64)
+    odeint_adjoint(lambda t, y: -k * y, torch.ones(1, dtype=F64), t, adjoint_params=[k, k],
+                   rtol=1e-10, atol=1e-12)[-1].sum().backward()
+    np.testing.assert_allclose(k.grad.item(), -2 * np.exp(-1.4), rtol=1e-7)
+    lin = torch.nn.Linear(2, 2).double()
+    lin.bias.requires_grad_(False)
+    y0 = torch.tensor([0.3, -0.2], dtype=F64)
+    for method in ("arkimex", "dopri5"):
+        lin.weight.grad = None
+        odeint_adjoint(lambda t, y: torch.tanh(lin(y)), y0, t, method=method,
+                       adjoint_params=list(lin.parameters()))[-1].sum().backward()
+        assert lin.weight.grad is not None and lin.bias.grad is None
+    far = 1.7e9 + torch.tensor([0.0, 0.01, 0.02, 0.05], dtype=F64)
+    ys = odeint_adjoint(lambda t, y: -100 * y, torch.ones(1, dtype=F64), far, method="dopri5")
+    np.testing.assert_allclose(ys[:, 0].numpy(), np.exp(-100 * (far - far[0]).numpy()),
+                               rtol=1e-4)
+    with pytest.raises(bridges.SolverFailure, match=r"too small for double precision to add to "
+                                                    r"a time this far from 0"):
+        odeint_adjoint(lambda t, y: -100 * y, torch.ones(1, dtype=F64), far, rtol=1e-10,
+                       atol=1e-12)
+
+
+def test_structure_promises_that_func_breaks_are_named():
+    """jacobian='blocks' for samples that func couples (refused at the start); samples that
+    func couples only once their sum passes 3, after per-sample blocks were chosen near y0
+    (refused before the adjoint, where the blocks would drop the coupling: 13-15 % off); a
+    ts_type in options of the other form than method's."""
+    y0 = torch.tensor([[0.5, 0.6], [0.7, 0.4]], dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=F64)
+    with pytest.raises(ForeignError, match=r"jacobian='blocks' takes the samples \(rows\) of y0 "
+                                           r"as independent, but func couples them"):
+        odeint_adjoint(lambda s, y: -y + 0.5 * y.flip(0), y0, t, jacobian="blocks")
+    late = lambda s, y: 0.8 * y - 0.5 * torch.relu(y.sum(0, keepdim=True) - 3.0)  # noqa: E731
+    ys = odeint_adjoint(late, y0, t, steps_per_interval=10)
+    with pytest.raises(ForeignError, match=r"func couples the samples \(rows\) of y at t = 2, "
+                                           r"though not near y0"):
+        ys[-1].sum().backward()
+    ys = odeint_adjoint(late, y0, t, steps_per_interval=10, jacobian="matrix-free")
+    ys[-1].sum().backward()  # the safe path
+    with pytest.raises(ForeignError, match=r"the options set ts_type 'beuler', an implicit "
+                                           r"method, but method='dopri5'.*method='beuler'"):
+        odeint_adjoint(lambda s, y: -y, y0, t, method="dopri5", options={"ts_type": "beuler"})

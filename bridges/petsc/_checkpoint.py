@@ -168,6 +168,9 @@ class Recomputation:
                     at = action.n1
                 elif isinstance(action, cs.Reverse):
                     run.jacobians.chord = False  # the adjoint: exact Jacobians
+                    # (a recomputation's last step left the restart flag on: the adjoint's
+                    # stages have their own times, which no pre-stage hook would restore)
+                    run.jacobians.restarting = False
                     ts.adjointSetSteps(action.n1 - action.n0)
                     if run.jacobians.block_lu is None:  # (BlockLU checks its own transposed solves)
                         ksp.setPostSolve(run._check_adjoint_solve)

@@ -50,6 +50,7 @@ METHODS = {
     "bosh3": ("rk", ("ts_rk_type", "3bs"), "explicit"),
     "dopri5": ("rk", ("ts_rk_type", "5dp"), "explicit"),
 }
+FORMS = {ts_type: form for ts_type, _, form in METHODS.values()}  # how func is handed over
 ADJOINT_TS_TYPES = ("beuler", "cn", "theta", "arkimex", "rk")  # TS types with TSAdjoint
 WHO = "odeint_adjoint"
 
@@ -228,6 +229,12 @@ class _ODESolve:
             trajectory_prefix(ts, self.options.prefix)
         with petsc_errors(WHO, "setting up PETSc TS from the options"):
             ts.setFromOptions()
+        chosen = ts.getType()
+        if FORMS.get(chosen, p.form) != p.form:
+            raise ValueError(f"{WHO}: the options set ts_type '{chosen}', an {FORMS[chosen]} "
+                             f"method, but method='{p.method}' set func up for an {p.form} one; "
+                             f"choose it with method= instead (e.g. method='"
+                             f"{next(m for m, v in METHODS.items() if v[0] == chosen)}')")
         self._pre_stage = None
         if ts.getType() == "arkimex" and p.form == "implicit":
             self._pre_stage = set_pre_stage(ts, self._stage_begins)
@@ -338,8 +345,11 @@ class _ODESolve:
         self.outputs.values = []
         if len(recorded) != len(times):
             steps, limit = ts.getStepNumber(), ts.getMaxSteps()
+            stiff = ("; if the problem is stiff, an explicit method's steps stay tiny: use an "
+                     "implicit one (method='arkimex', the default, or 'cn')"
+                     if self.p.form == "explicit" else "")
             why = (f"after its maximum of {limit} steps; raise it with options "
-                   f"{{'ts_max_steps': ...}}, or loosen rtol/atol" if steps >= limit else
+                   f"{{'ts_max_steps': ...}}, or loosen rtol/atol{stiff}" if steps >= limit else
                    f"after {steps} steps; check the step options")
             raise ForeignError(f"{WHO}: PETSc TS reached {len(recorded)} of {len(times)} output "
                                f"times: it stopped at t = {ts.getTime():.6g} {why}")
@@ -380,6 +390,7 @@ class _ODESolve:
             ksp.setPostSolve(self._check_adjoint_solve)  # own transposed solves)
         if self.p.assembler is not None:  # (the pattern, at the end state too)
             self.p.assembler.verify_next()
+        jacobians.check_samples_at(float(self.times[-1]), self._ghosted(ts.getSolution()))
         want_params = jacobians.paired = any(needs_input_grad[3:])
         if jacobians.count == 0 and ts.getType() == "arkimex":  # Newton never needed one (func
             # constant in y): ARKIMEX's adjoint copies the unassembled matrix, so assemble it
@@ -461,6 +472,8 @@ class _ODESolve:
             WHO, f"{what} with PETSc TS '{ts.getType()}'", PETSc.TS.ConvergedReason, reason,
             f"at t = {ts.getTime():.6g} (output times {self.times[0]:.6g} to "
             f"{self.times[-1]:.6g}) after {ts.getStepNumber()} steps",
+            "smaller steps (a smaller step_size or more steps_per_interval), or another method"
+            if self.p.fixed else
             "a smaller first step (options {'ts_time_step': ...}), tighter or looser tolerances "
             "(rtol/atol), another method, or options such as {'ts_max_snes_failures': -1}")
 
@@ -475,8 +488,11 @@ class _ODESolve:
 
 
 def _landing_window(times, k):
-    """How close to output time k a step that lands on it ends (rounding of the step sums)."""
-    return 1e-12 * max(abs(times[k]), times[k] - times[k - 1])
+    """How close to output time k a step that lands on it ends (rounding of the step sums):
+    a few roundings of t, at least four times the smallest step that makes progress, and
+    never more than 1e-12 of the interval beyond that (a bound relative to |t| alone took
+    17 % of an interval at t ~ 1.7e9, snapping steps that ended well short of the output)."""
+    return max(4 * COLLAPSE * abs(times[k]), 1e-12 * (times[k] - times[k - 1]))
 
 
 class _Outputs:
@@ -634,6 +650,9 @@ class ODESolver:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{WHO}: adjoint_params[{i}] is a {type(p).__name__}, not a "
                                 f"tensor")
+        # each tensor once (a repeat would receive its gradient twice), and only those that
+        # can have one (a frozen parameter is a constant of func)
+        params = tuple({id(p): p for p in params if p.requires_grad}.values())
         if self.settings["compile_jacobian"]:
             compiled_parameter_names(func, params, WHO)
         jacobian, grid = self.settings["jacobian"], self.grid

@@ -43,7 +43,7 @@ class ODEJacobians:
         self.params = ParameterJacobian(p.params, int(np.prod(self.shape)), layout.owned_view,
                                         1.0 if p.form == "explicit" else -1.0, layout.comm)
         self.blocks = self.block_lu = self.compiled = None
-        self.dense = self.stacked = self.chord = False
+        self.dense = self.stacked = self.chord = self.per_sample = False
         self.paired = False  # an adjoint that wants parameter gradients (see rhs_jacobian)
         self.restarting = False  # ARKIMEX's restart: PETSc's time is stale (see restart_step)
         self.count = 0
@@ -84,7 +84,12 @@ class ODEJacobians:
         if p.assembler is None and p.products != "fd" and (p.jacobian == "blocks" or (
                 p.jacobian == "auto" and block <= BLOCK_LIMIT)):
             self.blocks = block_jacobian(self.shape, mode=p.products)
-            independent = p.jacobian == "blocks" or self._rows_independent(fn, y0)
+            independent = self._rows_independent(fn, y0)
+            if p.jacobian == "blocks" and not independent:
+                raise ValueError(f"{self.who}: jacobian='blocks' takes the samples (rows) of y0 "
+                                 f"as independent, but func couples them (checked with one "
+                                 f"Jacobian product at y0); use jacobian='auto' or "
+                                 f"'matrix-free'")
         n = y0.numel()
         whole = p.jacobian == "auto" and p.assembler is None and layout.dm is None and \
             p.products != "fd" and not p.compile_jacobian and not caps.bridged and \
@@ -106,6 +111,7 @@ class ODEJacobians:
         # DenseLinearisation)
         self.dense = (jacobian == "blocks" and block == n and products != "forward"
                       and n <= DENSE_LIMIT and not caps.bridged)
+        self.per_sample = jacobian == "blocks" and block != n  # (see check_samples_at)
         self.stacked = self.dense and acts_on_rows(fn, u0)
         if p.compile_jacobian:
             if jacobian != "blocks" or caps.bridged:
@@ -138,6 +144,16 @@ class ODEJacobians:
                 options.keys.append(key)
         if block_lu and options["pc_type"] is None:  # options may still choose another PC
             self.block_lu = use_block_lu(ts.getSNES().getKSP(), self.who)
+
+    def check_samples_at(self, t, u):
+        """Per-sample blocks were chosen by checks near y0: raise if func couples the samples
+        at (t, u) (the end state, before the adjoint), where a coupling that switched on
+        during the solve shows; the blocks would leave it out of every gradient."""
+        if self.per_sample and not self._rows_independent(self.rhs_at(t), u):
+            raise ValueError(f"{self.who}: func couples the samples (rows) of y at t = {t:g}, "
+                             f"though not near y0, where the per-sample Jacobian blocks were "
+                             f"chosen; the gradient would leave the coupling out. Pass "
+                             f"jacobian='matrix-free' (or a sparsity=)")
 
     def _rows_independent(self, fn, y0):
         """Whether func acts on each sample (last-dimension row) of y on its own, so that the

@@ -68,6 +68,12 @@ def check_progress(ts, times, who, state=None):
     if dt > COLLAPSE * abs(t):
         return
     size = vec_as_tensor(ts.getSolution(), "r").abs().max()
+    if abs(times[0]) > 1e6 * abs(times[-1] - times[0]):  # steps below double's resolution
+        raise SolverFailure(
+            f"{who}: the step size collapsed to {dt:.3g} at t = {t:.17g}, too small for double "
+            f"precision to add to a time this far from 0 (output times {times[0]:.17g} to "
+            f"{times[-1]:.17g}). What to try: shift the times to start near 0 (and add the "
+            f"shift back inside func if it reads t), or loosen rtol/atol")
     raise SolverFailure(
         f"{who}: the step size collapsed to {dt:.3g} at t = {t:.17g} (output times "
         f"{times[0]:g} to {times[-1]:g}), after {ts.getStepNumber()} steps and "
