@@ -13,10 +13,10 @@ import threading
 
 import torch
 
-import numpy as np
-
 from ._errors import ForeignError, MissingDerivativeError
-from ._transfer import as_tensor, from_numpy
+from ._functorch import (ANY_LEVEL, RuleCall, in_functorch_transform, per_sample_result,
+                         select)
+from ._transfer import conform, spec_of, to_tensor
 
 # forward -> setup_context hand-over. Under torch.func transforms setup_context runs once per
 # transform level after a single forward, so the record stays until the next forward or backward.
@@ -27,7 +27,6 @@ _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 _keep_graph = torch._C._autograd._get_current_graph_task_keep_graph  # retain_graph of a backward
 _is_compiling = torch.compiler.is_compiling
 _forward_calls = [0]
-_ANY_LEVEL = "any"  # a batched pullback's functorch level: any vmap may batch it
 _TRANSFORMED = "transformed"  # grad mode recorded by apply inside torch.func transforms
 
 
@@ -35,12 +34,6 @@ def bridged_calls() -> int:
     """How many bridged-op forwards have run so far (a function that leaves this unchanged
     called none)."""
     return _forward_calls[0]
-
-
-def _in_functorch_transform() -> bool:
-    """True inside a torch.func transform, including its lowered call of a Function's forward."""
-    return (torch._C._functorch.maybe_current_level() is not None
-            or torch._C._functorch.get_single_level_autograd_function_allowed())
 
 
 def eager_under_compile(what: str):
@@ -69,40 +62,6 @@ def _run_foreign(name, rule, fn, *args):
         raise _foreign_failure(name, rule, exc) from exc
 
 
-def _spec(t):
-    """What a gradient or tangent must match: shape, dtype, device (None for the CPU)."""
-    return t.shape, t.dtype, None if t.is_cpu else t.device
-
-
-def _from_numpy(array):
-    try:
-        if array.flags.writeable:
-            return torch.from_numpy(array)
-    except ValueError:  # negative strides: from_numpy copies
-        pass
-    return from_numpy(array)
-
-
-def _tensor(array, what):
-    """`array` as a tensor without copying (`what()` describes it in errors; built only then)."""
-    if isinstance(array, torch.Tensor):
-        return array
-    if type(array) is np.ndarray:
-        return _from_numpy(array)
-    return as_tensor(array, who=what())
-
-
-def _conform(tensor, spec, what):
-    """`tensor` checked against (shape, dtype, device) and cast to that dtype and device."""
-    shape, dtype, device = spec
-    if tensor.shape != shape:
-        raise ValueError(f"{what()} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-    if tensor.dtype != dtype or (not tensor.is_cpu if device is None else
-                                 tensor.device != device):
-        tensor = tensor.to(device=device or "cpu", dtype=dtype)
-    return tensor
-
-
 class _Call:
     """What one forward call's derivative rules need, kept on ctx (the pullback is kept apart,
     on ctx.pullback, so it can be freed after backward)."""
@@ -112,11 +71,11 @@ class _Call:
 
     def __init__(self, name, pushforward, inputs, outputs, single, pass_mask, needs_grad):
         self.name, self.pushforward, self.single, self.pass_mask = name, pushforward, single, pass_mask
-        specs = [_spec(a) if isinstance(a, torch.Tensor) else None for a in inputs]
+        specs = [spec_of(a) if isinstance(a, torch.Tensor) else None for a in inputs]
         self.n_inputs = len(specs) - specs.count(None)
         self.input_specs = specs if needs_grad else None
         self.output_specs = None if pushforward is None else tuple(
-            _spec(o) for o in ((outputs,) if single else outputs))
+            spec_of(o) for o in ((outputs,) if single else outputs))
 
     def call_pullback(self, pullback, needs_input_grad, *grad_outputs, batch=None):
         """The pullback's gradients, checked; with `batch` (a batched pullback under vmap)
@@ -154,7 +113,7 @@ class _Call:
         if batch is not None:
             spec = (torch.Size((batch, *spec[0])), *spec[1:])
         what = lambda: f"{self.name}: the pullback's gradient for argument {i}"  # noqa: E731
-        return _conform(_tensor(grad, what), spec, what)
+        return conform(to_tensor(grad, what), spec, what)
 
     def call_pushforward(self, *tangents, batch=None):
         """The pushforward's tangents, checked; with `batch` (a batched pushforward under vmap)
@@ -171,7 +130,7 @@ class _Call:
             what = lambda: f"{self.name}: the pushforward's tangent for output {k}"  # noqa: E731
             if batch is not None:
                 spec = (torch.Size((batch, *spec[0])), *spec[1:])
-            conformed.append(_conform(_tensor(t, what), spec, what))
+            conformed.append(conform(to_tensor(t, what), spec, what))
         return tuple(conformed)
 
 
@@ -191,100 +150,12 @@ def _reference(args):
 
 
 def _to_output(array, dtype, device, name, k):
-    if type(array) is np.ndarray:
-        t = _from_numpy(array)
-    else:
-        t = _tensor(array, lambda: f"{name}: forward's output {k}")
+    t = to_tensor(array, lambda: f"{name}: forward's output {k}")
     if dtype is not None and t.dtype != dtype and t.is_floating_point():
         t = t.to(dtype)
     if not t.is_cpu if device is None else t.device != device:
         t = t.to("cpu" if device is None else device)
     return t
-
-
-class _RuleCall(torch.autograd.Function):
-    """Runs a pullback or pushforward as an op of its own, so vmap can batch it (torch.func.jacrev,
-    jacfwd) and a second derivative fails naming the op. Used only under create_graph or
-    torch.func transforms; plain backward calls the rule directly."""
-
-    @staticmethod
-    def forward(name, rule, n_args, *tensors):
-        # tensors = the rule's arguments + the op's inputs (anchors, so the results require grad
-        # exactly when a true second derivative would exist)
-        return rule(*tensors[:n_args])
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.op_name = inputs[0]
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise MissingDerivativeError(
-            f"double backward through '{ctx.op_name}' is not supported: its foreign derivative "
-            f"rule has no derivative of its own. Differentiate only once (no create_graph=True, "
-            f"no nested torch.func.grad/hessian through this op)")
-
-    jvp = backward  # forward mode over a derivative rule (e.g. torch.func.hessian) is the same
-
-    @staticmethod
-    def vmap(info, in_dims, name, rule, n_args, *tensors):
-        # one call with every sample's cotangents; a rule made for one vmap's samples (`level`,
-        # see _per_sample_rule) only at that vmap, below whichever others batch its inputs
-        level = getattr(rule, "level", _ANY_LEVEL)
-        if getattr(rule, "batched", False) and level in (
-                _ANY_LEVEL, torch._C._functorch.maybe_current_level()):
-            size = info.batch_size
-            cotangents = [t if t is None else t.expand(size, *t.shape) if d is None else
-                          t.movedim(d, 0)
-                          for t, d in zip(tensors[:n_args], in_dims[3:3 + n_args])]
-            out = rule(*cotangents, batch=size)
-            return out, tuple(None if o is None else 0 for o in out)
-        per_sample = [_RuleCall.apply(name, rule, n_args, *_select(tensors, in_dims[3:], b))
-                      for b in range(info.batch_size)]
-        out = tuple(None if per_sample[0][i] is None else torch.stack([s[i] for s in per_sample])
-                    for i in range(len(per_sample[0])))
-        return out, tuple(None if o is None else 0 for o in out)
-
-
-def _select(args, in_dims, b):
-    return [a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]
-
-
-def _per_sample_result(records, per_sample, outs, single, args, in_dims):
-    """A vmapped op's (outputs, pullback[, pushforward]) for a derivative transform outside
-    vmap, from its samples' `records` (their forward results) and outputs `per_sample`."""
-    inputs = [_select(args, in_dims, b) for b in range(len(records))]
-    result = (outs, _per_sample_rule([r[0][1] for r in records], inputs))
-    if all(len(r[0]) == 3 and r[0][2] is not None for r in records):
-        outputs = [(o,) if single else tuple(o) for o in per_sample]
-        result += (_per_sample_rule([r[0][2] for r in records], outputs),)
-    return result
-
-
-def _per_sample_rule(rules, likes):
-    """One batched derivative rule (see _RuleCall.vmap) from the rules (pullbacks or
-    pushforwards) of a vmapped op's samples: sample b's cotangents or tangents go to rules[b].
-    likes[b][i]: what result i of sample b must look like (its zeros stand in for a None)."""
-    def rule(*args, batched=True, **kwargs):
-        per_sample = []
-        for b, fn in enumerate(rules):
-            out = fn(*[None if a is None else a[b] for a in args], **kwargs)
-            per_sample.append(out if type(out) is tuple else tuple(out) if isinstance(
-                out, list) else (out,))
-        stacked = []
-        for i, column in enumerate(zip(*per_sample)):
-            if all(r is None for r in column) or not isinstance(likes[0][i], torch.Tensor):
-                stacked.append(None if all(r is None for r in column) else column[0])
-                continue
-            what = lambda: f"result {i} of a sample's derivative rule"  # noqa: E731
-            stacked.append(torch.stack([
-                torch.zeros_like(likes[b][i]) if r is None else
-                _conform(_tensor(r, what), _spec(likes[b][i]), what)
-                for b, r in enumerate(column)]))
-        return tuple(stacked)
-    rule.batched, rule.samples = True, len(rules)
-    rule.level = torch._C._functorch.maybe_current_level()  # (that of the vmap's rule)
-    return rule
 
 
 class BridgedOp:
@@ -411,7 +282,7 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
                 f"torch.func.vmaps cannot reach this op's derivative rules, which vmap runs "
                 f"once per sample; use one vmap over the samples flattened, or differentiate "
                 f"outside vmap")
-        if record[2] is not _TRANSFORMED and not _in_functorch_transform():
+        if record[2] is not _TRANSFORMED and not in_functorch_transform():
             _pending.call = None  # plain autograd: this is the only setup_context
         setup(ctx, inputs, output, *record)
 
@@ -437,12 +308,12 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
         anchors = ctx.saved_tensors[:ctx.call.n_inputs]  # unpacking runs the in-place check
         if not _keep_graph():
             ctx.pullback = None  # free foreign memory now, as autograd frees saved tensors
-        if not torch.is_grad_enabled() and not _in_functorch_transform():
+        if not torch.is_grad_enabled() and not in_functorch_transform():
             return ctx.call.call_pullback(pullback, ctx.needs_input_grad, *grad_outputs)
         rule = functools.partial(ctx.call.call_pullback, pullback, ctx.needs_input_grad)
         rule.batched = getattr(pullback, "batched", False)
-        rule.level = getattr(pullback, "level", _ANY_LEVEL)
-        return _RuleCall.apply(name, rule, len(grad_outputs), *grad_outputs, *anchors)
+        rule.level = getattr(pullback, "level", ANY_LEVEL)
+        return RuleCall.apply(name, rule, len(grad_outputs), *grad_outputs, *anchors)
 
     def jvp(ctx, *tangents):
         call = ctx.call
@@ -450,11 +321,11 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
             raise MissingDerivativeError(
                 f"{name} has no forward-mode (jvp) rule: its adapter gives only a pullback. Use "
                 f"reverse mode instead (backward, torch.func.vjp, torch.func.jacrev)")
-        if _in_functorch_transform():
+        if in_functorch_transform():
             rule = functools.partial(call.call_pushforward)
             rule.batched = getattr(call.pushforward, "batched", False)
-            rule.level = getattr(call.pushforward, "level", _ANY_LEVEL)
-            out = _RuleCall.apply(name, rule, len(tangents), *tangents)
+            rule.level = getattr(call.pushforward, "level", ANY_LEVEL)
+            out = RuleCall.apply(name, rule, len(tangents), *tangents)
         else:
             out = call.call_pushforward(*tangents)
         return out[0] if call.single else out
@@ -463,7 +334,7 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
         grad, per_sample, records = getattr(_pending, "grad", True), [], []
         for b in range(info.batch_size):
             _pending.grad = grad  # (each sample's call sees the caller's grad mode)
-            per_sample.append(function.apply(*_select(args, in_dims, b)))
+            per_sample.append(function.apply(*select(args, in_dims, b)))
             records.append(_pending.call)  # kept (not None) when a transform waits outside
         single = isinstance(per_sample[0], torch.Tensor)
         outs = torch.stack(per_sample) if single else tuple(
@@ -472,7 +343,7 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
         # rules in one; nested vmaps under it are refused there (its setup_context finds none)
         _pending.call = None if None in records or any(
             getattr(r[0][1], "samples", None) for r in records) else \
-            [_per_sample_result(records, per_sample, outs, single, args, in_dims), single,
+            [per_sample_result(records, per_sample, outs, single, args, in_dims), single,
              records[0][2]]
         return outs, (0 if single else (0,) * len(outs))
 

@@ -76,3 +76,38 @@ def from_numpy(array: np.ndarray) -> torch.Tensor:
 def contiguous(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` itself when it is one dense C-ordered block, otherwise a contiguous copy."""
     return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+
+# -- what the class factory converts and checks (bridges._core, bridges._functorch) ----------
+def spec_of(t):
+    """What a gradient or tangent must match: shape, dtype, device (None for the CPU)."""
+    return t.shape, t.dtype, None if t.is_cpu else t.device
+
+
+def _from_numpy(array):
+    try:
+        if array.flags.writeable:
+            return torch.from_numpy(array)
+    except ValueError:  # negative strides: from_numpy copies
+        pass
+    return from_numpy(array)
+
+
+def to_tensor(array, what):
+    """`array` as a tensor without copying (`what()` describes it in errors; built only then)."""
+    if isinstance(array, torch.Tensor):
+        return array
+    if type(array) is np.ndarray:
+        return _from_numpy(array)
+    return as_tensor(array, who=what())
+
+
+def conform(tensor, spec, what):
+    """`tensor` checked against (shape, dtype, device) and cast to that dtype and device."""
+    shape, dtype, device = spec
+    if tensor.shape != shape:
+        raise ValueError(f"{what()} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+    if tensor.dtype != dtype or (not tensor.is_cpu if device is None else
+                                 tensor.device != device):
+        tensor = tensor.to(device=device or "cpu", dtype=dtype)
+    return tensor

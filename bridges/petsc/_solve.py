@@ -598,8 +598,10 @@ def solve(residual, x0, *params, options=None, sparsity=None, grid=None, prefix=
             step (matrix-free); ``"auto"`` (default) picks forward mode where every op has it
             and it measured faster, reverse mode or fd otherwise. Backward always uses reverse
             mode.
-        linear: F is affine in x: the Jacobian is assembled (and the PC set up) once per solve.
-        symmetric: dF/dx is symmetric: the matrix is marked so (SOR, ICC, Cholesky may use it)
+        linear: F is affine in x: the Jacobian is assembled (and the PC set up) once per solve
+            (checked at the root with two residuals and one product; a non-affine F is refused).
+        symmetric: dF/dx is symmetric (checked at the root with two products before backward):
+            the matrix is marked so (SOR, ICC, Cholesky may use it)
             and backward reuses the forward's KSP and PC as they are. Otherwise backward solves
             with the explicitly transposed matrix and a KSP/PC set up from the same options
             (assembled), or KSP solveTranspose with reverse-mode products (matrix-free).
