@@ -382,16 +382,23 @@ class _Solve:
                      "check the residual for a division by zero, a log or sqrt of a negative "
                      "number, or an overflow there (a closer x0 may avoid it)", error=ForeignError)
 
+    def _random_vecs(self, count):
+        """`count` Vecs like x with fixed random (standard normal) entries; the caller destroys
+        them."""
+        vecs, rng = [self.x_vec.duplicate() for _ in range(count)], np.random.default_rng(0)
+        for vec in vecs:
+            owned = self.layout.owned_view(vec, "w")
+            owned.copy_(torch.from_numpy(rng.standard_normal(owned.shape)))
+        return vecs
+
     def _check_affine(self):
         """linear=True keeps the Jacobian assembled at x0: at the root x, F(x + v) - F(x) must
-        equal that matrix times v (exactly, for an affine F; v a fixed random vector of the
-        size of x), or the adjoint would use a wrong Jacobian."""
-        v, shifted, change, product = (self.x_vec.duplicate() for _ in range(4))
+        equal that matrix times v (exactly, for an affine F; v a fixed random vector scaled to
+        x), or the adjoint would use a wrong Jacobian."""
+        v = self._random_vecs(1)[0]
+        shifted, change, product = (self.x_vec.duplicate() for _ in range(3))
         try:
-            owned = self.layout.owned_view(v, "w")
-            scale = max(float(self.x_vec.norm(PETSc.NormType.INFINITY)), 1.0)
-            owned.copy_(torch.from_numpy(np.random.default_rng(0).uniform(
-                -scale, scale, owned.shape)))
+            v.scale(max(float(self.x_vec.norm(PETSc.NormType.INFINITY)), 1.0))
             self.x_vec.copy(shifted)
             shifted.axpy(1.0, v)
             self.snes.computeFunction(self.x_vec, self.F)
@@ -404,33 +411,23 @@ class _Solve:
             gap = product.norm()
         finally:
             destroy(v, shifted, change, product)
-        if gap > 1e-8 * size:
-            raise ValueError(
-                f"{WHO}: linear=True, but the residual is not affine in x: its Jacobian at the "
-                f"root differs from the one at x0 (|F(x + v) - F(x) - J(x0) v| = {gap:.3e} "
-                f"against {size:.3e} for a random v), so the gradient would be wrong. Drop "
-                f"linear=True")
+        _kept("linear=True", "the residual is not affine in x: |F(x + v) - F(x) - J(x0) v|, "
+              "with J(x0) the Jacobian at x0 and v random,", gap, size, 1e-8)
 
     def _check_symmetric(self):
         """symmetric=True lets the adjoint solve with J for J^T: at the root, u^T J v must
         equal v^T J u (u, v fixed random vectors; two products with J)."""
-        u, v, ju, jv = (self.x_vec.duplicate() for _ in range(4))
+        u, v = self._random_vecs(2)
+        ju, jv = u.duplicate(), v.duplicate()
         try:
-            rng = np.random.default_rng(1)
-            for vec in (u, v):
-                owned = self.layout.owned_view(vec, "w")
-                owned.copy_(torch.from_numpy(rng.standard_normal(owned.shape)))
             self.A.mult(u, ju)
             self.A.mult(v, jv)
             gap = abs(u.dot(jv) - v.dot(ju))
             size = u.norm() * jv.norm() + v.norm() * ju.norm()
         finally:
             destroy(u, v, ju, jv)
-        if gap > 1e-6 * size:
-            raise ValueError(
-                f"{WHO}: symmetric=True, but dF/dx is not symmetric at the root (u^T J v - "
-                f"v^T J u = {gap:.3e} against {size:.3e} for random u, v), so the adjoint "
-                f"solve with J in place of J^T would give a wrong gradient. Drop symmetric=True")
+        _kept("symmetric=True", "dF/dx is not symmetric at the root: u^T J v - v^T J u, for "
+              "random u and v,", gap, size, 1e-6)
 
     def pullback(self, grad_x, *, needs_input_grad):
         want = [needs_input_grad[2 + i] and isinstance(p, torch.Tensor)
@@ -500,6 +497,14 @@ class _Solve:
         self.snes = self.x_vec = self.F = self.shell_mat = self.adjoint_ksp = None
         self.transposed = self.shell = self.nullspace = None  # the shell holds our method
         self.options.close()
+
+
+def _kept(option, broken, gap, size, tolerance):
+    """Raise unless a promise `option` makes of the residual holds: `gap` (what `broken`
+    measures, zero when it holds) within `tolerance` of `size`."""
+    if gap > tolerance * size:
+        raise ValueError(f"{WHO}: {option}, but {broken} is {gap:.3e} against {size:.3e}, so the "
+                         f"gradient would be wrong. Drop {option}")
 
 
 def _forward(x0, problem, *params, needs_input_grad):
