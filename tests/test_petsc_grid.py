@@ -1,6 +1,8 @@
 """Grids on PETSc's DMDA: blocks and halos, grid colourings in Jacobians, multigrid levels, and
 distributed solves and ODE adjoints that agree with one rank (mpiexec -n 2 and -n 4)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -283,6 +285,29 @@ def test_stencil_sparsity_is_a_dmda_with_pcmg_levels():
     assert mg_levels(Grid((64, 64), boundary="periodic")) == 5  # down to 4 x 4
     with pytest.raises(ValueError, match="every offset needs 2 entries"):
         stencil_sparsity((4, 4), offsets=[(1,)])
+
+
+def test_multigrid_on_a_grid_it_cannot_coarsen_is_warned_about():
+    """pc_type mg on a grid whose sizes do not halve gets one level (its smoother alone): solve
+    and the ODE's Newton solves say so and name sizes that coarsen; a size that does is quiet."""
+    kappa = torch.tensor([0.7, 0.3], dtype=F64)
+
+    def calls(n):
+        grid = Grid((n, n))
+        yield lambda: solve(lambda u: 4 * u[grid.interior] - u[:-2, 1:-1] - u[2:, 1:-1]
+                            - u[1:-1, :-2] - u[1:-1, 2:] - 1.0, grid.zeros(), grid=grid,
+                            linear=True, options={"ksp_type": "cg", "pc_type": "mg"})
+        yield lambda: odeint_adjoint(_heat(grid, kappa), grid.zeros() + 1.0,
+                                     torch.tensor([0.0, 0.01], dtype=F64), method="cn",
+                                     step_size=0.005, grid=grid, options={"pc_type": "mg"})
+    for call in calls(20):
+        with pytest.warns(UserWarning, match=r"pc_type mg on a grid of shape \(20, 20\) has 1 "
+                                             r"level.*sizes such as \(33, 33\).*'gamg'"):
+            call()
+    for call in calls(17):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            call()
 
 
 def test_a_solve_on_a_grid_matches_the_full_array_solve():

@@ -132,7 +132,7 @@ def nonlinear(T, kappa, source):
 @pytest.mark.parametrize("options", [None, {"ksp_type": "cg", "pc_type": "mg"}, LU])
 def test_matrix_free_and_assembled_agree(options):
     symmetric = options is not None and options["pc_type"] == "mg"  # exercises both paths
-    n = 34
+    n = 35  # 33 unknowns per axis: 5 multigrid levels
     kappa, source = random_problem(n, seed=7)
     source = 30 * source
     results = []
@@ -288,7 +288,7 @@ def test_options_dict_prefix_and_command_line_pass_through():
 def test_nonsymmetric_backward_with_pc_lacking_a_transpose():
     # advection makes J nonsymmetric; PCMG with SOR smoothing has no transpose, so backward
     # solves with the transposed matrix instead; the gradient must match the LU one
-    n = 34
+    n = 35
     kappa, source = random_problem(n)
 
     def advection_diffusion(T, kappa, source):

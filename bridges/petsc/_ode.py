@@ -35,7 +35,7 @@ from ._linear import check_solution
 from ._ode_jacobians import ODEJacobians, compiled_parameter_names
 from ._options import SolverOptions, check_options
 from ._runtime import PETSc, destroy, diverged, petsc_errors, petsc_real
-from ._solve import _assembler
+from ._solve import _assembler, warn_if_shallow
 from ._stepping import COLLAPSE, NewtonTest, check_progress, starting_step
 from ._vec import check_tensor, vec_as_tensor
 
@@ -229,6 +229,8 @@ class _ODESolve:
             trajectory_prefix(ts, self.options.prefix)
         with petsc_errors(WHO, "setting up PETSc TS from the options"):
             ts.setFromOptions()
+        if p.form != "explicit":
+            warn_if_shallow(ts.getSNES().getKSP().getPC(), layout, WHO)
         chosen = ts.getType()
         if FORMS.get(chosen, p.form) != p.form:
             raise ValueError(f"{WHO}: the options set ts_type '{chosen}', an {FORMS[chosen]} "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 import weakref
 
 import numpy as np
@@ -109,6 +110,25 @@ def multigrid_levels(pc, layout, options) -> None:
     if layout.dm is not None and pc.getType() == "mg" and options["pc_mg_levels"] is None:
         pc.setMGLevels(mg_levels(layout))
         pc.setFromOptions()
+        warn_if_shallow(pc, layout, WHO)
+
+
+def warn_if_shallow(pc, layout, who) -> None:
+    """Warn when pc_type mg on a grid has fewer than 3 levels: the preconditioner is then little
+    more than its smoother, and Krylov iterations grow with the grid without a word."""
+    if layout.dm is None or pc.getType() != "mg" or min(layout.shape) < 9:
+        return
+    levels = pc.getMGLevels()
+    if levels >= 3:
+        return
+    sizes = tuple(1 << (m - 1).bit_length() if boundary == "periodic"
+                  else (1 << (m - 2).bit_length()) + 1
+                  for m, boundary in zip(layout.shape, layout.boundary))
+    warnings.warn(f"{who}: pc_type mg on a grid of shape {layout.shape} has {levels} level"
+                  f"{'s' if levels > 1 else ''}: the grid's DMDA coarsens by halving every axis, "
+                  f"which needs sizes 2^k m + 1 (periodic: 2^k m) with a point per rank left. "
+                  f"With so few levels the iterations grow with the grid. Use sizes such as "
+                  f"{sizes}, or options {{'pc_type': 'gamg'}}", stacklevel=2)
 
 
 # -- one solve and its pullback --------------------------------------------------------------------

@@ -107,13 +107,15 @@ def residual_norm(T, kappa, source, boundary=None):
                                                 None if boundary is None else boundary.double())))
 
 
-def solve_petsc(kappa, source, boundary=None, options=None, grid=None, pc="mg"):
+def solve_petsc(kappa, source, boundary=None, options=None, grid=None, pc=None):
     """T with residual 2-norm <= 1e-10 by PETSc: CG + multigrid (pc "mg" geometric, on the grid's
     DMDA hierarchy, or "gamg" algebraic) on the Jacobian assembled from coloured products.
+    pc None: "mg" where the grid coarsens to at least 3 levels (n = 2^k m + 3), else "gamg".
     grid: an `interior_grid(n)` to reuse (default: a new one). Returns (T, solve statistics),
     T this rank's owned block of the interior values (all of them on one rank)."""
-    from ..petsc import solve
+    from ..petsc import mg_levels, solve
     grid = grid or interior_grid(kappa.shape[0])
+    pc = pc or ("mg" if mg_levels(grid) >= 3 else "gamg")
     stats = {}
     args = (kappa, source) if boundary is None else (kappa, source, boundary)
     T = solve(grid_residual(grid), grid.zeros(), *args, grid=grid, linear=True,
