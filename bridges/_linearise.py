@@ -139,6 +139,7 @@ class Linearisation:
         self.fn, self.u = fn, u.detach()
         self._graph = self._f0 = None
         self._paired = None  # (w, params, their products) of the last vjp with params
+        self._unvectorised = False  # torch.func cannot transform fn (see jvps)
 
     def graph(self):
         """(leaf, fn(leaf)) with leaf = u requiring grad: one evaluation, kept; anything else
@@ -197,11 +198,21 @@ class Linearisation:
             return (self.fn(self.u + h * v) - self._f0) / h
 
     def jvps(self, V):
-        """J V[k] for every row k of V, in one vectorised forward-mode pass."""
+        """J V[k] for every row k of V, in one vectorised forward-mode pass; one pass per row
+        for functions torch.func cannot transform (an autograd.Function in the classic form,
+        with jvp but without setup_context)."""
         def single(v):
             return torch.func.jvp(self.fn, (self.u,), (v,))[1]
+        V = V.reshape(-1, *self.u.shape)
         with torch.no_grad():
-            return torch.func.vmap(single)(V.reshape(-1, *self.u.shape))
+            if not self._unvectorised:
+                try:
+                    return torch.func.vmap(single)(V)
+                except RuntimeError as exc:
+                    if "setup_context" not in str(exc):
+                        raise
+                    self._unvectorised = True
+            return torch.stack([_dual_jvp(self.fn, self.u, v) for v in V])
 
 
 class DenseLinearisation(Linearisation):

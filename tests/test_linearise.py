@@ -60,6 +60,33 @@ def test_forward_mode_products_match_the_jacobian(fn):
     torch.testing.assert_close(lin.jvps(torch.eye(3, dtype=F64)), J.T, **tol)  # row k = J e_k
 
 
+class ClassicCube(torch.autograd.Function):
+    """u^3 in the classic form (forward with ctx), with a jvp: forward-mode AD works, but
+    torch.func (vmap, jvp), which needs setup_context, refuses it."""
+
+    @staticmethod
+    def forward(ctx, u):
+        ctx.u = u
+        return u ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        return 3 * ctx.u ** 2 * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return 3 * ctx.u ** 2 * t
+
+
+def test_batched_forward_products_of_a_classic_form_function_fall_back_to_one_pass_each():
+    def fn(u):
+        return A @ u + ClassicCube.apply(u)
+    with pytest.raises(RuntimeError, match="setup_context"):  # what the fallback is for
+        torch.func.jvp(fn, (U,), (V,))
+    J = A + torch.diag(3 * U ** 2)
+    torch.testing.assert_close(Linearisation(fn, U).jvps(torch.eye(3, dtype=F64)), J.T)
+
+
 def test_a_pullback_only_op_refuses_forward_mode_by_name():
     with pytest.raises(MissingDerivativeError, match="cube has no forward-mode"):
         Linearisation(reverse_only, U).jvp(V)

@@ -13,7 +13,7 @@ from torch.autograd import gradcheck
 
 import bridges
 from bridges import ForeignError, SolverFailure
-from bridges.petsc import PETSc, UnusedOptionsWarning, odeint_adjoint
+from bridges.petsc import PETSc, UnusedOptionsWarning, odeint_adjoint, stencil_sparsity
 from bridges.problems import log_times, problem
 
 F64 = torch.float64
@@ -697,6 +697,29 @@ def test_a_solve_inside_func_composes_and_forward_mode_is_refused():
     with pytest.raises(bridges.MissingDerivativeError, match=r"odeint_adjoint cannot run inside "
                                                              r"forward-mode AD"):
         torch.func.jvp(end, (k.detach(),), (torch.ones_like(k),))
+
+
+def test_forward_products_need_a_forward_rule_and_take_classic_form_functions():
+    """products='forward' on a func with an op that has no forward-mode rule is refused by name
+    for every Jacobian kind (dense blocks took torch.func's own error); a classic-form
+    autograd.Function with a jvp (which torch.func refuses) gives the analytic dy/dk of
+    y' = -k y^3: -t (1 + 2 k t)^(-3/2)."""
+    from test_linearise import ClassicCube
+
+    class PullbackOnly(ClassicCube):
+        jvp = torch.autograd.Function.jvp
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    for kwargs in ({}, {"jacobian": "blocks"}, {"sparsity": stencil_sparsity(4)},
+                   {"jacobian": "matrix-free"}):
+        k = torch.tensor(1.3, dtype=F64, requires_grad=True)
+        with pytest.raises(ForeignError, match="products='forward' needs a forward-mode rule"):
+            odeint_adjoint(lambda t, y: -k * PullbackOnly.apply(y), torch.ones(4, dtype=F64),
+                           t, products="forward", adjoint_params=(k,), **kwargs)
+        ys = odeint_adjoint(lambda t, y: -k * ClassicCube.apply(y), torch.ones(4, dtype=F64), t,
+                            products="forward", adjoint_params=(k,), rtol=1e-10, atol=1e-12,
+                            **kwargs)
+        ys[-1, 0].backward()
+        np.testing.assert_allclose(k.grad.item(), -(1 + 2 * 1.3) ** -1.5, rtol=1e-6)
 
 
 def test_repeated_or_frozen_adjoint_params_and_times_far_from_zero():

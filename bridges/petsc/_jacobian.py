@@ -421,6 +421,11 @@ def plan_jacobian(who, jacobian, products, *, assembler, block=None, block_limit
         raise ValueError(f"{who}: jacobian='assembled' needs sparsity= (the pattern of the "
                          f"Jacobian, e.g. stencil_sparsity(shape)) or grid=; or use "
                          f"jacobian='matrix-free'")
+    if products == "forward" and not forward:
+        raise ValueError(f"{who}: products='forward' needs a forward-mode rule for every op in "
+                         f"the function, but one has none (a bridged op with only a pullback, "
+                         f"or an autograd.Function without jvp); use products='auto' or "
+                         f"'reverse' (or 'fd' with jacobian='matrix-free')")
     if jacobian == "auto":
         jacobian = "assembled" if assembler is not None else \
             "blocks" if block is not None and block <= block_limit and independent else \
@@ -435,7 +440,4 @@ def plan_jacobian(who, jacobian, products, *, assembler, block=None, block_limit
         raise ValueError(f"{who}: a matrix-free Jacobian needs J v, which reverse mode cannot "
                          f"give; use products 'forward', 'fd' or 'auto', or an assembled "
                          f"Jacobian (sparsity= or grid=, or per-sample blocks)")
-    if products == "forward" and not forward:
-        raise ValueError(f"{who}: products='forward' needs a forward-mode rule for every op in "
-                         f"the function; one has none. Use 'fd' or 'auto'")
     return jacobian, "forward" if products != "fd" and forward else "fd"

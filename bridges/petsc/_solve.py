@@ -204,8 +204,8 @@ class _Solve:
         self.x_vec = layout.global_vec()
         layout.owned_view(self.x_vec, "w").copy_(x0.detach())
         self.F = layout.global_vec()
-        forward = p.jacobian != "assembled" and p.products != "fd" and \
-            probe(self._residual, self._ghosted(self.x_vec), WHO).forward
+        forward = p.products != "fd" and (p.jacobian != "assembled" or p.products == "forward") \
+            and probe(self._residual, self._ghosted(self.x_vec), WHO).forward
         kind, products = plan_jacobian(WHO, p.jacobian, p.products, assembler=p.assembler,
                                        forward=forward)
         if kind == "assembled":
