@@ -750,23 +750,33 @@ def test_repeated_or_frozen_adjoint_params_and_times_far_from_zero():
                        atol=1e-12)
 
 
-def test_structure_promises_that_func_breaks_are_named():
+def test_structure_promises_that_func_breaks_are_named(monkeypatch):
     """jacobian='blocks' for samples that func couples (refused at the start); samples that
-    func couples only once their sum passes 3, after per-sample blocks were chosen near y0
-    (refused before the adjoint, where the blocks would drop the coupling: 13-15 % off); a
-    ts_type in options of the other form than method's."""
+    func couples only once their sum passes 3, or only for t in (0.4, 0.6), after per-sample
+    blocks were chosen near y0 (13-15 % and 2 % off before): refused at the first forward
+    Jacobian that sees the coupling, and at the end state before the adjoint if a Jacobian
+    missed it; a ts_type in options of the other form than method's."""
+    from bridges.petsc._jacobian import ColouredJacobian
     y0 = torch.tensor([[0.5, 0.6], [0.7, 0.4]], dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 1.0, 2.0], dtype=F64)
     with pytest.raises(ForeignError, match=r"jacobian='blocks' takes the samples \(rows\) of y0 "
                                            r"as independent, but func couples them"):
         odeint_adjoint(lambda s, y: -y + 0.5 * y.flip(0), y0, t, jacobian="blocks")
     late = lambda s, y: 0.8 * y - 0.5 * torch.relu(y.sum(0, keepdim=True) - 3.0)  # noqa: E731
-    ys = odeint_adjoint(late, y0, t, steps_per_interval=10)
-    with pytest.raises(ForeignError, match=r"func couples the samples \(rows\) of y at t = 2, "
-                                           r"though not near y0"):
-        ys[-1].sum().backward()
-    ys = odeint_adjoint(late, y0, t, steps_per_interval=10, jacobian="matrix-free")
-    ys[-1].sum().backward()  # the safe path
+    middle = lambda s, y: -y ** 3 + 10 * torch.relu(0.1 - (s - 0.5).abs()) * (  # noqa: E731
+        y.mean(0) - y)
+    coupled = r"couples the samples \(rows\) of its input at this state.*jacobian='matrix-free'"
+    for func, kwargs in ((late, {"steps_per_interval": 10}), (middle, {})):
+        with pytest.raises(ForeignError, match=coupled):
+            odeint_adjoint(func, y0, t, **kwargs)
+        ys = odeint_adjoint(func, y0, t, jacobian="matrix-free", **kwargs)
+        ys[-1].sum().backward()  # the safe path
+    with monkeypatch.context() as patch:  # the end state's check, should a Jacobian miss it
+        patch.setattr(ColouredJacobian, "verify_next", lambda self, always=False: None)
+        ys = odeint_adjoint(late, y0, t, steps_per_interval=10)
+        with pytest.raises(ForeignError, match=r"func couples the samples \(rows\) of y at "
+                                               r"t = 2, though not near y0"):
+            ys[-1].sum().backward()
     with pytest.raises(ForeignError, match=r"the options set ts_type 'beuler', an implicit "
                                            r"method, but method='dopri5'.*method='beuler'"):
         odeint_adjoint(lambda s, y: -y, y0, t, method="dopri5", options={"ts_type": "beuler"})

@@ -197,6 +197,7 @@ class ColouredJacobian:
         self._index = {}  # kind of source -> where each matrix value comes from (see _fill)
         self.evaluations = 0
         self._verifies = self._unverified = verify  # until the first products are checked
+        self.samples = False  # per-sample blocks (see block_jacobian)
         self._memo = None  # (weak reference to a Linearisation, mode) of the products kept
         self._buffer = None  # the last products (colours x size), reused by the next ones
         self._by_colour = {}  # mode -> seed entries in order of colour, where each colour starts
@@ -284,11 +285,11 @@ class ColouredJacobian:
             self._seed_rows[key] = seeds
         return seeds
 
-    def verify_next(self):
-        """Check the next products against a direct one again (if checks were asked for): a
-        dependence left out of the pattern whose derivative vanished at the first point (a
-        state starting at zero) shows at a later one, such as a solve's root."""
-        self._unverified = self._verifies
+    def verify_next(self, always=False):
+        """Check the next products against a direct one again (if checks were asked for, or
+        `always`): a dependence left out of the pattern whose derivative vanished at the first
+        point (a state starting at zero) shows at a later one, such as a solve's root."""
+        self._unverified = self._verifies or always
 
     def _verify(self, lin, mode):
         """Raise unless the products' matrix times a random v equals J v (v^T J in reverse)."""
@@ -307,6 +308,13 @@ class ColouredJacobian:
         wrong = (error > 1e-8 * scale) & (True if forward else self.col_colour >= 0)
         count, comm = int(wrong.sum()), self.mat.getComm()
         count = comm.tompi4py().allreduce(count) if comm.getSize() > 1 else count
+        if count and self.samples:
+            raise ValueError(
+                f"the function couples the samples (rows) of its input at this state: {count} "
+                f"{'rows' if forward else 'columns'} of its per-sample Jacobian blocks differ "
+                f"from a direct {mode}-mode product (worst by {error.max():.3g}), so every "
+                f"gradient would leave the coupling out. Pass jacobian='matrix-free' (or a "
+                f"sparsity= that holds the coupling)")
         if count:
             where = ("Grid(coupling=...) or the grid's stencil" if getattr(self, "grid", None)
                      else "the sparsity pattern")
@@ -401,8 +409,10 @@ def block_jacobian(shape, *, mode="auto", comm=None) -> ColouredJacobian:
     block = shape[-1] if shape else 1
     count = int(np.prod(shape)) // block
     groups = [np.arange(c, count * block, block) for c in range(block)]
-    return ColouredJacobian(block_diagonal_pattern(count, block), groups=groups,
-                            block_size=block, comm=comm, mode=mode, verify=False)
+    blocks = ColouredJacobian(block_diagonal_pattern(count, block), groups=groups,
+                              block_size=block, comm=comm, mode=mode, verify=False)
+    blocks.samples = count > 1
+    return blocks
 
 
 # Jacobian plans: what a solve assembles, and how it multiplies

@@ -387,6 +387,7 @@ class _ODESolve:
         cotangents = grad_ys if batched else grad_ys.unsqueeze(0)
         jacobians = self.jacobians
         chord, jacobians.chord = jacobians.chord, False  # the adjoint: exact Jacobians
+        jacobians.watching = False  # (at the forward's states, checked there)
         ksp = ts.getSNES().getKSP()
         if jacobians.block_lu is None and self.log is None:  # (BlockLU checks and refines its
             ksp.setPostSolve(self._check_adjoint_solve)  # own transposed solves)
@@ -442,7 +443,7 @@ class _ODESolve:
         self.stats.adjoint_steps += self.stats.steps
         self.stats.adjoint_jacobians += jacobians.count - count
         self.stats.parameter_products += jacobians.params.products
-        jacobians.chord = chord
+        jacobians.chord, jacobians.watching = chord, True
         self.options.report_unused(final=True)
         if not batched:
             grad_y0, grad_params = grad_y0[0], [g if g is None else g[0] for g in grad_params]

@@ -44,6 +44,7 @@ class ODEJacobians:
                                         1.0 if p.form == "explicit" else -1.0, layout.comm)
         self.blocks = self.block_lu = self.compiled = None
         self.dense = self.stacked = self.chord = self.per_sample = False
+        self.watching = True  # per-sample blocks checked at every forward Jacobian
         self.paired = False  # an adjoint that wants parameter gradients (see rhs_jacobian)
         self.restarting = False  # ARKIMEX's restart: PETSc's time is stale (see restart_step)
         self.count = 0
@@ -202,6 +203,8 @@ class ODEJacobians:
             if self.compiled is not None:  # (the blocks of a batch)
                 self.blocks.set_blocks(lin.blocks, diag_shift=shift, factor=-1.0)
             elif self.blocks is not None:
+                if self.per_sample and self.watching:  # a coupling may switch on anywhere
+                    self.blocks.verify_next(always=True)
                 self.blocks.assemble(lin.fn, lin.u, diag_shift=shift, factor=-1.0,
                                      out_shape=self.shape, linearisation=lin)
         self._states = (A.stateGet(), P.stateGet())
