@@ -308,22 +308,16 @@ class ColouredJacobian:
         wrong = (error > 1e-8 * scale) & (True if forward else self.col_colour >= 0)
         count, comm = int(wrong.sum()), self.mat.getComm()
         count = comm.tompi4py().allreduce(count) if comm.getSize() > 1 else count
-        if count and self.samples:
-            raise ValueError(
-                f"the function couples the samples (rows) of its input at this state: {count} "
-                f"{'rows' if forward else 'columns'} of its per-sample Jacobian blocks differ "
-                f"from a direct {mode}-mode product (worst by {error.max():.3g}), so every "
-                f"gradient would leave the coupling out. Pass jacobian='matrix-free' (or a "
-                f"sparsity= that holds the coupling)")
         if count:
-            where = ("Grid(coupling=...) or the grid's stencil" if getattr(self, "grid", None)
-                     else "the sparsity pattern")
+            what = ("the function couples the samples (rows) of its input at this state"
+                    if self.samples else "ColouredJacobian: the function reads unknowns that "
+                    + ("Grid(coupling=...) or the grid's stencil" if getattr(self, "grid", None)
+                       else "the sparsity pattern") + " leaves out")
             raise ValueError(
-                f"ColouredJacobian: the function reads unknowns that {where} leaves out: "
-                f"{count} {'rows' if forward else 'columns'} of its Jacobian from coloured "
-                f"products differ from a direct {mode}-mode product (worst by "
-                f"{error.max():.3g}). Declare every dependence (a wider coupling, stencil or "
-                f"pattern), or use jacobian='matrix-free'")
+                f"{what}: {count} {'rows' if forward else 'columns'} of its Jacobian from "
+                f"coloured products differ from a direct {mode}-mode product (worst by "
+                f"{error.max():.3g}). Declare every dependence (a sparsity=, or a wider "
+                f"coupling, stencil or pattern), or use jacobian='matrix-free'")
         self._unverified = False
 
     def _coo_index(self, kind):
