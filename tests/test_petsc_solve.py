@@ -1,6 +1,8 @@
 """bridges.petsc.solve: accuracy, implicit gradients, solver modes, options and errors."""
 import gc
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -515,6 +517,27 @@ def test_a_residual_that_detaches_x_is_named():
     with pytest.raises(ForeignError, match=r"solve: the residual does not depend on x through "
                                            r"torch \(it detaches x"):
         solve(lambda x: x.detach() ** 3 - 2, torch.ones(2, dtype=torch.float64))
+
+
+def test_a_multiple_root_is_warned_about_and_simple_roots_are_not():
+    """At a double root (x^2 = 0) Newton converges linearly and stops ~2e-5 from it, at a
+    triple one ((x - 1)^3 = 0) ~1e-3 from it, with |F| within tolerance: a warning names the
+    cause and the accuracy (Newton's last step, within a factor of 3 of the error). Simple
+    roots, even from far away, stay quiet."""
+    F64 = torch.float64
+    for residual, root in ((lambda x, p: x ** 2 - p, 0.0), (lambda x, p: (x - p) ** 3, 1.0)):
+        p = torch.tensor([root], dtype=F64)
+        with pytest.warns(UserWarning, match=r"solve: Newton converged only linearly .*singular "
+                                             r"at this root .*accurate only to about Newton's "
+                                             r"last step") as caught:
+            x = solve(residual, torch.tensor([3.0], dtype=F64), p)
+        step = float(re.search(r"last step, (\S+),", str(caught[-1].message)).group(1))
+        assert 1e-6 < abs(float(x) - root) < 3 * step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for residual, x0 in ((lambda x, p: x ** 3 + x - p, [5.0, -3.0]),
+                             (lambda x, p: torch.exp(x) - p, [10.0, -4.0])):
+            solve(residual, torch.tensor(x0, dtype=F64), torch.tensor([2.0, 1.0], dtype=F64))
 
 
 def test_forward_mode_ad_is_refused_by_name():

@@ -224,6 +224,7 @@ class _Solve:
         if layout.dm is not None:  # multigrid takes the grid's hierarchy
             snes.setDM(layout.dm)
         snes.setType("newtonls")
+        snes.setConvergenceHistory(reset=True)  # (see _warn_if_singular_root)
         snes.setFunction(self._function, self.F)
         snes.setJacobian(self._jacobian, self.A, self.P)
         with petsc_errors(WHO, "setting up PETSc SNES from the options"):
@@ -349,6 +350,8 @@ class _Solve:
                         f"that the residual is linear in x")
         if self.p.linear and self.p.jacobian == "assembled" and reason >= 0:
             self._check_affine()
+        if reason >= 0 and snes.getType() != "ksponly":
+            self._warn_if_singular_root()
         self._report(snes_type=snes.getType(), ksp_type=ksp.getType(),
                      pc_type=ksp.getPC().getType(), snes_iterations=snes.getIterationNumber(),
                      ksp_iterations=snes.getLinearSolveIterations(), residual_norm=norm,
@@ -374,6 +377,24 @@ class _Solve:
             raise ForeignError(f"{WHO}: the solution contains nan/inf; check the residual")
         self.options.report_unused()
         return x
+
+    def _warn_if_singular_root(self):
+        """Warn when |F| fell by a steady factor over Newton's last iterations (linear, not
+        quadratic, convergence): dF/dx is singular at the root, which Newton then finds only to
+        about its last step, and where dx/dparams is unbounded."""
+        norms = self.snes.getConvergenceHistory()[0]
+        if len(norms) < 5 or norms[-4] == 0 or self.snes.getKSP().getTolerances()[0] > 0.01:
+            return  # (an inexact Newton, with loose linear solves, converges linearly too)
+        rates = norms[-3:] / norms[-4:-1]
+        if rates.min() < 0.1 or rates.max() > 0.9 or rates.max() > 1.25 * rates.min():
+            return
+        warnings.warn(
+            f"{WHO}: Newton converged only linearly (|F| fell by a steady factor of "
+            f"{rates[-1]:.2f} per iteration over the last of {len(norms) - 1}): dF/dx is "
+            f"singular at this root (a multiple root, as of x^2 = 0). x is then accurate only to "
+            f"about Newton's last step, {self.snes.getSolutionUpdate().norm():.1e}, however "
+            f"small |F| is, and dx/dparams is unbounded there, so the gradient means little. "
+            f"Pose F so that its root is simple, or check the parameters", stacklevel=2)
 
     def _check_depends_on_x(self):
         """After a failed solve: raise if F has no derivative in x at all (it detaches x, or
