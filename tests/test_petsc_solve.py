@@ -519,6 +519,28 @@ def test_a_residual_that_detaches_x_is_named():
         solve(lambda x: x.detach() ** 3 - 2, torch.ones(2, dtype=torch.float64))
 
 
+def test_loose_forward_linear_tolerances_do_not_reach_the_gradient():
+    """An inexact Newton (ksp_rtol 1e-2, or Eisenstat-Walker's snes_ksp_ew) still finds x, but
+    its loose KSP tolerance used to carry over to the adjoint solve: dL/dk 99 % off. The
+    gradient now equals the dense implicit-function one, lam = J^-T w, dL/df = lam,
+    dL/dk = -lam . x^3."""
+    F64, n = torch.float64, 60
+
+    def residual(x, k, f):
+        padded = torch.nn.functional.pad(x, (1, 1))
+        return -(padded[2:] - 2 * x + padded[:-2]) * (n + 1) ** 2 + k * x ** 3 - f
+    k0, f0 = torch.tensor(5.0, dtype=F64), torch.linspace(1, 30, n, dtype=F64)
+    w = torch.sin(torch.arange(n, dtype=F64))
+    for options in ({"ksp_rtol": 1e-2}, {"snes_ksp_ew": True}):
+        k, f = k0.clone().requires_grad_(), f0.clone().requires_grad_()
+        x = solve(residual, torch.zeros(n, dtype=F64), k, f, options=options)
+        (w * x).sum().backward()
+        J = torch.autograd.functional.jacobian(lambda x: residual(x, k0, f0), x.detach())
+        lam = torch.linalg.solve(J.T, w)
+        torch.testing.assert_close(f.grad, lam, rtol=0, atol=1e-7 * float(lam.abs().max()))
+        torch.testing.assert_close(k.grad, -(lam * x.detach() ** 3).sum(), rtol=1e-6, atol=0)
+
+
 def test_a_multiple_root_is_warned_about_and_simple_roots_are_not():
     """At a double root (x^2 = 0) Newton converges linearly and stops ~2e-5 from it, at a
     triple one ((x - 1)^3 = 0) ~1e-3 from it, with |F| within tolerance: a warning names the

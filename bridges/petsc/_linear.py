@@ -16,6 +16,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from scipy.linalg.lapack import dgetrf, dgetrs
@@ -30,6 +32,7 @@ EXTENDED_STEPS = 2    # further steps, until the corrections reach rounding
 EPS = float(np.finfo(np.float64).eps)
 BACKWARD_ERROR = 1e3  # accepted normwise backward error, in units of n * machine epsilon
 KRYLOV_MARGIN = 1e4   # accepted true residual of a Krylov solve, in units of its tolerance
+ADJOINT_RTOL = 1e-10  # the loosest relative tolerance an adjoint's Krylov solves get
 
 
 class IllConditionedError(SolverFailure):
@@ -130,6 +133,24 @@ def use_block_lu(ksp, who: str) -> BlockLU:
     pc.setType(PETSc.PC.Type.PYTHON)
     pc.setPythonContext(context)
     return context
+
+
+@contextlib.contextmanager
+def adjoint_tolerance(ksp, snes=None):
+    """Inside, the KSP's relative tolerance is at most ADJOINT_RTOL, and the Eisenstat-Walker
+    choice of `snes` (snes_ksp_ew), which resets it before each solve, is off (both restored
+    after): Newton's later iterations correct a loose linear solve (an inexact Newton's ksp_rtol
+    1e-2), but an adjoint's solve goes straight into the gradient (99 % off at 1e-2)."""
+    old, ew = ksp.getTolerances(), snes is not None and snes.getUseEW()
+    ksp.setTolerances(min(old[0], ADJOINT_RTOL), *old[1:])
+    if ew:
+        snes.setUseEW(False)
+    try:
+        yield
+    finally:
+        ksp.setTolerances(*old)
+        if ew:
+            snes.setUseEW(True)
 
 
 def check_solution(ksp, b, x, who: str, what: str, *, transpose: bool, nullspace=None) -> None:

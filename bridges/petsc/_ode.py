@@ -31,7 +31,7 @@ from ._capi import renew_trajectory, set_pre_stage, trajectory_prefix
 from ._checkpoint import MEMORYLESS, Recomputation, StepLog, budget
 from ._grid import SerialLayout
 from ._jacobian import JACOBIANS, PRODUCTS
-from ._linear import check_solution
+from ._linear import adjoint_tolerance, check_solution
 from ._ode_jacobians import ODEJacobians, compiled_parameter_names
 from ._options import SolverOptions, check_options
 from ._runtime import PETSc, destroy, diverged, petsc_errors, petsc_real
@@ -413,13 +413,15 @@ class _ODESolve:
             if self.log is None:  # PETSc's trajectory of every step
                 for k in range(len(self.steps) - 1, 0, -1):
                     ts.adjointSetSteps(self.steps[k] - self.steps[k - 1])
-                    with petsc_errors(WHO, f"the adjoint solve (PETSc TS '{ts.getType()}')"):
+                    with petsc_errors(WHO, f"the adjoint solve (PETSc TS '{ts.getType()}')"), \
+                            adjoint_tolerance(ksp, ts.getSNES()):
                         ts.adjointSolve()
                     self._check(ts.getConvergedReason(), "the adjoint solve")
                     for lam, g in zip(lams, cotangents):
                         self._owned(lam, "rw").add_(g[k - 1])
                 self.steps = None  # TSAdjoint consumed the trajectory
-            else:  # recomputed from checkpoints; each output's cotangent added at its step
+            else:  # recomputed from checkpoints (recomputed steps keep the forward's linear
+                # tolerance, to match its states); each output's cotangent added at its step
                 outputs = {step: k for k, step in enumerate(self.steps[:-1])}
 
                 def cotangent_at(step):

@@ -26,7 +26,7 @@ from .._runs import (RefuseTransformedReads, RunPool, check_choice, check_state,
 from .._runs import forward as run_forward
 from ._grid import Grid, SerialLayout
 from ._jacobian import PRODUCTS, ColouredJacobian, TorchJacobian, plan_jacobian
-from ._linear import KRYLOV_MARGIN, check_solution
+from ._linear import KRYLOV_MARGIN, adjoint_tolerance, check_solution
 from ._options import SolverOptions, check_options
 from ._runtime import PETSc, destroy, diverged, petsc_errors, reason_name
 from ._vec import check_tensor, vec_as_tensor
@@ -498,8 +498,8 @@ class _Solve:
                 what = "the adjoint solve J^T lam = g (KSPSolveTranspose, reverse-mode products)"
             hint = ("the KSP or PC cannot apply the transpose; if dF/dx is symmetric pass "
                     "symmetric=True, else choose e.g. pc_type ilu, lu or jacobi")
-            with petsc_errors(WHO, what, hint):
-                transpose = not (self.p.symmetric or self.p.jacobian == "assembled")
+            transpose = not (self.p.symmetric or self.p.jacobian == "assembled")
+            with petsc_errors(WHO, what, hint), adjoint_tolerance(ksp, self.snes):
                 (ksp.solveTranspose if transpose else ksp.solve)(g, lam)
             reason = ksp.getConvergedReason()
             self._report(adjoint_ksp_iterations=ksp.getIterationNumber())
@@ -511,8 +511,9 @@ class _Solve:
                     f"{ksp.getResidualNorm():.3e}",
                     "choose a PC with a transpose (ilu, lu, gamg, jacobi) or raise ksp_max_it "
                     "through options")
-            check_solution(ksp, g, lam, f"{WHO} (backward)", what, transpose=transpose,
-                           nullspace=self.nullspace)
+            with adjoint_tolerance(ksp, self.snes):  # (the guard's limit is its tolerance)
+                check_solution(ksp, g, lam, f"{WHO} (backward)", what, transpose=transpose,
+                               nullspace=self.nullspace)
             lam_t = self.layout.owned_view(lam, "r").clone()
         finally:
             destroy(g, lam)
