@@ -12,7 +12,8 @@ import torch
 import bridges
 from bridges import ForeignError
 from bridges.problems.diffusion import residual
-from bridges.petsc import ColouredJacobian, PETSc, UnusedOptionsWarning, solve, stencil_sparsity
+from bridges.petsc import (ColouredJacobian, PETSc, SNESSolver, UnusedOptionsWarning, solve,
+                           stencil_sparsity)
 
 LU = {"ksp_type": "preonly", "pc_type": "lu"}
 
@@ -222,6 +223,20 @@ def test_torch_func_over_solve_params_per_sample_and_captured_ones_refused():
     with pytest.raises(ForeignError, match=r"residual uses a tensor captured from an enclosing "
                                            r"torch.func transform"):
         torch.func.grad(lambda c: solve(lambda x: x ** 3 - c, x0))(c[0])
+    # the same through an SNESSolver whose first call ran outside torch.func (its reused run
+    # kept that call's flags and skipped the check: derivative 0)
+    captured, solver = {"c": c[0]}, SNESSolver()
+
+    def residual(x):
+        return x ** 3 - captured["c"]
+    solver(residual, x0)
+
+    def through_solver(c):
+        captured["c"] = c
+        return solver(residual, x0)
+    with pytest.raises(ForeignError, match=r"residual uses a tensor captured from an enclosing "
+                                           r"torch.func transform"):
+        torch.func.grad(through_solver)(c[0])
 
 
 def test_a_captured_tensor_that_requires_grad_is_refused_not_dropped():

@@ -185,9 +185,10 @@ class _Solve:
     def key(self):
         return None if self.snes is None else self._key
 
-    def start(self, x0, params, sink):
-        """Prepare a call from x0 (same shape and dtype) with these params."""
-        self.params, self.sink, self.stats = params, sink, SolveStats()
+    def start(self, problem, x0, params):
+        """Prepare a call of `problem` (its key this run's: the same residual, shape and dtype;
+        its flags, such as a torch.func transform around the call, its own) from x0."""
+        self.p, self.params, self.sink, self.stats = problem, params, problem.sink, SolveStats()
         self.layout.owned_view(self.x_vec, "w").copy_(x0.detach())
         if self.p.assembler is not None and \
                 getattr(self.p.assembler, "_bridges_owner", None) is not None:
@@ -557,7 +558,7 @@ def _forward(x0, problem, *params, needs_input_grad):
     if run is None:
         run = _Solve(problem, x0, params, problem.key)
     else:
-        run.start(x0, params, problem.sink)
+        run.start(problem, x0, params)
     if any(needs_input_grad) or problem.grad_mode:
         try:
             run.check_tracked()
