@@ -149,12 +149,27 @@ def _reference(args):
     return dtype, device
 
 
-def _to_output(array, dtype, device, name, k):
+def _span(t):
+    """Memory a tensor may read: (first byte, one past the last)."""
+    if t.is_contiguous():
+        return t.data_ptr(), t.data_ptr() + t.nbytes
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+def _to_output(array, dtype, device, name, k, inputs):
+    """Output k as a tensor of the reference dtype and device; a copy where it shares memory
+    with an input (`inputs`: their spans), whose in-place changes torch could not track."""
     t = to_tensor(array, lambda: f"{name}: forward's output {k}")
     if dtype is not None and t.dtype != dtype and t.is_floating_point():
         t = t.to(dtype)
     if not t.is_cpu if device is None else t.device != device:
         t = t.to("cpu" if device is None else device)
+    elif inputs:
+        lo, hi = _span(t)
+        for start, end in inputs:
+            if start < hi and lo < end:
+                return t.clone()
     return t
 
 
@@ -241,10 +256,16 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
         outputs = result[0]
         single = not isinstance(outputs, (tuple, list))
         dtype, device = _reference(args)
+        # foreign arrays viewing an input's memory (a numpy reshape) are copied (see _to_output);
+        # a tensor view of one shares its version counter, so torch tracks it already
+        spans = None if (isinstance(outputs, torch.Tensor) if single else all(
+            isinstance(o, torch.Tensor) for o in outputs)) else \
+            [_span(a) for a in args if isinstance(a, torch.Tensor)]
         if single:
-            outs = _to_output(outputs, dtype, device, name, 0)
+            outs = _to_output(outputs, dtype, device, name, 0, spans)
         else:
-            outs = tuple(_to_output(o, dtype, device, name, k) for k, o in enumerate(outputs))
+            outs = tuple(_to_output(o, dtype, device, name, k, spans)
+                         for k, o in enumerate(outputs))
         return outs, result, single, grad
 
     def setup(ctx, inputs, output, result, single, grad):

@@ -380,6 +380,20 @@ def test_in_place_change_of_an_output_raises_instead_of_a_wrong_gradient():
     torch.testing.assert_close(x.grad, torch.full((3,), 2.0, dtype=torch.float64))
 
 
+def test_an_output_viewing_an_input_is_copied_so_in_place_changes_stay_apart():
+    """A forward returning a numpy view of its input (a reshape): changing the output in place
+    rewrote the input leaf behind torch's back, and a gradient saved elsewhere came out 10x."""
+    op = foreign_function(lambda a: (as_numpy(a).reshape(2, 2),
+                                     lambda g: as_numpy(g).reshape(4)), name="np_reshape")
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64, requires_grad=True)
+    squares = (x ** 2).sum()  # saves x
+    y = op(x)
+    y.mul_(10)
+    squares.backward()
+    torch.testing.assert_close(x.detach(), torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(x.grad, 2 * x.detach())
+
+
 def test_legacy_batched_gradients_get_a_clear_error():
     op = _scale_op()
     x, y = (torch.rand(3, dtype=torch.float64, requires_grad=True) for _ in range(2))
