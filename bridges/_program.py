@@ -15,6 +15,28 @@ from ._errors import ForeignError
 TAIL_LINES = 15  # how much of the program's stderr and stdout a failure report quotes
 
 
+def _run_group(cmd, workdir, script, timeout, env) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd) in a process group of its own: on a timeout (or an interrupt) the
+    whole group is killed, including what a wrapper (sh, mpirun, a launcher) started, which
+    killing the wrapper alone would leave running."""
+    with subprocess.Popen(cmd, cwd=workdir, env=env, text=True, errors="replace",
+                          stdin=subprocess.DEVNULL if script is None else subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          start_new_session=True) as process:
+        try:
+            out, err = process.communicate(script, timeout=timeout)
+        except BaseException as exc:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            out, err = process.communicate()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                exc.stdout, exc.stderr = out, err
+            raise
+    return subprocess.CompletedProcess(cmd, process.returncode, out, err)
+
+
 class ExternalProgram:
     """Run a program as ``x -> y``: write its inputs, run it, read its output files.
 
@@ -113,13 +135,11 @@ class ExternalProgram:
             kept = f"\nIts working directory is kept: {workdir}" if self.keep_failed else ""
             where = f"Command: {' '.join(cmd)}{kept}"
             try:
-                run = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True,
-                                     errors="replace", timeout=self.timeout, env=self.env,
-                                     input=script,
-                                     stdin=subprocess.DEVNULL if script is None else None)
+                run = _run_group(cmd, workdir, script, self.timeout, self.env)
             except subprocess.TimeoutExpired as exc:
                 raise ForeignError(f"{self.name}: no result after {self.timeout} s; the run was "
-                                   f"killed. {where}{_tails(exc.stderr, exc.stdout)}",
+                                   f"killed, with every process it started. "
+                                   f"{where}{_tails(exc.stderr, exc.stdout)}",
                                    foreign_traceback=_text(exc.stderr)) from exc
             code = run.returncode
             if code < 0:

@@ -1,7 +1,9 @@
 """ExternalProgram: a separate executable run through input and output files."""
+import os
 import shutil
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -76,12 +78,25 @@ def test_failure_inside_bridged_op_is_a_foreign_error():
         simulate(torch.tensor([-1.0, 0.5], dtype=torch.float64))
 
 
-def test_timeout_is_reported(tmp_path):
+def test_timeout_is_reported_and_kills_what_a_wrapper_started(tmp_path):
     command = _python_program(tmp_path, "import time; time.sleep(30)")
     run = ExternalProgram(command, write_input=_write, read_output=np.loadtxt, timeout=0.5,
                           name="slow")
     with pytest.raises(ForeignError, match="slow: no result after 0.5 s"):
         run(np.ones(1))
+    # a simulator behind a wrapper (sh, mpirun): killing the wrapper alone left it running
+    marker = tmp_path / "child.pid"
+    wrapped = ExternalProgram(["sh", "-c", f"sleep 30 & echo $! > {marker}; wait"],
+                              read_output=np.loadtxt, timeout=0.5, name="wrapped")
+    with pytest.raises(ForeignError, match="wrapped: no result after 0.5 s; the run was "
+                                           "killed, with every process it started"):
+        wrapped(np.ones(1))
+    child = int(marker.read_text())
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+        time.sleep(0.05)  # (the kill is delivered; the process table may lag)
+    assert not os.path.exists(f"/proc/{child}") or \
+        open(f"/proc/{child}/stat").read().split()[2] == "Z"  # gone, or a zombie being reaped
 
 
 def test_complex_input_is_rejected():
