@@ -250,7 +250,8 @@ def test_xfoil_by_stdin_script_against_thin_airfoil_theory():
 def test_simulator_set_up_mistakes_are_named():
     """A netlist placeholder without a parameter (and a parameter without one, which would get
     a zero derivative); an analysis ngspice refuses (its own message is shown); a cambered
-    NACA airfoil whose maximum camber sits on the chord's end; the symmetric NACA 00xx."""
+    NACA airfoil whose maximum camber sits on the chord's end; the symmetric NACA 00xx; more
+    panels than XFOIL holds."""
     for netlist, names in [("R1 in out {R}\nC1 out 0 {C}u", ["R"]),
                            ("R1 in out {R}\nC1 out 0 1u", ["R", "C"])]:
         with pytest.raises(ValueError, match=r"ngspice: the netlist's placeholders .* and "
@@ -264,3 +265,6 @@ def test_simulator_set_up_mistakes_are_named():
         naca4(0.02, 0.0, 0.12)
     symmetric = naca4(0.0, 0.0, 0.12)
     np.testing.assert_allclose(symmetric[:, 1], -symmetric[::-1, 1], atol=1e-15)
+    for panels in (500, 100.0, 2):  # above XFOIL's limit it silently used 364
+        with pytest.raises(ValueError, match=r"xfoil: panels must be an integer from 8 to 364"):
+            xfoil(panels=panels)

@@ -22,6 +22,7 @@ from ._build import compiled
 
 PARAMETERS = ("camber", "position", "thickness", "alpha")
 DEFAULTS = {"camber": 0.02, "position": 0.4, "thickness": 0.12, "alpha": 3.0}
+MAX_PANELS = 364  # XFOIL's panel-node limit in Debian's build (it prints 'reduced to array limit')
 NO_FPE = Path(__file__).with_name("xfoil_nofpe.c")
 
 
@@ -55,6 +56,10 @@ def xfoil(parameters=("camber", "alpha"), *, panels=160, timeout=60, **settings)
     """
 
     parameters = tuple(parameters)
+    if isinstance(panels, bool) or not isinstance(panels, int) or not 8 <= panels <= MAX_PANELS:
+        raise ValueError(f"xfoil: panels must be an integer from 8 to {MAX_PANELS} (XFOIL's "
+                         f"array limit: it would silently use {MAX_PANELS} for more), got "
+                         f"{panels!r}")
     unknown = (set(parameters) | set(settings)) - set(PARAMETERS)
     if unknown:
         raise ValueError(f"xfoil: unknown parameter(s) {sorted(unknown)}; "
