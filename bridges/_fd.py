@@ -434,8 +434,11 @@ class FDFunction:
     def _warn_if_inaccurate(self, jac, error, h):
         size = np.sqrt(np.asarray(jac.multiply(jac).sum(axis=0))).ravel()
         err = np.sqrt(np.asarray(error.multiply(error).sum(axis=0))).ravel()
+        # (against at least 1e-8 of the largest column: an exactly zero column, whose estimate
+        # is uncertain only by rounding, is no cause for alarm)
+        floor = 1e-8 * size.max(initial=0.0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            relative = np.where(err > 0, err / size, 0.0)
+            relative = np.where(err > 0, err / np.maximum(size, floor), 0.0)
         j = int(np.argmax(relative))
         if self._warned or not relative[j] > WARN_ERROR:
             return

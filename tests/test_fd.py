@@ -273,6 +273,12 @@ def test_gradient_error_is_attached_and_large_noise_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         f(x.detach().requires_grad_()).sum().backward()  # same estimate: no second warning
+        # an input the outputs ignore: its derivative is 0, uncertain only by rounding (it
+        # warned of an "inf%" error)
+        exact = fd2pytorch(lambda v: np.array([v[0] ** 2 + 1.0, np.sin(v[0])]), name="exact")
+        x = torch.tensor([0.7, 3.0], dtype=torch.float64, requires_grad=True)
+        exact(x).sum().backward()
+        assert x.grad[1] == 0.0
 
 
 def test_estimate_is_reused_renewed_when_far_and_never_reruns_an_input():
