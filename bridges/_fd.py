@@ -199,6 +199,9 @@ class FDFunction:
                 raise TypeError(f"{self.name}: the black box must return numbers, got an array "
                                 f"of dtype {y.dtype} {what(k)}")
             if size is None:
+                if y.size == 0:
+                    raise ForeignError(f"{self.name}: the black box returned no numbers "
+                                       f"{what(k)}; it must return at least one output")
                 size, reference = y.size, what(k)
             if y.size != size:
                 raise ForeignError(

@@ -164,6 +164,11 @@ class ExternalProgram:
                                    f"{type(exc).__name__}: {exc}{_locate(exc, paths)}. {where}"
                                    f"{_tails(run.stderr, run.stdout)}",
                                    original=exc) from exc
+            if result.size == 0:
+                raise ForeignError(f"{self.name}: its output file holds no numbers (did the run "
+                                   f"fail without an exit code?). {where}"
+                                   f"{_tails(run.stderr, run.stdout)}",
+                                   foreign_traceback=run.stderr)
             failed = False
             return result
         finally:

@@ -193,6 +193,10 @@ def test_a_black_box_returning_no_numbers_is_named():
         ragged(torch.ones(1, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"words: the input is empty \(shape \(0,\)\)"):
         f(torch.ones(0, dtype=torch.float64))
+    nothing = fd2pytorch(lambda x: np.array([]), name="nothing")  # (an empty output passed)
+    with pytest.raises(ForeignError, match=r"nothing: the black box returned no numbers at the "
+                                           r"unperturbed input"):
+        nothing(torch.ones(2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("rel_step", [None, 1e-6])  # (with and without measuring the noise)

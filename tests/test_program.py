@@ -4,6 +4,7 @@ import shutil
 import sys
 import textwrap
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -65,6 +66,13 @@ def test_missing_output_file_reports_stderr(tmp_path):
     with pytest.raises(ForeignError, match="(?s)lazy exited normally but wrote no output file "
                                            "'output.txt'.*forgot to write"):
         run(np.ones(2))
+    empty = ExternalProgram(_python_program(tmp_path, "open('output.txt', 'w').close()"),
+                            write_input=_write, read_output=lambda p: np.loadtxt(p, ndmin=1),
+                            name="silent")
+    with pytest.raises(ForeignError, match="silent: its output file holds no numbers"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (numpy's "input contained no data")
+            empty(np.ones(2))
 
 
 def test_heat1d_rejects_bad_physics_with_its_own_message():
