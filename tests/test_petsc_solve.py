@@ -489,6 +489,12 @@ def test_broken_promises_about_the_residual_are_named_not_turned_into_wrong_grad
     with pytest.raises(ForeignError, match=r"linear=True, but the residual is not affine in x.*Drop "
                                            r"linear=True"):
         solve(_cubic, x0, a, sparsity=scipy.sparse.identity(4, format="csr"), linear=True)
+    with pytest.raises(ForeignError, match=r"linear=True, but the residual is not affine"):
+        # (a failed solve named the tolerances and x0, never linear=True)
+        chain = scipy.sparse.diags([1, 1, 1], [-1, 0, 1], shape=(8, 8), dtype=bool)
+        solve(lambda x, f: 2 * x - torch.nn.functional.pad(x, (1, 1)).unfold(0, 3, 1).sum(1)
+              + x + 2 * x ** 3 - f, torch.zeros(8, dtype=F64),
+              torch.linspace(1, 2, 8, dtype=F64), sparsity=chain, linear=True)
     with pytest.raises(bridges.SolverFailure, match=r"snes_type ksponly makes one linear solve"
                                                     r".*so x is no root"):
         solve(_cubic, x0, a, options={"snes_type": "ksponly"})

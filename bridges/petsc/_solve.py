@@ -361,6 +361,8 @@ class _Solve:
             self._name_non_finite()
         if reason < 0:
             self._check_depends_on_x()
+            if self.p.linear and self.p.jacobian == "assembled":
+                self._check_affine()  # (Newton with the Jacobian frozen at x0 fails if not)
             singular = " (with a null space, F = 0 has a solution only if F's constant part " \
                 "is orthogonal to it: for constants, a right-hand side summing to zero)" \
                 if self.p.nullspace is not None else ""
