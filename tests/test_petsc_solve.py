@@ -562,6 +562,24 @@ def test_loose_forward_linear_tolerances_do_not_reach_the_gradient():
         torch.testing.assert_close(k.grad, -(lam * x.detach() ** 3).sum(), rtol=1e-6, atol=0)
 
 
+def test_a_residual_small_by_its_units_is_solved_not_taken_as_converged_at_x0():
+    """A diode in SI units, Is (exp(V / Vt) - 1) - I with currents of 1e-13 A: |F(x0)| was below
+    the default snes_atol, so x0 came back as the root with a gradient 3-7x off. A warm start
+    at a root still stops at once."""
+    F64, Is, Vt = torch.float64, 1e-14, 0.025
+    current = torch.tensor([2e-13, 5e-13], dtype=F64, requires_grad=True)
+
+    def diode(v, current):
+        return Is * torch.expm1(v / Vt) - current
+    solver = SNESSolver()
+    v = solver(diode, torch.full((2,), 0.05, dtype=F64), current)
+    v.sum().backward()
+    torch.testing.assert_close(v.detach(), Vt * torch.log1p(current.detach() / Is))
+    torch.testing.assert_close(current.grad, Vt / (Is + current.detach()))
+    again = solver(diode, v.detach(), current.detach())
+    assert solver.stats.snes_iterations == 0 and torch.equal(again, v.detach())
+
+
 def test_a_multiple_root_is_warned_about_and_simple_roots_are_not():
     """At a double root (x^2 = 0) Newton converges linearly and stops ~2e-5 from it, at a
     triple one ((x - 1)^3 = 0) ~1e-3 from it, with |F| within tolerance: a warning names the

@@ -333,6 +333,14 @@ class _Solve:
             start = self.F.norm()  # |F(x0)|
         with petsc_errors(WHO, f"the nonlinear solve (PETSc SNES '{snes.getType()}')", hint):
             snes.solve(None, self.x_vec)
+            if self._newton_skipped():  # |F| is small by its units, not near a root: solve
+                # again against |F(x0)| alone
+                rtol, atol, stol, max_it = snes.getTolerances()
+                snes.setTolerances(rtol, 0.0, stol, max_it)
+                try:
+                    snes.solve(None, self.x_vec)
+                finally:
+                    snes.setTolerances(rtol, atol, stol, max_it)
         reason = snes.getConvergedReason()
         norm = snes.getFunctionNorm()
         if snes.getType() == "ksponly":
@@ -380,6 +388,27 @@ class _Solve:
             raise ForeignError(f"{WHO}: the solution contains nan/inf; check the residual")
         self.options.report_unused()
         return x
+
+    def _newton_skipped(self):
+        """Whether SNES stopped at x0 only because 0 < |F(x0)| <= snes_atol, our default rather
+        than the user's, though x0 is no root: fine for a warm start at a root, wrong for a
+        residual whose units make every value tiny (a diode's currents, 1e-13 A: x0 came back
+        with a gradient 3-7x off). One Newton step at x0 tells them apart."""
+        snes = self.snes
+        if snes.getIterationNumber() or "snes_atol" in {**self.options.given,
+                                                         **self.options.inherited} or \
+                snes.getConvergedReason() != PETSc.SNES.ConvergedReason.CONVERGED_FNORM_ABS \
+                or snes.getType() == "ksponly" or self.F.norm() == 0.0:
+            return False
+        ksp, step = snes.getKSP(), self.x_vec.duplicate()
+        try:
+            snes.computeJacobian(self.x_vec, self.A, self.P)
+            ksp.setOperators(self.A, self.P)
+            ksp.solve(self.F, step)
+            return step.norm(PETSc.NormType.INFINITY) > \
+                1e-8 * self.x_vec.norm(PETSc.NormType.INFINITY)
+        finally:
+            step.destroy()
 
     def _warn_if_singular_root(self):
         """Warn when |F| fell by a steady factor over Newton's last iterations (linear, not
