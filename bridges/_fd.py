@@ -6,11 +6,11 @@ vector-Jacobian product of the same forward.
 
 Steps are chosen for the black box's noise: a simulator with adaptive time stepping or printed
 output is exact to 1e-6 or so, not to rounding, and the steps that suit rounding error then give
-gradients wrong by percents. Once per FD function (again when the input has moved far), the noise
-level of every output is estimated from a difference table along a random direction (More and
-Wild's ECnoise), and the second (forward) or third (central) derivative along each column from a
-few probes; each column's step balances truncation against noise, and the same numbers give an
-error estimate of every Jacobian entry.
+gradients wrong by percents. Once per FD function (again when an input has moved by its own
+size, or at all from 0), the noise level of every output is estimated from a difference table
+along a random direction (More and Wild's ECnoise), and the second (forward) or third (central)
+derivative along each column from a few probes; each column's step balances truncation against
+noise, and the same numbers give an error estimate of every Jacobian entry.
 """
 from __future__ import annotations
 
@@ -265,8 +265,10 @@ class FDFunction:
         """Each input's step: fixed, or from the noise estimate (made or renewed if stale)."""
         if self.fixed_steps:
             return self._steps(x)
+        # renewed once an input moves by its own size (one that was 0 when measured: at all,
+        # as x = 0 often has outputs that vanish with it, and curvature or noise with them)
         at = None if self.noise is None else self.noise.at
-        if at is None or at.shape != x.shape or np.any(np.abs(x - at) > _scale(at)):
+        if at is None or at.shape != x.shape or np.any(np.abs(x - at) > np.abs(at)):
             if self._estimate(x, y0, memo) is None:
                 return self._steps(x)
         return (x + self.noise.steps) - x
