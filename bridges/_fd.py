@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import math
 import threading
 import warnings
@@ -178,14 +179,24 @@ class FDFunction:
         with self._lock:
             setattr(self, counter, getattr(self, counter) + len(todo))
         fresh = [p for _, p in todo]
+        run = functools.partial(_failure_as_value, self.func)
         if self.workers is None or len(fresh) <= 1:
-            results = [self.func(p) for p in fresh]
+            results = [run(p) for p in fresh]
         elif isinstance(self.workers, int):
             with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-                results = list(pool.map(self.func, fresh))
+                results = list(pool.map(run, fresh))
         else:
-            results = list(self.workers.map(self.func, fresh))
+            results = list(self.workers.map(run, fresh))
         for (key, _), y in zip(todo, results):
+            if isinstance(y, Exception):
+                where = what(keys.index(key))
+                if isinstance(y, ForeignError) and check:  # (a program's own report)
+                    y.add_note(f"raised by the black box of {self.name} {where}")
+                    raise y
+                if check:
+                    raise ForeignError.wrap(f"{self.name}: the black box, {where},", y) from y
+                memo[key] = np.full(size or 1, np.nan)  # a probe outside where the black box
+                continue  # is defined: as if it returned nan
             try:
                 memo[key] = np.asarray(y)
             except ValueError as exc:  # (ragged nested lists)
@@ -344,7 +355,8 @@ class FDFunction:
             offsets = [i * spacing for i in range(-half, half + 1)]
             ys = self._evaluate([x + t * direction for t in offsets],
                                 lambda k: f"at x + {offsets[k]:g} * p while measuring the noise",
-                                memo, counter="noise_evaluations", check=False)
+                                memo, counter="noise_evaluations", check=False,
+                                size=memo[x.tobytes()].size)
             table = np.stack([y.reshape(-1) for y in ys])
             if not np.isfinite(table).all():
                 return None, None
@@ -492,6 +504,14 @@ class FDFunction:
                             f"input, so the complex-step scheme cannot see the derivative; make it "
                             f"propagate complex numbers, or use scheme='central'")
         return [y.reshape(-1).imag for y in ys]
+
+
+def _failure_as_value(func, x):
+    """func(x), or the exception it raised (for probes whose failure is not fatal)."""
+    try:
+        return func(x)
+    except Exception as exc:
+        return exc
 
 
 def _scale(x):

@@ -170,6 +170,22 @@ def test_nan_from_a_perturbation_names_it():
         f(x + torch.tensor([1e-9, 0.0], dtype=torch.float64)).sum().backward()
 
 
+def test_a_black_box_raising_outside_its_domain_is_treated_like_one_returning_nan():
+    """Defined for x[0] <= 1 only: a noise probe beyond it (returning nan there fell back to
+    fixed steps) no longer aborts backward; a difference beyond it names where it was."""
+    def table(x):
+        if x[0] > 1.0:
+            raise ValueError("outside the table")
+        return x ** 2
+    x = torch.tensor([0.999, 2.0], dtype=torch.float64, requires_grad=True)
+    fd2pytorch(table)(x).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * x.detach(), rtol=1e-8, atol=0)
+    coarse = fd2pytorch(table, noise=None, rel_step=0.1, name="table")
+    with pytest.raises(ForeignError, match=r"table: the black box, at x \+ h for columns \[0\] "
+                                           r"\(central scheme\), raised ValueError: outside"):
+        coarse(x.detach().requires_grad_()).sum().backward()
+
+
 def test_nan_at_the_unperturbed_input():
     f = fd2pytorch(lambda x: x * np.nan, name="nan_box")
     with pytest.raises(ForeignError, match="nan_box.*at the unperturbed input"):
