@@ -746,6 +746,21 @@ def test_a_loose_forward_linear_tolerance_does_not_reach_the_gradient():
     np.testing.assert_allclose(k.grad.item(), central.item(), rtol=1e-5)
 
 
+def test_a_parameter_read_as_a_number_is_warned_about_not_given_a_silent_zero():
+    k = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    for method in ("arkimex", "dopri5"):
+        ys = odeint_adjoint(lambda s, y: -k.item() * y, torch.ones(1, dtype=F64), t,
+                            method=method, adjoint_params=(k,))
+        with pytest.warns(UserWarning, match=r"adjoint_params\[0\] requires grad, but func does "
+                                             r"not depend on it through torch ops .*\.item\(\)"):
+            ys[-1].sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        odeint_adjoint(lambda s, y: -k * y, torch.ones(1, dtype=F64), t,
+                       adjoint_params=(k,))[-1].sum().backward()
+
+
 def test_repeated_or_frozen_adjoint_params_and_times_far_from_zero():
     """A tensor listed twice gets its gradient once (it got it twice); a frozen parameter
     among adjoint_params is a constant (backward failed); output times near 1.7e9 (seconds

@@ -580,6 +580,15 @@ def test_a_residual_small_by_its_units_is_solved_not_taken_as_converged_at_x0():
     assert solver.stats.snes_iterations == 0 and torch.equal(again, v.detach())
 
 
+def test_a_param_read_as_a_number_is_warned_about_not_given_a_silent_zero():
+    a = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    x = solve(lambda x, a: x ** 3 + a.item() * x - 1, torch.zeros(1, dtype=torch.float64), a)
+    with pytest.warns(UserWarning, match=r"solve: params\[0\] requires grad, but the residual "
+                                         r"does not depend on it through torch ops"):
+        x.sum().backward()
+    assert a.grad == 0.0
+
+
 def test_a_multiple_root_is_warned_about_and_simple_roots_are_not():
     """At a double root (x^2 = 0) Newton converges linearly and stops ~2e-5 from it, at a
     triple one ((x - 1)^3 = 0) ~1e-3 from it, with |F| within tolerance: a warning names the

@@ -403,7 +403,7 @@ class _ODESolve:
         lams = [self.layout.global_vec() for _ in cotangents]
         mus = [PETSc.Vec().createMPI((jacobians.params.n, None), comm=self.layout.comm)
                for _ in cotangents] if want_params else []
-        count, jacobians.params.products = jacobians.count, 0
+        count, jacobians.params.products, jacobians.params.reached = jacobians.count, 0, set()
         try:
             for lam, mu, g in zip(lams, mus or lams, cotangents):
                 self._owned(lam, "w").copy_(g[-1])
@@ -442,6 +442,13 @@ class _ODESolve:
             ts.adjointReset()  # the TS keeps no pointer to the cost gradients, which it does
             destroy(*lams, *mus)  # not own (a later solve with this TS would use them)
             ksp.setPostSolve(None)
+        for i in range(len(self.p.params)):
+            if want_params and needs_input_grad[3 + i] and i not in jacobians.params.reached \
+                    and jacobians.params.products:
+                warnings.warn(f"{WHO}: adjoint_params[{i}] requires grad, but func does not "
+                              f"depend on it through torch ops (unused, or read with .item(), "
+                              f"float() or numpy?), so its gradient is zero. Compute with it as "
+                              f"a tensor", stacklevel=2)
         self.stats.adjoint_steps += self.stats.steps
         self.stats.adjoint_jacobians += jacobians.count - count
         self.stats.parameter_products += jacobians.params.products

@@ -254,6 +254,7 @@ class ParameterJacobian:
         self.params, self.owned, self.sign = params, owned, sign
         self.n = max(sum(q.numel() for q in params), 1)
         self.point, self.products = None, 0
+        self.reached = set()  # indices of the params some product depended on
         self.views = VecViews((self.n,))  # TSAdjoint writes into the same few Vecs each time
         self.mat = PETSc.Mat().createPython([(n_rows, None), (self.n, None)], self, comm=comm)
         self.mat.setUp()
@@ -270,11 +271,12 @@ class ParameterJacobian:
         self.products += 1
         grads = self.point.param_vjp(self.params, self.owned(x, "r"))
         offset = 0
-        for param, g in zip(self.params, grads):
+        for i, (param, g) in enumerate(zip(self.params, grads)):
             part = out[offset:offset + param.numel()]
             if g is None:
                 part[:] = 0.0
             else:
+                self.reached.add(i)
                 np.multiply(g.numpy().reshape(-1), self.sign, out=part)
             offset += param.numel()
 

@@ -556,10 +556,16 @@ class _Solve:
             it = iter(leaves)
             args = [next(it) if w else p for p, w in zip(self.params, want)]
             value = self.p.residual(u, *args)
-            parts = iter(grads(value, leaves, -lam_t.view(value.shape), zeros=True))
+            parts = iter(grads(value, leaves, -lam_t.view(value.shape)))
         for i, w in enumerate(want):
             if w:
                 param_grads[i] = next(parts)
+                if param_grads[i] is None:
+                    warnings.warn(f"{WHO}: params[{i}] requires grad, but the residual does not "
+                                  f"depend on it through torch ops (unused, or read with .item(), "
+                                  f"float() or numpy?), so its gradient is zero. Compute with it "
+                                  f"as a tensor", stacklevel=2)
+                    param_grads[i] = torch.zeros_like(self.params[i])
         self.options.report_unused(final=True)
         return (None, None, *param_grads)
 
