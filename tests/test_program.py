@@ -269,6 +269,14 @@ def test_simulator_set_up_mistakes_are_named():
                       probes=["v(out)"], times=RC_TIMES)
     with pytest.raises(ForeignError, match=r"(?s)measured no value.*stderr.*TSTOP is invalid"):
         circuit(np.array([1.0]))
+    with pytest.raises(ValueError, match=r"ngspice: sample times \[0.003\] lie outside the "
+                                         r"analysis 'tran 1u 2m', which runs from 0 to 0.002 s"):
+        # (ngspice's failure was blamed on the first, valid, sample)
+        ngspice("V1 in 0 1\nR1 in out {R}k\nC1 out 0 1u", ["R"], analysis="tran 1u 2m",
+                probes=["v(out)"], times=[1e-3, 3e-3])
+    formatted = ngspice("V1 in 0 PULSE(0 1 0 1n)\nR1 in out {R:.4g}k\nC1 out 0 1u", ["R"],
+                        analysis="tran 1u 2m", probes=["v(out)"], times=[1e-3])
+    np.testing.assert_allclose(formatted(np.array([1.5])), 1 - np.exp(-1e-3 / 1.5e-3), rtol=1e-4)
     with pytest.raises(ValueError, match=r"naca4: a cambered airfoil .* 0 < position < 1"):
         naca4(0.02, 0.0, 0.12)
     symmetric = naca4(0.0, 0.0, 0.12)

@@ -23,7 +23,8 @@ def ngspice(netlist: str, parameters, *, analysis: str, probes, times, timeout=6
 
     Args:
         netlist: the circuit's element and model lines, with ``{name}`` where a parameter's value
-            goes (``R1 in out {R}``); no analysis, control block or ``.end``.
+            goes (``R1 in out {R}``, or with a format spec, ``{R:.6g}``); no analysis, control
+            block or ``.end``.
         parameters: the names, in the order of x.
         analysis: the ngspice analysis command, e.g. ``"tran 10u 2m"``.
         probes: vectors to sample, e.g. ``["v(out)", "i(V1)"]``.
@@ -41,6 +42,14 @@ def ngspice(netlist: str, parameters, *, analysis: str, probes, times, timeout=6
             f"has no value; a parameter without a placeholder would get a zero derivative); "
             f"write {{name}} where each parameter's value goes")
     times = [float(t) for t in np.ravel(times)]
+    words = analysis.split()
+    if len(words) >= 3 and words[0].lower() == "tran":
+        stop = _spice_number(words[2])
+        late = [] if stop is None else [t for t in times if not 0 <= t <= stop]
+        if late:
+            raise ValueError(f"ngspice: sample times {late} lie outside the analysis "
+                             f"'{analysis}', which runs from 0 to {stop:g} s; sample inside it, "
+                             f"or lengthen the analysis")
     names = [f"m{i}" for i in range(len(probes) * len(times))]
     measures = [f"meas tran {n} find {probe} at={t!r}"
                 for n, (probe, t) in zip(names, ((p, t) for p in probes for t in times))]
@@ -50,7 +59,7 @@ def ngspice(netlist: str, parameters, *, analysis: str, probes, times, timeout=6
         if x.shape != (len(parameters),):
             raise ValueError(f"ngspice: expected {len(parameters)} value(s) for {parameters}, got "
                              f"an array of shape {x.shape}")
-        values = {name: repr(float(v)) for name, v in zip(parameters, x)}
+        values = {name: float(v) for name, v in zip(parameters, x)}  # ({R:.4g} works too)
         with open(path, "w") as file:
             file.write(f"* written by bridges\n{netlist.format(**values)}\n"
                        f".control\n{control}\n.endc\n.end\n")
@@ -67,3 +76,16 @@ def ngspice(netlist: str, parameters, *, analysis: str, probes, times, timeout=6
     return ExternalProgram(["ngspice", "-b", "{input}"], write_input=write_input,
                            read_output=read_output, input_name="circuit.cir", timeout=timeout,
                            **{"name": "ngspice", **options})
+
+
+_SUFFIXES = {"f": 1e-15, "p": 1e-12, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "meg": 1e6,
+             "g": 1e9, "t": 1e12}
+
+
+def _spice_number(text):
+    """A SPICE number with its scale suffix ("2m" = 2e-3, "1meg" = 1e6), or None if unread."""
+    match = re.fullmatch(r"([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)(meg|[fpnumkgt])?[a-z]*",
+                         text.lower())
+    if match is None:
+        return None
+    return float(match.group(1)) * _SUFFIXES.get(match.group(2), 1.0)
