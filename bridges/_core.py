@@ -202,7 +202,8 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
             It receives detached tensors and any non-tensor arguments unchanged. ``outputs`` is
             one array or a tuple of arrays: tensors, or objects exposing DLPack or the array
             interface (viewed without copying). ``pullback(*grad_outputs)`` returns one gradient
-            per argument of forward, None where there is none. The optional
+            per argument of forward, None where there is none; it must not change its
+            cotangents in place (autograd may hand the same tensor to other ops). The optional
             ``pushforward(*input_tangents)`` returns the output tangents (forward-mode AD);
             input tangents are None for arguments without one. A pullback with the attribute
             ``batched = True`` is called once for a whole batch of cotangents under
