@@ -94,6 +94,7 @@ class _ODEProblem:
         self.grad_mode = torch.is_grad_enabled()
         self.transformed = torch._C._are_functorch_transforms_active()  # (torch.func at the call)
         self._t = self._t_tensor = None
+        self.checked_params = set()  # params func alone must reach (see the adjoint's warning)
 
     def rhs(self, t, y):
         if t != self._t:  # one 0-d tensor per time: a step's stages and iterations share it
@@ -442,7 +443,7 @@ class _ODESolve:
             ts.adjointReset()  # the TS keeps no pointer to the cost gradients, which it does
             destroy(*lams, *mus)  # not own (a later solve with this TS would use them)
             ksp.setPostSolve(None)
-        for i in range(len(self.p.params)):
+        for i in self.p.checked_params:
             if want_params and needs_input_grad[3 + i] and i not in jacobians.params.reached \
                     and jacobians.params.products:
                 warnings.warn(f"{WHO}: adjoint_params[{i}] requires grad, but func does not "
@@ -654,6 +655,7 @@ class ODESolver:
             raise ValueError(f"{WHO}: t[{k}] = {t[k].item():.17g} and t[{k + 1}] = "
                              f"{t[k + 1].item():.17g} are a few rounding units apart, too close "
                              f"for a time step between them; merge or space them")
+        named = adjoint_params is not None  # (a Module's parameters need not all enter func)
         if adjoint_params is None:
             adjoint_params = tuple(func.parameters()) if isinstance(func, torch.nn.Module) \
                 else ()
@@ -685,6 +687,9 @@ class ODESolver:
                               solver=self, **self.settings)
         problem.key = (id(func), tuple(map(id, params)), tuple(y0.shape), y0.dtype,
                        id(assembler), states)
+        # params whose gradient func alone must give (y0's or t's comes through them too)
+        problem.checked_params = {i for i, p in enumerate(params)
+                                  if named and p is not y0 and p is not t}
         return _ODEINT(y0, t, problem, *params)
 
 
