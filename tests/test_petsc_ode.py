@@ -476,6 +476,39 @@ def test_divergence_reports_reason_and_time():
                        step_size=0.05)
 
 
+def test_a_func_undefined_beyond_a_state_fails_fast_not_silently_or_never():
+    """A Newton iterate where func is nan: PETSc took the failed line search as converged and
+    kept the step's initial guess (y' = -10 sqrt(y) + 0.1 by backward Euler: y(5) = 0.107
+    against 1e-4). A func finite only at t = 0, or nan once y < 0.999, ran forever
+    (rejections without limit, or steps of 1e-17 held above the collapse test)."""
+    t = torch.tensor([0.0, 0.05, 0.5, 5.0], dtype=F64)
+    with pytest.raises(ForeignError, match=r"DIVERGED_NONLINEAR_SOLVE .*Newton: "
+                                           r"DIVERGED_FUNCTION_NANORINF, func gave nan"):
+        odeint_adjoint(lambda s, y: -10 * torch.sqrt(y) + 0.1, torch.ones(1, dtype=F64), t,
+                       method="beuler", steps_per_interval=3)
+    unit = torch.tensor([0.0, 1.0], dtype=F64)
+    for func, method, message in (
+            (lambda s, y: -y + torch.sqrt(-s), "arkimex", r"DIVERGED_STEP_REJECTED at t = 0 .*"
+                                                          r"rejected 51 times in a row"),
+            (lambda s, y: -y + torch.sqrt(-s), "beuler", r"rejected 51 times in a row"),
+            (lambda s, y: torch.where(y < 0.999, torch.nan, -y), "arkimex",
+             r"the last 1000 steps were each below 1e-12 of the output interval"),
+            (lambda s, y: torch.where(y < 0.999, torch.nan, -y), "beuler",
+             r"step size collapsed")):
+        with pytest.raises(ForeignError, match=message):  # (within about a second here)
+            odeint_adjoint(func, torch.ones(1, dtype=F64), unit, method=method)
+
+
+def test_a_fixed_step_size_is_kept_after_a_step_cut_short_by_an_output():
+    """step_size=0.3 with an output at 0.01: the step cut to land there stayed the step size,
+    200 steps instead of 8."""
+    solver = bridges.petsc.ODESolver("beuler", step_size=0.3)
+    with torch.no_grad():
+        solver(lambda s, y: -0.7 * y, torch.ones(1, dtype=F64),
+               torch.tensor([0.0, 0.01, 2.0], dtype=F64))
+    assert solver.stats.steps == 8
+
+
 def test_exception_in_func_is_wrapped():
     def broken(t, y):
         raise ArithmeticError("rate law undefined")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .._core import eager_under_compile, foreign_function
-from .._errors import ForeignError, check_finite
+from .._errors import ForeignError, SolverFailure, check_finite
 from .._linearise import describe_tensors, evaluate, untracked_inputs
 from .._runs import (RefuseTransformedReads, RunPool, check_choice, check_state,
                      refuse_forward_mode, warn_if_rounded)
@@ -34,7 +34,7 @@ from ._jacobian import JACOBIANS, PRODUCTS
 from ._linear import adjoint_tolerance, check_solution
 from ._ode_jacobians import ODEJacobians, compiled_parameter_names
 from ._options import SolverOptions, check_options
-from ._runtime import PETSc, destroy, diverged, petsc_errors, petsc_real
+from ._runtime import PETSc, destroy, diverged, petsc_errors, petsc_real, reason_name
 from ._solve import _assembler, warn_if_shallow
 from ._stepping import COLLAPSE, NewtonTest, check_progress, starting_step
 from ._vec import check_tensor, vec_as_tensor
@@ -53,6 +53,8 @@ METHODS = {
 FORMS = {ts_type: form for ts_type, _, form in METHODS.values()}  # how func is handed over
 ADJOINT_TS_TYPES = ("beuler", "cn", "theta", "arkimex", "rk")  # TS types with TSAdjoint
 WHO = "odeint_adjoint"
+REJECTIONS = 50  # one step retried smaller this often in a row: no step size will do
+CRAWL_STEPS = 1000  # steps in a row each below 1e-12 of the output interval: no end in sight
 
 
 @dataclasses.dataclass
@@ -122,14 +124,16 @@ class _ODEProblem:
                           ts_arkimex_initial_guess_extrapolate=True)  # fewer Newton iterations
         if not self.fixed:  # a step whose Newton solve fails is retried smaller
             values.update(ts_rtol=self.rtol, ts_atol=self.atol, ts_max_snes_failures=-1,
-                          ts_max_step_rejections=-1)
+                          ts_max_step_rejections=REJECTIONS)
         if record:  # PETSc's default trajectory writes files
             values["ts_trajectory_type"] = "memory"
         if self.form == "implicit":  # full Newton steps: PETSc's backtracking measures
             # progress by |F|, which badly scaled states (ROBER) stall at rounding, and the
             # step size already controls Newton
             values.update(snes_rtol=1e-10, snes_atol=1e-14, snes_max_it=50, ksp_rtol=1e-12,
-                          ksp_atol=1e-50, snes_linesearch_type="basic")
+                          ksp_atol=1e-50, snes_linesearch_type="basic",
+                          snes_stol=0.0)  # PETSc would take a line search that met a nan,
+            # with its stale step norm, as converged: the step kept its initial guess
         return values
 
 
@@ -337,7 +341,8 @@ class _ODESolve:
         # PETSc tests its end time before the output hook rounds a step that landed a rounding
         # short, and a step it does not end on is stored and followed by a sliver
         ts.setMaxTime(petsc_real(times[-1] - _landing_window(times, len(times) - 1)))
-        self.outputs.start(ts, times, self.y0, self.p.steps_per_interval, self.dt0)
+        self.outputs.start(ts, times, self.y0, self.p.steps_per_interval, self.dt0,
+                           self.p.step_size)
         self.restart_step()  # as TSSolve does at step 0
         if self.log:
             self.log.start(float(times[0]))
@@ -480,11 +485,20 @@ class _ODESolve:
     def _check(self, reason, what):
         if reason >= 0:
             return
-        ts = self.ts
+        ts, newton = self.ts, ""
+        failed = ts.getSNES().getConvergedReason() if self.p.form != "explicit" else 0
+        if reason == PETSc.TS.ConvergedReason.DIVERGED_STEP_REJECTED:
+            newton = (f" (one step rejected {REJECTIONS + 1} times in a row, shrinking to "
+                      f"{ts.getTimeStep():.3g}: no step size will do. Is func finite just after "
+                      f"t? Newton's last try: {reason_name(PETSc.SNES.ConvergedReason, failed)})")
+        elif reason == PETSc.TS.ConvergedReason.DIVERGED_NONLINEAR_SOLVE:
+            newton = f" (Newton: {reason_name(PETSc.SNES.ConvergedReason, failed)}" + (
+                ", func gave nan or inf at an iterate: is it defined there?"
+                if failed == PETSc.SNES.ConvergedReason.DIVERGED_FUNCTION_NANORINF else "") + ")"
         raise diverged(
             WHO, f"{what} with PETSc TS '{ts.getType()}'", PETSc.TS.ConvergedReason, reason,
             f"at t = {ts.getTime():.6g} (output times {self.times[0]:.6g} to "
-            f"{self.times[-1]:.6g}) after {ts.getStepNumber()} steps",
+            f"{self.times[-1]:.6g}) after {ts.getStepNumber()} steps{newton}",
             "smaller steps (a smaller step_size or more steps_per_interval), or another method"
             if self.p.fixed else
             "a smaller first step (options {'ts_time_step': ...}), tighter or looser tolerances "
@@ -518,9 +532,9 @@ class _Outputs:
         self.owned = owned  # Vec -> torch view of this rank's part
         self.values = []
 
-    def start(self, ts, times, y0, per_interval, dt):
-        self.times, self.per_interval = times, per_interval
-        self.steps, self.values = [0], [y0.clone()]
+    def start(self, ts, times, y0, per_interval, dt, step_size=None):
+        self.times, self.per_interval, self.step_size = times, per_interval, step_size
+        self.steps, self.values, self.crawling = [0], [y0.clone()], 0
         ts.setTimeStep(self._toward(1, float(times[0]), dt))
 
     def _toward(self, k, t, dt):
@@ -536,6 +550,7 @@ class _Outputs:
             return
         t, dt = ts.getTime(), ts.getTimeStep()
         check_progress(ts, times, WHO, self.owned(ts.getSolution(), "r"))
+        self._check_pace(ts, t, float(times[k] - times[k - 1]))
         if abs(t - times[k]) <= _landing_window(times, k):
             ts.setTime(float(times[k]))  # rounding off the last step
             self.steps.append(ts.getStepNumber())
@@ -545,7 +560,21 @@ class _Outputs:
             k, t = k + 1, float(times[k])
             if self.per_interval:
                 dt = (times[k] - times[k - 1]) / self.per_interval
+            elif self.step_size:  # (the step that landed was cut short)
+                dt = self.step_size
         ts.setTimeStep(self._toward(k, t, dt))
+
+    def _check_pace(self, ts, t, span):
+        """Raise after CRAWL_STEPS steps in a row each below 1e-12 of the output interval they
+        are in (`span`): such a solve would never end (steps held just above the collapse of
+        check_progress, say where func turns nan just beyond the state)."""
+        self.crawling = self.crawling + 1 if t - ts.getPrevTime() < 1e-12 * span else 0
+        if self.crawling >= CRAWL_STEPS:
+            raise SolverFailure(
+                f"{WHO}: the last {CRAWL_STEPS} steps were each below 1e-12 of the output "
+                f"interval (the last {t - ts.getPrevTime():.3g} at t = {t:.10g}): at this pace "
+                f"the solve cannot finish. Is func defined just beyond this state (a nan, a "
+                f"singularity)? What to try: check func there, or end the integration earlier")
 
 
 def _forward(y0, t, problem, *params, needs_input_grad):
