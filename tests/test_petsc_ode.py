@@ -509,6 +509,30 @@ def test_a_fixed_step_size_is_kept_after_a_step_cut_short_by_an_output():
     assert solver.stats.steps == 8
 
 
+def test_times_as_tensors_in_a_list_and_a_second_backward_through_checkpoints():
+    """y' = -k y: dL/dt for t given as a list of 0-d tensors (their gradient was lost); a
+    second backward after retain_graph with checkpoints and t requiring grad (it failed); the
+    ARKIMEX tableaus without an extrapolation formula (prssp2, bpr3, ars443) by options."""
+    k = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    t1 = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    ys = odeint_adjoint(lambda s, y: -k * y, torch.ones(1, dtype=F64),
+                        [torch.tensor(0.0, dtype=F64), t1], rtol=1e-10, atol=1e-12,
+                        adjoint_params=(k,))
+    ys[-1].sum().backward()
+    np.testing.assert_allclose(t1.grad.item(), -0.7 * np.exp(-0.7), rtol=1e-7)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64, requires_grad=True)
+    ys = odeint_adjoint(lambda s, y: -k * y, torch.ones(1, dtype=F64), t, checkpoints=2,
+                        adjoint_params=(k,))
+    first = torch.autograd.grad(ys.sum(), t, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(ys.sum(), t)[0], first)
+    for tableau in ("prssp2", "bpr3", "ars443"):
+        ys = odeint_adjoint(lambda s, y: -k * y, torch.ones(1, dtype=F64), t[[0, 2]].detach(),
+                            steps_per_interval=20, adjoint_params=(k,),
+                            options={"ts_arkimex_type": tableau})
+        (grad,) = torch.autograd.grad(ys[-1].sum(), k)
+        np.testing.assert_allclose(grad.item(), -np.exp(-0.7), rtol=1e-3)
+
+
 def test_exception_in_func_is_wrapped():
     def broken(t, y):
         raise ArithmeticError("rate law undefined")

@@ -120,8 +120,10 @@ class _ODEProblem:
         if self.scheme:
             values[self.scheme[0]] = self.scheme[1]
         if self.ts_type == "arkimex":  # the whole F is implicit: a stiffly accurate ESDIRK
-            values.update(ts_arkimex_fully_implicit=True,
-                          ts_arkimex_initial_guess_extrapolate=True)  # fewer Newton iterations
+            values["ts_arkimex_fully_implicit"] = True
+            if "ts_arkimex_type" not in (self.options or {}):  # (fewer Newton iterations;
+                # some tableaus, e.g. prssp2, bpr3, ars443, have no formula to extrapolate by)
+                values["ts_arkimex_initial_guess_extrapolate"] = True
         if not self.fixed:  # a step whose Newton solve fails is retried smaller
             values.update(ts_rtol=self.rtol, ts_atol=self.atol, ts_max_snes_failures=-1,
                           ts_max_step_rejections=REJECTIONS)
@@ -346,7 +348,10 @@ class _ODESolve:
         self.restart_step()  # as TSSolve does at step 0
         if self.log:
             self.log.start(float(times[0]))
-        with petsc_errors(WHO, f"the forward solve (PETSc TS '{ts.getType()}')"):
+        with petsc_errors(WHO, f"the forward solve (PETSc TS '{ts.getType()}')",
+                          "PETSc's message says what the method or solver chosen lacks; "
+                          "choose another through options, or fixed steps (step_size= or "
+                          "steps_per_interval=) for a tableau without an error estimate"):
             ts.solve(self.u)
         self._check(ts.getConvergedReason(), "the forward solve")
         recorded, values = self.outputs.steps, self.outputs.values
@@ -470,7 +475,9 @@ class _ODESolve:
         func(t_k, y_k) dt; moving t_0 moves every later output by -Phi func(t_0, y_0) dt, whose
         product with their cotangents is the adjoint at t_0 less output 0's own cotangent. (On
         a grid, this rank's share, like the parameters'.)"""
-        ys, self.ys = self.ys, None
+        ys = self.ys
+        if not torch._C._autograd._get_current_graph_task_keep_graph():
+            self.ys = None  # (kept for a second backward after retain_graph=True)
         slopes = torch.stack([self._value(float(t), y).reshape(-1)
                               for t, y in zip(self.times, ys)])
         cotangents = cotangents.reshape(*cotangents.shape[:2], -1)  # (cotangent, time, state)
@@ -667,6 +674,8 @@ class ODESolver:
             raise TypeError(f"{WHO}: func must be callable as func(t, y), got "
                             f"{type(func).__name__}")
         check_state(WHO, "y0", y0, "the initial state", check_tensor)
+        if isinstance(t, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in t):
+            t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in t])  # (with dL/dt)
         t = torch.as_tensor(t, dtype=torch.float64)
         if t.ndim != 1 or t.numel() < 2:
             raise ValueError(f"{WHO}: t must be a 1-D sequence of at least 2 times (the initial "
