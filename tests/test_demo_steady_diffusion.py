@@ -15,7 +15,7 @@ def test_quick_run_writes_the_figures(tmp_path, capsys):
 
 
 def test_petsc_reaches_1e_10_where_lbfgs_does_not():
-    rows = demo.compare([34], {34}, lbfgs_time=2.0, show_progress=False)
+    rows = demo.compare([35], {35}, lbfgs_time=2.0, show_progress=False)
     (row,) = rows
     assert row["petsc_residual"] <= 1e-10
     assert row["lbfgs_residual"] > row["petsc_residual"]

@@ -443,6 +443,7 @@ def test_end_times_that_petsc_reads_specially_or_steps_land_short_of(times):
 @pytest.mark.parametrize("method,kwargs", [("arkimex", {}), ("beuler", {"step_size": 0.1}),
                                            ("cn", {"step_size": 0.1}), ("dopri5", {}),
                                            ("rk4", {"step_size": 0.1})])
+@pytest.mark.filterwarnings("ignore:.*does not depend on it through torch ops")  # (it does not)
 def test_a_func_that_ignores_y_or_its_parameters(method, kwargs):
     """dy/dt constant in y (or zero) needs no Jacobian in the forward, and its derivatives
     w.r.t. y and unused parameters are zero, not an error."""

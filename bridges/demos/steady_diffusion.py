@@ -182,7 +182,7 @@ def plot_inverse(result, out=None):
     return save_figure(fig, out, "steady_diffusion_inverse.png", dpi=110)
 
 
-QUICK = {"grids": [34, 66], "lbfgs_grids": [34], "lbfgs_time": 2.0, "solution_grid": 34,
+QUICK = {"grids": [35, 67], "lbfgs_grids": [35], "lbfgs_time": 2.0, "solution_grid": 35,
          "inverse_grid": 18, "inverse_coarse": 4, "inverse_iterations": 20}
 
 
