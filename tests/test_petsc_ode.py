@@ -534,6 +534,26 @@ def test_times_as_tensors_in_a_list_and_a_second_backward_through_checkpoints():
         np.testing.assert_allclose(grad.item(), -np.exp(-0.7), rtol=1e-3)
 
 
+def test_vmap_over_the_output_times():
+    """One time grid per sample (torch's 'data-dependent control flow' error before): y' = -0.7 y
+    against exp(-0.7 T), dL/dt against -0.7 exp(-0.7 T) (and its opposite at t0); a bad grid
+    among them is named."""
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    grids = torch.stack([t, 2 * t])
+
+    def end(times):
+        return odeint_adjoint(lambda s, y: -0.7 * y, torch.ones(1, dtype=F64), times,
+                              rtol=1e-10, atol=1e-12)[-1].sum()
+    torch.testing.assert_close(torch.func.vmap(end)(grids), torch.exp(-0.7 * grids[:, -1]))
+    slope = -0.7 * torch.exp(-0.7 * grids[:, -1])
+    expected = torch.stack([-slope, torch.zeros(2, dtype=F64), slope], 1)
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(end))(grids), expected,
+                               rtol=1e-7, atol=1e-12)
+    with pytest.raises(ForeignError, match=r"times must strictly increase, but t\[1\] = 0.5 "
+                                           r"follows t\[0\] = 1"):
+        torch.func.vmap(end)(torch.stack([t, t.flip(0)]))
+
+
 def test_exception_in_func_is_wrapped():
     def broken(t, y):
         raise ArithmeticError("rate law undefined")

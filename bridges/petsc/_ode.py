@@ -521,6 +521,24 @@ class _ODESolve:
         self.options.close()
 
 
+def _check_times(t):
+    """Raise unless the output times t (a 1-D float64 tensor) are finite, strictly increasing
+    and far enough apart for a step between each two."""
+    if not bool(torch.isfinite(t).all()):
+        k = int(torch.nonzero(~torch.isfinite(t))[0])
+        raise ValueError(f"{WHO}: t[{k}] is {t[k].item()}; every time must be finite")
+    if not bool((t[1:] > t[:-1]).all()):
+        k = int(torch.nonzero(t[1:] <= t[:-1])[0])
+        raise ValueError(f"{WHO}: times must strictly increase, but t[{k + 1}] = "
+                         f"{t[k + 1].item():g} follows t[{k}] = {t[k].item():g}")
+    gaps = (t[1:] - t[:-1]) / torch.maximum(t[1:].abs(), t[:-1].abs())
+    if bool((gaps <= COLLAPSE).any()):
+        k = int(torch.nonzero(gaps <= COLLAPSE)[0])
+        raise ValueError(f"{WHO}: t[{k}] = {t[k].item():.17g} and t[{k + 1}] = "
+                         f"{t[k + 1].item():.17g} are a few rounding units apart, too close "
+                         f"for a time step between them; merge or space them")
+
+
 def _landing_window(times, k):
     """How close to output time k a step that lands on it ends (rounding of the step sums):
     a few roundings of t, at least four times the smallest step that makes progress, and
@@ -588,6 +606,8 @@ def _forward(y0, t, problem, *params, needs_input_grad):
     refuse_forward_mode(WHO)  # (here, so that a probe sees a bridged op)
     record = any(needs_input_grad)
     times = t.detach().cpu().numpy().astype(np.float64)
+    if problem.transformed:  # (vmap over t left them unchecked: each sample's, here)
+        _check_times(torch.from_numpy(times))
     solver = problem.solver() if problem.solver is not None else None
     pool = solver._pool if solver is not None else None
     key = (*problem.key, record, problem.grad_mode, problem.transformed)
@@ -680,19 +700,8 @@ class ODESolver:
         if t.ndim != 1 or t.numel() < 2:
             raise ValueError(f"{WHO}: t must be a 1-D sequence of at least 2 times (the initial "
                              f"time first), got shape {tuple(t.shape)}")
-        if not bool(torch.isfinite(t).all()):
-            k = int(torch.nonzero(~torch.isfinite(t))[0])
-            raise ValueError(f"{WHO}: t[{k}] is {t[k].item()}; every time must be finite")
-        if not bool((t[1:] > t[:-1]).all()):
-            k = int(torch.nonzero(t[1:] <= t[:-1])[0])
-            raise ValueError(f"{WHO}: times must strictly increase, but t[{k + 1}] = "
-                             f"{t[k + 1].item():g} follows t[{k}] = {t[k].item():g}")
-        gaps = (t[1:] - t[:-1]) / torch.maximum(t[1:].abs(), t[:-1].abs())
-        if bool((gaps <= COLLAPSE).any()):
-            k = int(torch.nonzero(gaps <= COLLAPSE)[0])
-            raise ValueError(f"{WHO}: t[{k}] = {t[k].item():.17g} and t[{k + 1}] = "
-                             f"{t[k + 1].item():.17g} are a few rounding units apart, too close "
-                             f"for a time step between them; merge or space them")
+        if not torch._C._are_functorch_transforms_active():  # (else per sample, in _forward:
+            _check_times(t)  # a t batched by vmap has no values here)
         named = adjoint_params is not None  # (a Module's parameters need not all enter func)
         if adjoint_params is None:
             adjoint_params = tuple(func.parameters()) if isinstance(func, torch.nn.Module) \
