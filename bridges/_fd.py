@@ -6,10 +6,11 @@ vector-Jacobian product of the same forward.
 
 Steps are chosen for the black box's noise: a simulator with adaptive time stepping or printed
 output is exact to 1e-6 or so, not to rounding, and the steps that suit rounding error then give
-gradients wrong by percents. Once per FD function (again when an input has moved by its own
-size, or at all from 0), the noise level of every output is estimated from a difference table
-along a random direction (More and Wild's ECnoise), and the second (forward) or third (central)
-derivative along each column from a few probes; each column's step balances truncation against
+gradients wrong by percents. Once per FD function (again when an input has grown or shrunk
+twofold, changed sign, or moved at all from 0), the noise level of every output is estimated
+from a difference table along a random direction (More and Wild's ECnoise), and the second
+(forward) or third (central) derivative along each column from a few probes, repeated nearer
+where they were far from the step they suggest; each column's step balances truncation against
 noise, and the same numbers give an error estimate of every Jacobian entry.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ SCHEMES = {"forward": EPS ** 0.5, "central": EPS ** (1 / 3), "complex": 1e-20}
 NOISE_POINTS = 7          # ECnoise table: f at x + i*delta*p, i = -3..3
 NOISE_SPACINGS = (1e-6, 1e-4, 1e-2, 1e-8)  # relative spacings tried in turn until noise shows
 WARN_ERROR = 0.01         # warn when a Jacobian column's estimated error exceeds 1 % of it
+REPROBES = 3              # curvature probes repeated nearer, at most, where steps fall far inside
 
 
 def color_columns(pattern) -> list[np.ndarray]:
@@ -276,10 +278,12 @@ class FDFunction:
         """Each input's step: fixed, or from the noise estimate (made or renewed if stale)."""
         if self.fixed_steps:
             return self._steps(x)
-        # renewed once an input moves by its own size (one that was 0 when measured: at all,
-        # as x = 0 often has outputs that vanish with it, and curvature or noise with them)
+        # renewed once an input moves by half its size, then or now: it has grown or shrunk
+        # twofold, or changed sign (one that was 0 when measured: at all, as x = 0 often has
+        # outputs that vanish with it, and curvature or noise with them)
         at = None if self.noise is None else self.noise.at
-        if at is None or at.shape != x.shape or np.any(np.abs(x - at) > np.abs(at)):
+        if at is None or at.shape != x.shape or \
+                np.any(np.abs(x - at) > 0.5 * np.maximum(np.abs(x), np.abs(at))):
             if self._estimate(x, y0, memo) is None:
                 return self._steps(x)
         return (x + self.noise.steps) - x
@@ -315,7 +319,38 @@ class FDFunction:
         central = self.scheme == "central"
         relative = max(np.linalg.norm(level) / max(np.linalg.norm(y0), np.finfo(float).tiny), EPS)
         b = (x + min(relative ** (0.2 if central else 0.25), 0.1) * _scale(x)) - x
-        # probe each group at +-b, +-2b (central) or +b, +2b (forward) for |f'''| or |f''|
+        noise = np.sqrt(np.asarray(pattern.T.astype(np.float64) @ level ** 2)).ravel()
+        curvature = self._curvature(x, y0, b, level, pattern, groups, memo)
+        if curvature is None:
+            return None
+        h = self._balanced_steps(x, curvature, noise, b)
+        # probes far beyond the steps can miss what the steps see (a ripple between them reads
+        # as little curvature): probe again at the steps' own scale until the two agree
+        for _ in range(REPROBES):
+            near = h < b / 8
+            if not near.any():
+                break
+            b = (x + np.where(near, 4 * h, b)) - x
+            finer = self._curvature(x, y0, b, level, pattern, groups, memo)
+            if finer is None:
+                break
+            agree = _column_norms(finer) <= 4 * _column_norms(curvature)
+            np.maximum(curvature.data, finer.data, out=curvature.data)  # (one pattern)
+            h = self._balanced_steps(x, curvature, noise, b)
+            if agree.all():
+                break
+        self.noise = NoiseEstimate(at=x.copy(), level=level, found=found,
+                                   curvature=curvature if self.sparsity is not None
+                                   else curvature.toarray(), steps=h,
+                                   evaluations=self.noise_evaluations - before)
+        self._warned = False
+        return self.noise
+
+    def _curvature(self, x, y0, b, level, pattern, groups, memo):
+        """|f'''| (central) or |f''| (forward) of each Jacobian entry (sparse, the pattern's)
+        from probes at x +- b, +- 2b (or + b, + 2b) along each group's columns, floored at what
+        the noise lets them resolve; None where the black box is not finite at a probe."""
+        central = self.scheme == "central"
         multiples = (1, -1, 2, -2) if central else (1, 2)
         deltas = [np.where(np.isin(np.arange(x.size), cols), b, 0.0) for cols in groups]
         ys = self._evaluate([x + c * d for d in deltas for c in multiples],
@@ -334,24 +369,25 @@ class FDFunction:
         curvature = _assemble(pattern, groups, [np.maximum(v, floor) for v in numerators])
         cols = np.repeat(np.arange(x.size), np.diff(curvature.indptr))
         curvature.data /= (2 * b[cols] ** 3) if central else b[cols] ** 2
-        c = np.sqrt(np.asarray(curvature.multiply(curvature).sum(axis=0))).ravel()
-        noise = np.sqrt(np.asarray(pattern.T.astype(np.float64) @ level ** 2)).ravel()
+        return curvature
+
+    def _balanced_steps(self, x, curvature, noise, b):
+        """Each column's step balancing truncation (its curvature) against its noise, within
+        twice the probes' reach."""
+        c = _column_norms(curvature)
         with np.errstate(divide="ignore", invalid="ignore"):
-            h = (3 * noise / c) ** (1 / 3) if central else 2 * np.sqrt(noise / c)
-        h = np.clip(np.nan_to_num(h, nan=np.inf), 100 * EPS * _scale(x), 2 * b)
-        self.noise = NoiseEstimate(at=x.copy(), level=level, found=found,
-                                   curvature=curvature if self.sparsity is not None
-                                   else curvature.toarray(), steps=h,
-                                   evaluations=self.noise_evaluations - before)
-        self._warned = False
-        return self.noise
+            h = (3 * noise / c) ** (1 / 3) if self.scheme == "central" \
+                else 2 * np.sqrt(noise / c)
+        return np.clip(np.nan_to_num(h, nan=np.inf), 100 * EPS * _scale(x), 2 * b)
 
     def _measure_noise(self, x, memo):
         """ECnoise along a fixed random direction, trying coarser and finer spacings in turn."""
         direction = np.random.default_rng(x.size).standard_normal(x.size)
         direction *= _scale(x) / np.abs(direction).max()
-        half, best = NOISE_POINTS // 2, None
+        half, best, coarsest = NOISE_POINTS // 2, None, math.inf
         for spacing in NOISE_SPACINGS:
+            if spacing > coarsest:
+                continue
             offsets = [i * spacing for i in range(-half, half + 1)]
             ys = self._evaluate([x + t * direction for t in offsets],
                                 lambda k: f"at x + {offsets[k]:g} * p while measuring the noise",
@@ -366,6 +402,12 @@ class FDFunction:
                 best = (level, found)
             if varied.any() and 2 * found.sum() >= varied.sum():
                 break
+            # a table that varies without noise is smooth at this spacing: coarser ones are
+            # for quantised output (too few distinct values), and would alias a ripple of
+            # the function into "noise"
+            distinct = np.array([np.unique(column).size for column in table.T])
+            if varied.any() and 2 * (varied & ~found & (distinct > half)).sum() >= varied.sum():
+                coarsest = spacing
         return best
 
     # -- derivatives --------------------------------------------------------------------------
@@ -514,6 +556,11 @@ def _failure_as_value(func, x):
         return exc
 
 
+def _column_norms(matrix):
+    """The 2-norm of each column of a sparse matrix."""
+    return np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=0))).ravel()
+
+
 def _scale(x):
     """Each input's size for relative steps: |x_j|, or 1 where x_j is 0."""
     return np.where(x != 0, np.abs(x), 1.0)
@@ -553,7 +600,7 @@ def fd2pytorch(func, *, scheme="central", sparsity=None, workers=None, name=None
         name: names the op in errors and in ``grad_fn``.
         rel_step: a fixed relative step, scaled by max(|x_j|, 1); it overrides ``noise``.
         noise: ``"auto"`` measures the outputs' noise and each column's curvature at the first
-            derivative (again when the input has moved by more than its own size, or on
+            derivative (again when an input has grown or shrunk twofold or changed sign, or on
             ``estimate_noise(x)``) and chooses each column's step from them; a number or an
             array of m numbers gives the noise level (standard deviation) instead of measuring
             it; ``None`` uses the fixed default step, optimal for rounding error only.

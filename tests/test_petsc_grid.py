@@ -333,6 +333,37 @@ def test_a_solve_on_a_grid_matches_the_full_array_solve():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=0)
 
 
+def test_a_linear_solve_keeps_its_gradient_when_an_ode_refills_the_grids_matrix():
+    """A linear solve reuses its constant Jacobian at backward, from the matrix every solve on
+    the grid shares; an implicit ODE between forward and backward refilled it with shift*I - J,
+    and the gradient came out 16x too small (symmetric, so no check saw it)."""
+    grid = Grid((9, 9))
+
+    def lap(u):
+        i = grid.interior
+        return 4 * u[i] - u[:-2, 1:-1] - u[2:, 1:-1] - u[1:-1, :-2] - u[1:-1, 2:]
+
+    def residual(u, kappa):
+        return kappa * lap(u) + u[grid.interior] - 1.0
+
+    def loss(kappa, ode_in_between=False):
+        x = solve(residual, grid.zeros(), kappa, grid=grid, linear=True)
+        if ode_in_between:
+            with torch.no_grad():
+                odeint_adjoint(lambda t, u: -5.0 * lap(u) - u[grid.interior] ** 3,
+                               grid.zeros() + 1, torch.tensor([0.0, 0.1], dtype=F64),
+                               method="beuler", step_size=0.05, grid=grid)
+        return x.square().sum()
+
+    kappa = torch.tensor(1.3, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(loss(kappa, ode_in_between=True), kappa)
+    h = 1e-6
+    with torch.no_grad():
+        fd = (loss(torch.tensor(1.3 + h, dtype=F64)) - loss(torch.tensor(1.3 - h, dtype=F64))) \
+            / (2 * h)
+    assert abs(g.item() - fd.item()) < 1e-6 * abs(fd.item())
+
+
 def test_two_live_ode_solves_on_one_grid_keep_their_own_callbacks():
     """PETSc keeps a TS's callbacks on its DM: solves sharing the grid's DMDA would call each
     other's (or freed) callbacks in their adjoints. Chained solves give the one-solve gradient."""

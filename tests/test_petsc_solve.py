@@ -611,6 +611,23 @@ def test_a_multiple_root_is_warned_about_and_simple_roots_are_not():
             solve(residual, torch.tensor(x0, dtype=F64), torch.tensor([2.0, 1.0], dtype=F64))
 
 
+def test_a_jacobian_singular_at_the_root_is_named_by_the_failure():
+    """Where dF/dx is singular at the solution dx/dparams does not exist: the backward's failed
+    transposed solve says so (it pointed at PCs and iteration limits only), and so does a
+    forward whose factorisation meets a zero pivot."""
+    F64 = torch.float64
+    p = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    x = solve(lambda x, p: (x - p) ** 3, torch.tensor([0.5], dtype=F64), p)  # x0: the root
+    with pytest.raises(ForeignError, match=r"solve \(backward\): .*dF/dx may be singular at "
+                                           r"the solution .*dx/dparams does not exist"):
+        x.sum().backward()
+    line = lambda x, p: torch.stack([x[0] + x[1] - p, 2 * (x[0] + x[1] - p)])  # noqa: E731
+    with pytest.raises(ForeignError, match=r"DIVERGED_PCSETUP_FAILED.*zero pivot: is dF/dx "
+                                           r"singular there"):
+        solve(line, torch.zeros(2, dtype=F64), p.detach(), options={"pc_type": "lu"},
+              sparsity=np.ones((2, 2), bool))
+
+
 def test_forward_mode_ad_is_refused_by_name():
     """solve's own Jacobian products use forward mode, which torch cannot nest: under jvp,
     jacfwd or a dual level it says so instead of torch's "Nested forward mode AD"."""

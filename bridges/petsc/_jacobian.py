@@ -202,6 +202,7 @@ class ColouredJacobian:
         self._buffer = None  # the last products (colours x size), reused by the next ones
         self._by_colour = {}  # mode -> seed entries in order of colour, where each colour starts
         self._seed_rows = {}  # (mode, first and last colour, dtype) -> kept seeds (see _seeds)
+        self.holder = None  # weakref to whose values it holds (a linear solve reuses them)
 
     def _find_slots(self):
         """Which COO entry each slot of the matrix's AIJ value arrays holds (one index array
@@ -342,6 +343,7 @@ class ColouredJacobian:
     def _fill(self, source, kind, diag_shift, factor):
         """The matrix := diag_shift*I + factor*J, J's entries taken from the flat tensor
         `source` (see _coo_index): straight into the AIJ arrays where it can, else by COO."""
+        self.holder = None  # (solves and ODEs share the matrix: every fill clears it)
         if kind not in self._index:  # made once per kind of source
             coo = self._coo_index(kind).astype(np.int64)
             if self._slots is None:  # (and whether the entries are the source's first ones)

@@ -190,9 +190,8 @@ class _Solve:
         its flags, such as a torch.func transform around the call, its own) from x0."""
         self.p, self.params, self.sink, self.stats = problem, params, problem.sink, SolveStats()
         self.layout.owned_view(self.x_vec, "w").copy_(x0.detach())
-        if self.p.assembler is not None and \
-                getattr(self.p.assembler, "_bridges_owner", None) is not None:
-            self.p.assembler._bridges_owner = None  # new params: a linear F is reassembled
+        if self.p.assembler is not None:
+            self.p.assembler.holder = None  # new params: a linear F is reassembled
 
     def _report(self, **values):
         for key, value in values.items():
@@ -286,13 +285,13 @@ class _Solve:
     def _linearise(self, u):
         if self.p.jacobian == "assembled":
             assembler = self.p.assembler
-            owner = getattr(assembler, "_bridges_owner", None)
-            if self.p.linear and owner is not None and owner() is self:
+            holder = assembler.holder
+            if self.p.linear and holder is not None and holder() is self:
                 return  # F is linear in x: its Jacobian does not change (nor does the PC)
-            # the matrix is shared by every solve with this sparsity: refill it for this one
+            # the matrix is shared by every solve (and ODE) with this sparsity: refill it
             mode = None if self.p.products == "auto" else self.p.products
             assembler.assemble(self._residual, u, mode=mode, out_shape=self.layout.owned_shape)
-            assembler._bridges_owner = weakref.ref(self)
+            assembler.holder = weakref.ref(self)
         else:
             self.shell.at(self._residual, u)
 
@@ -374,6 +373,9 @@ class _Solve:
             singular = " (with a null space, F = 0 has a solution only if F's constant part " \
                 "is orthogonal to it: for constants, a right-hand side summing to zero)" \
                 if self.p.nullspace is not None else ""
+            if ksp.getConvergedReason() == PETSc.KSP.ConvergedReason.DIVERGED_PCSETUP_FAILED:
+                singular += (" (the PC's set-up failed, e.g. a zero pivot: is dF/dx singular "
+                             "there?)")
             raise diverged(
                 WHO, f"PETSc SNES ({snes.getType()}, KSP {ksp.getType()}, PC "
                 f"{ksp.getPC().getType()})", PETSc.SNES.ConvergedReason, reason,
@@ -541,8 +543,9 @@ class _Solve:
                     f"{ksp.getPC().getType()}", PETSc.KSP.ConvergedReason, reason,
                     f"after {ksp.getIterationNumber()} iterations, residual norm "
                     f"{ksp.getResidualNorm():.3e}",
-                    "choose a PC with a transpose (ilu, lu, gamg, jacobi) or raise ksp_max_it "
-                    "through options")
+                    "dF/dx may be singular at the solution (a multiple root, or roots forming "
+                    "a curve), where dx/dparams does not exist; if not, choose a PC with a "
+                    "transpose (ilu, lu, gamg, jacobi) or raise ksp_max_it through options")
             with adjoint_tolerance(ksp, self.snes):  # (the guard's limit is its tolerance)
                 check_solution(ksp, g, lam, f"{WHO} (backward)", what, transpose=transpose,
                                nullspace=self.nullspace)
