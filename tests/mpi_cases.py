@@ -6,6 +6,7 @@ compares across rank counts. Tolerances are tight (rtol 1e-13) so that the compa
 measures the distribution, not the solvers' stopping tests.
 """
 import os
+import re
 import sys
 import time
 
@@ -243,8 +244,56 @@ def periodic_jacobian(results):
         out.destroy()
 
 
+def partial_gradients(results):
+    """sum_gradients where some ranks have no .grad for a parameter: the first rank's loss uses
+    a, the last rank's b, and none uses c (the ranks' buffers were lined up by position, so a's
+    and b's gradients were mixed). Totals: dL/da = 6a, dL/db = 10b, on any number of ranks."""
+    grid = Grid((8, 8))
+    comm = PETSc.COMM_WORLD
+    kappa, a, b, c = (torch.tensor(v, dtype=F64, requires_grad=True) for v in (1.3, 0.5, 2.0, 1.0))
+    x = solve(lambda u, k: k * _laplacian(grid, u) + u[grid.interior] - 1.0, grid.zeros(), kappa,
+              grid=grid, linear=True, options=TIGHT)
+    loss = x.square().sum()
+    if comm.getRank() == 0:
+        loss = loss + 3 * a ** 2
+    if comm.getRank() == comm.getSize() - 1:
+        loss = loss + 5 * b ** 2
+    loss.backward()
+    sum_gradients([kappa, a, c, b])
+    assert c.grad is None
+    results.update(partial_kappa=kappa.grad, partial_a=a.grad, partial_b=b.grad)
+
+
+def one_rank_fails(results):
+    """A NaN in one rank's block of y0 or x0, or func NaN only there: the rank that holds it
+    raised, and the others waited for it forever. Every rank raises now, and the count of
+    errors caught is the same on any number of ranks."""
+    grid = Grid((8, 8))
+    full = torch.ones(8, 8, dtype=F64)
+    full[7, 7] = float("nan")  # the last row: the last rank's block
+    bad = grid.scatter(full)
+    t = torch.tensor([0.0, 0.1], dtype=F64)
+    negative = grid.scatter(torch.where(full.isnan(), -1.0, full))  # func = sqrt(u): NaN there
+    calls = [(ValueError, "y0 holds nan", lambda: odeint_adjoint(
+                 lambda t, u: -_laplacian(grid, u), bad, t, method="cn", step_size=0.05,
+                 grid=grid)),
+             (ValueError, "x0 holds nan", lambda: solve(
+                 lambda u: _laplacian(grid, u) - 1.0, bad, grid=grid)),
+             (Exception, r"func\(t, y\) at t = 0 \(y = y0\) holds nan", lambda: odeint_adjoint(
+                 lambda t, u: -_laplacian(grid, u) + u[grid.interior].sqrt(), negative, t,
+                 method="cn", step_size=0.05, grid=grid))]
+    caught = 0
+    for kind, message, call in calls:
+        try:
+            call()
+        except kind as exc:
+            assert re.search(message, str(exc)), str(exc)
+            caught += 1
+    results.update(one_rank_fails=torch.tensor(float(caught)))
+
+
 CASES = [periodic_jacobian, poisson, nonlinear, heat_ode, wide_stencil, brusselator, multigrid_ode,
-         ddp]
+         ddp, partial_gradients, one_rank_fails]
 
 if __name__ == "__main__":
     out = {}

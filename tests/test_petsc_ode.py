@@ -510,6 +510,22 @@ def test_a_fixed_step_size_is_kept_after_a_step_cut_short_by_an_output():
     assert solver.stats.steps == 8
 
 
+def test_fixed_arkimex_steps_after_a_sliver_of_an_interval_converge():
+    """An output 1e-9 after another: ARKIMEX's extrapolated Newton guess for the next fixed
+    step reached 5e7 times beyond the sliver, and Newton failed (adaptive steps are retried
+    smaller; fixed ones cannot). The solution now matches scipy's."""
+    from scipy.integrate import solve_ivp
+    A = np.array([[-2.0, 0.5], [0.3, -1.5]])
+    t = np.array([0.0, 0.5, 0.5 + 1e-9, 1.0])
+    reference = solve_ivp(lambda s, y: A @ y - 0.5 * y ** 3 + np.sin(3 * s), (0, 1), [-1.0, 1.0],
+                          method="DOP853", rtol=1e-12, atol=1e-12, t_eval=t).y.T
+    At = torch.from_numpy(A.T)
+    for settings in (dict(step_size=0.05), dict(steps_per_interval=4)):
+        ys = odeint_adjoint(lambda s, y: y @ At - 0.5 * y ** 3 + torch.sin(3 * s),
+                            torch.tensor([-1.0, 1.0], dtype=F64), torch.from_numpy(t), **settings)
+        np.testing.assert_allclose(ys.numpy(), reference, atol=1e-5)
+
+
 def test_times_as_tensors_in_a_list_and_a_second_backward_through_checkpoints():
     """y' = -k y: dL/dt for t given as a list of 0-d tensors (their gradient was lost); a
     second backward after retain_graph with checkpoints and t requiring grad (it failed); the

@@ -42,11 +42,11 @@ def check_boundary_values(p_left, p_right, who: str) -> None:
 def residual(p, k, p_left=2.0, p_right=1.0):
     """A(k) p - b(k) in torch (differentiable in p and k): each cell's net outflow."""
     r = torch.zeros_like(p + k)
-    tx = torch.sqrt(k[:, :-1] * k[:, 1:])
+    tx = torch.sqrt(k[:, :-1]) * torch.sqrt(k[:, 1:])  # (a product could underflow)
     fx = tx * (p[:, :-1] - p[:, 1:])
     r[:, :-1] += fx
     r[:, 1:] -= fx
-    ty = torch.sqrt(k[:-1, :] * k[1:, :])
+    ty = torch.sqrt(k[:-1, :]) * torch.sqrt(k[1:, :])
     fy = ty * (p[:-1, :] - p[1:, :])
     r[:-1, :] += fy
     r[1:, :] -= fy
@@ -70,8 +70,8 @@ def assemble(k: np.ndarray, p_left: float, p_right: float):
     """A(k) as scipy CSR (row-major cell numbering i*nx + j) and b(k)."""
     ny, nx = k.shape
     idx = np.arange(ny * nx).reshape(ny, nx)
-    tx = np.sqrt(k[:, :-1] * k[:, 1:])
-    ty = np.sqrt(k[:-1, :] * k[1:, :])
+    tx = np.sqrt(k[:, :-1]) * np.sqrt(k[:, 1:])
+    ty = np.sqrt(k[:-1, :]) * np.sqrt(k[1:, :])
     diag = np.zeros((ny, nx))
     diag[:, :-1] += tx
     diag[:, 1:] += tx

@@ -386,24 +386,44 @@ class SerialLayout:
 
 def sum_gradients(parameters, comm=None) -> None:
     """Sum each parameter's ``.grad`` over the ranks of `comm` (default PETSc.COMM_WORLD), in
-    place, in one reduction.
+    place, in one reduction. Every rank passes the same parameters, in the same order.
 
     A solve on a grid gives each rank a share of the parameter gradient; the shares sum to the
     gradient of the total loss (the sum of the ranks' losses). After this call every rank holds
-    that gradient, exactly as for parameters whose gradients came from rank-local work. Under
-    torch's DistributedDataParallel do not call it: DDP averages the shares, which is the
-    gradient of the mean of the ranks' losses (multiply each rank's loss by the world size for
-    the total).
+    that gradient, exactly as for parameters whose gradients came from rank-local work. A
+    ``.grad`` that is None on a rank (its loss did not use the parameter) counts as zero there,
+    and stays None only if it is None on every rank. Under torch's DistributedDataParallel do
+    not call it: DDP averages the shares, which is the gradient of the mean of the ranks'
+    losses (multiply each rank's loss by the world size for the total).
     """
-    grads = [p.grad for p in parameters if p.grad is not None]
+    parameters = list(parameters)
     comm = comm or PETSc.COMM_WORLD
-    if not grads or comm.getSize() == 1:
+    if comm.getSize() == 1:
         return
     from mpi4py import MPI
-    flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads])
-    buffer = flat.numpy()
-    comm.tompi4py().Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+    mpi = comm.tompi4py()
+    sizes = [p.numel() for p in parameters]
+    total = sum(sizes)
+    agreed = np.array([total, -total], dtype=np.int64)
+    mpi.Allreduce(MPI.IN_PLACE, agreed, op=MPI.MAX)
+    if agreed[0] != -agreed[1]:
+        raise ValueError(f"sum_gradients: the ranks passed parameters of different total sizes "
+                         f"({-agreed[1]} to {agreed[0]} entries); every rank must pass the same "
+                         f"parameters in the same order")
+    # the gradients, then one flag per parameter: whether some rank has a gradient for it
+    flat = torch.zeros(total + len(parameters), dtype=torch.float64)
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view(g.shape))
-        offset += g.numel()
+    for k, (p, n) in enumerate(zip(parameters, sizes)):
+        if p.grad is not None:
+            flat[offset:offset + n] = p.grad.reshape(-1)
+            flat[total + k] = 1.0
+        offset += n
+    mpi.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+    offset = 0
+    for k, (p, n) in enumerate(zip(parameters, sizes)):
+        summed = flat[offset:offset + n].view(p.shape)
+        if p.grad is not None:
+            p.grad.copy_(summed)
+        elif flat[total + k] > 0:
+            p.grad = summed.to(p.dtype).clone()
+        offset += n

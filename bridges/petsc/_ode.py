@@ -34,7 +34,8 @@ from ._jacobian import JACOBIANS, PRODUCTS
 from ._linear import adjoint_tolerance, check_solution
 from ._ode_jacobians import ODEJacobians, compiled_parameter_names
 from ._options import SolverOptions, check_options
-from ._runtime import PETSc, destroy, diverged, petsc_errors, petsc_real, reason_name
+from ._runtime import (PETSc, agreed_checks, destroy, diverged, petsc_errors, petsc_real,
+                       reason_name)
 from ._solve import _assembler, warn_if_shallow
 from ._stepping import COLLAPSE, NewtonTest, check_progress, starting_step
 from ._vec import check_tensor, vec_as_tensor
@@ -121,8 +122,10 @@ class _ODEProblem:
             values[self.scheme[0]] = self.scheme[1]
         if self.ts_type == "arkimex":  # the whole F is implicit: a stiffly accurate ESDIRK
             values["ts_arkimex_fully_implicit"] = True
-            if "ts_arkimex_type" not in (self.options or {}):  # (fewer Newton iterations;
-                # some tableaus, e.g. prssp2, bpr3, ars443, have no formula to extrapolate by)
+            if "ts_arkimex_type" not in (self.options or {}) and not self.fixed:  # (fewer
+                # Newton iterations; some tableaus, e.g. prssp2, bpr3, ars443, have no formula
+                # to extrapolate by; a fixed step after one cut short by an output time would
+                # extrapolate far beyond it, and cannot be retried smaller)
                 values["ts_arkimex_initial_guess_extrapolate"] = True
         if not self.fixed:  # a step whose Newton solve fails is retried smaller
             values.update(ts_rtol=self.rtol, ts_atol=self.atol, ts_max_snes_failures=-1,
@@ -257,8 +260,13 @@ class _ODESolve:
         tracking = self.record or self.p.grad_mode  # (see _check_tracked)
         refuse = RefuseTransformedReads(WHO, "func(t, y)", "y0 and t") if self.p.transformed \
             else contextlib.nullcontext()
+        u = self._ghosted(self.u)  # (collective: before any rank's check can fail)
+        with agreed_checks(self.layout.comm):
+            self._check_value(t0, u, tracking, refuse)
+
+    def _check_value(self, t0, u, tracking, refuse):
         with torch.enable_grad() if tracking else torch.no_grad(), refuse:
-            value = self.p.rhs(t0, self._ghosted(self.u))
+            value = self.p.rhs(t0, u)
         where = "this rank's owned block" if self.layout.dm is not None else "y0"
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{WHO}: func(t, y) must return a torch.Tensor (dy/dt), got "
@@ -693,7 +701,8 @@ class ODESolver:
         if not callable(func):
             raise TypeError(f"{WHO}: func must be callable as func(t, y), got "
                             f"{type(func).__name__}")
-        check_state(WHO, "y0", y0, "the initial state", check_tensor)
+        with agreed_checks(None if self.grid is None else self.grid.comm):
+            check_state(WHO, "y0", y0, "the initial state", check_tensor)
         if isinstance(t, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in t):
             t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in t])  # (with dL/dt)
         t = torch.as_tensor(t, dtype=torch.float64)

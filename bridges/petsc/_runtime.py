@@ -154,3 +154,26 @@ def petsc_real(value) -> float:
     replaces it with its default): -1 itself becomes the double just below it."""
     value = float(value)
     return np.nextafter(-1.0, -np.inf) if value == -1.0 else value
+
+
+@contextlib.contextmanager
+def agreed_checks(comm):
+    """Checks of each rank's own block (a NaN in y0, func's value there): when one rank's fail,
+    every rank raises, the others the same kind of error naming that rank (they would
+    otherwise wait for it in the next collective call, forever)."""
+    if comm is None or comm.getSize() == 1:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as exc:  # (raised again below, on this rank)
+        error = exc
+    found = comm.tompi4py().allgather(None if error is None else (type(error), str(error)))
+    if error is not None:
+        raise error
+    failed = [(rank, *f) for rank, f in enumerate(found) if f is not None]
+    if failed:
+        rank, kind, message = failed[0]
+        kind = kind if kind in (ValueError, TypeError) else ForeignError
+        raise kind(f"rank {rank} failed a check of its own block: {message}")

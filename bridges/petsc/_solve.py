@@ -28,7 +28,7 @@ from ._grid import Grid, SerialLayout
 from ._jacobian import PRODUCTS, ColouredJacobian, TorchJacobian, plan_jacobian
 from ._linear import KRYLOV_MARGIN, adjoint_tolerance, check_solution
 from ._options import SolverOptions, check_options
-from ._runtime import PETSc, destroy, diverged, petsc_errors, reason_name
+from ._runtime import PETSc, agreed_checks, destroy, diverged, petsc_errors, reason_name
 from ._vec import check_tensor, vec_as_tensor
 
 JACOBIANS = ("auto", "assembled", "matrix-free")
@@ -752,7 +752,8 @@ class SNESSolver:
         if not callable(residual):
             raise TypeError(f"{WHO}: residual must be callable as residual(x, *params), got "
                             f"{type(residual).__name__}")
-        check_state(WHO, "x0", x0, "the initial guess", check_tensor)
+        with agreed_checks(None if self.grid is None else self.grid.comm):
+            check_state(WHO, "x0", x0, "the initial guess", check_tensor)
         for i, p in enumerate(params):
             if isinstance(p, torch.Tensor) and p.device.type != "cpu":
                 raise ValueError(f"{WHO}: params[{i}] is on device '{p.device}', but this PETSc "
