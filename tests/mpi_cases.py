@@ -265,9 +265,9 @@ def partial_gradients(results):
 
 
 def one_rank_fails(results):
-    """A NaN in one rank's block of y0 or x0, or func NaN only there: the rank that holds it
-    raised, and the others waited for it forever. Every rank raises now, and the count of
-    errors caught is the same on any number of ranks."""
+    """A NaN in one rank's block of y0 or x0, func NaN only there, a stencil wider than one
+    rank's block: the rank concerned raised, and the others waited for it forever. Every rank
+    raises now."""
     grid = Grid((8, 8))
     full = torch.ones(8, 8, dtype=F64)
     full[7, 7] = float("nan")  # the last row: the last rank's block
@@ -282,14 +282,17 @@ def one_rank_fails(results):
              (Exception, r"func\(t, y\) at t = 0 \(y = y0\) holds nan", lambda: odeint_adjoint(
                  lambda t, u: -_laplacian(grid, u) + u[grid.interior].sqrt(), negative, t,
                  method="cn", step_size=0.05, grid=grid))]
-    caught = 0
+    if PETSc.COMM_WORLD.getSize() > 1:  # (3 rows on 2 or 4 ranks: a block of 1 row)
+        calls.append((ValueError, r"stencil_width=2 is wider than the smallest block a rank "
+                                  r"owns \(1 points", lambda: Grid((3, 3), stencil_width=2)))
+    caught = 1 - len(calls)  # (1 when every call raised as expected, on any number of ranks)
     for kind, message, call in calls:
         try:
             call()
         except kind as exc:
             assert re.search(message, str(exc)), str(exc)
             caught += 1
-    results.update(one_rank_fails=torch.tensor(float(caught)))
+    results.update(one_rank_fails=torch.tensor(float(caught), dtype=F64))
 
 
 CASES = [periodic_jacobian, poisson, nonlinear, heat_ode, wide_stencil, brusselator, multigrid_ode,

@@ -69,11 +69,25 @@ class Grid:
         self.shape, self.dof, self.stencil_width = shape, dof, stencil_width
         self.stencil, self.boundary = stencil, boundaries
         self.comm = comm or PETSc.COMM_WORLD
-        with petsc_errors("Grid", f"creating a DMDA of {shape} points"):
-            self.dm = PETSc.DMDA().create(
-                sizes=shape[::-1], dof=dof, stencil_width=stencil_width,
-                stencil_type=STENCILS[stencil],
-                boundary_type=tuple(BOUNDARIES[b] for b in boundaries[::-1]), comm=self.comm)
+
+        def dmda(width):
+            with petsc_errors("Grid", f"creating a DMDA of {shape} points"):
+                return PETSc.DMDA().create(
+                    sizes=shape[::-1], dof=dof, stencil_width=width,
+                    stencil_type=STENCILS[stencil],
+                    boundary_type=tuple(BOUNDARIES[b] for b in boundaries[::-1]), comm=self.comm)
+        if stencil_width > 1 and self.comm.getSize() > 1:  # PETSc refuses a width beyond a
+            # rank's block on that rank alone (the others then wait forever): decide together
+            from mpi4py import MPI
+            blocks = dmda(0)  # (the same split into blocks)
+            smallest = self.comm.tompi4py().allreduce(min(blocks.getCorners()[1]), op=MPI.MIN)
+            blocks.destroy()
+            if smallest < stencil_width:
+                raise ValueError(f"Grid: stencil_width={stencil_width} is wider than the "
+                                 f"smallest block a rank owns ({smallest} points along an axis "
+                                 f"of {shape} on {self.comm.getSize()} ranks); use fewer ranks, "
+                                 f"a larger grid or a narrower stencil")
+        self.dm = dmda(stencil_width)
         weakref.finalize(self, self.dm.destroy)
         (start, size), (gstart, gsize) = self.dm.getCorners(), self.dm.getGhostCorners()
         start, size, gstart, gsize = (tuple(v)[::-1] for v in (start, size, gstart, gsize))
