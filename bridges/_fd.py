@@ -28,6 +28,7 @@ import torch
 
 from ._core import foreign_function
 from ._errors import ForeignError, NoisyGradientWarning
+from ._program import stop_runs
 from ._transfer import as_numpy
 
 EPS = np.finfo(np.float64).eps
@@ -185,8 +186,14 @@ class FDFunction:
         if self.workers is None or len(fresh) <= 1:
             results = [run(p) for p in fresh]
         elif isinstance(self.workers, int):
-            with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            pool = concurrent.futures.ThreadPoolExecutor(self.workers)
+            try:
                 results = list(pool.map(run, fresh))
+            except BaseException:  # (an interrupt: stop the programs under way, not wait)
+                pool.shutdown(wait=False, cancel_futures=True)
+                stop_runs()
+                raise
+            pool.shutdown()
         else:
             results = list(self.workers.map(run, fresh))
         for (key, _), y in zip(todo, results):
@@ -385,6 +392,7 @@ class FDFunction:
         direction = np.random.default_rng(x.size).standard_normal(x.size)
         direction *= _scale(x) / np.abs(direction).max()
         half, best, coarsest = NOISE_POINTS // 2, None, math.inf
+        flat_at = np.zeros(memo[x.tobytes()].size)  # per output: the spacing it was constant at
         for spacing in NOISE_SPACINGS:
             if spacing > coarsest:
                 continue
@@ -398,6 +406,13 @@ class FDFunction:
                 return None, None
             level, found = noise_from_table(table)
             varied = np.ptp(table, axis=0) > 0
+            # constant at a finer spacing, varying at this one: printed with few digits, where
+            # a linear stretch reads as smooth (CL = 0 at alpha 0): its noise is at least that
+            # of rounding to the smallest step between its values
+            for j in np.flatnonzero(varied & (flat_at > 0) & (flat_at < spacing)):
+                gap = np.diff(np.unique(table[:, j])).min()
+                level[j], found[j] = max(level[j], gap / math.sqrt(12)), True
+            flat_at[~varied] = np.maximum(flat_at[~varied], spacing)
             if best is None or found.sum() > best[1].sum():
                 best = (level, found)
             if varied.any() and 2 * found.sum() >= varied.sum():

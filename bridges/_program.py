@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 
 import numpy as np
 
@@ -15,25 +16,60 @@ from ._errors import ForeignError
 TAIL_LINES = 15  # how much of the program's stderr and stdout a failure report quotes
 
 
+_UNDER_WAY = set()  # process groups of the runs under way (see stop_runs)
+_UNDER_WAY_LOCK = threading.Lock()
+
+
+def stop_runs() -> None:
+    """Kill every program run under way in this process: after an interrupt, the threads that
+    wait for them (fd2pytorch's workers) then end at once, not when the runs would."""
+    with _UNDER_WAY_LOCK:
+        groups = list(_UNDER_WAY)
+    for group in groups:
+        _kill_group(group)
+
+
+def _kill_group(group) -> None:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _end_with_program(pid) -> None:
+    """Once the program (pid) exits, kill what it left running in its group: the run is over,
+    and a background child holding the output pipes would keep it open until it ends. The
+    program is not reaped here (WNOWAIT), so its group id cannot be taken by another."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:  # (already reaped: the run was killed)
+        return
+    _kill_group(pid)
+
+
 def _run_group(cmd, workdir, script, timeout, env) -> subprocess.CompletedProcess:
-    """subprocess.run(cmd) in a process group of its own: on a timeout (or an interrupt) the
-    whole group is killed, including what a wrapper (sh, mpirun, a launcher) started, which
-    killing the wrapper alone would leave running."""
+    """subprocess.run(cmd) in a process group of its own, which ends with the program: on a
+    timeout (or an interrupt) the whole group is killed, including what a wrapper (sh, mpirun,
+    a launcher) started, which killing the wrapper alone would leave running; and when the
+    program exits, whatever it left behind."""
     with subprocess.Popen(cmd, cwd=workdir, env=env, text=True, errors="replace",
                           stdin=subprocess.DEVNULL if script is None else subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           start_new_session=True) as process:
+        with _UNDER_WAY_LOCK:
+            _UNDER_WAY.add(process.pid)
+        threading.Thread(target=_end_with_program, args=(process.pid,), daemon=True).start()
         try:
             out, err = process.communicate(script, timeout=timeout)
         except BaseException as exc:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(process.pid)
             out, err = process.communicate()
             if isinstance(exc, subprocess.TimeoutExpired):
                 exc.stdout, exc.stderr = out, err
             raise
+        finally:
+            with _UNDER_WAY_LOCK:
+                _UNDER_WAY.discard(process.pid)
     return subprocess.CompletedProcess(cmd, process.returncode, out, err)
 
 

@@ -21,13 +21,21 @@ from ._errors import MissingDerivativeError, check_finite
 
 
 class Pullback:
-    """The op's pullback around a run; `batched` pullbacks take a leading batch dimension."""
+    """The op's pullback around a run; `batched` pullbacks take a leading batch dimension.
+    `who` names the op when a cotangent is not finite (a foreign solver would fail on it with
+    its own message, or blame its matrix)."""
 
-    def __init__(self, run, pool=None, *, batched=False):
-        self.run, self.batched = run, batched
+    def __init__(self, run, pool=None, *, batched=False, who="the solver"):
+        self.run, self.batched, self.who = run, batched, who
         weakref.finalize(self, retire, run, pool)
 
     def __call__(self, *cotangents, needs_input_grad, **kwargs):
+        for cotangent in cotangents:
+            if isinstance(cotangent, torch.Tensor):
+                check_finite(cotangent, f"{self.who} (backward): the gradient reaching its "
+                             f"output", "the loss's derivative is not finite there: check the "
+                             "loss (a sqrt, log or division at 0?), or find the op that made it "
+                             "with torch.autograd.set_detect_anomaly(True)")
         return self.run.pullback(*cotangents, needs_input_grad=needs_input_grad, **kwargs)
 
 
@@ -38,7 +46,7 @@ def retire(run, pool):
         run.release()
 
 
-def forward(run, record, pool=None, *, batched=False):
+def forward(run, record, pool=None, *, batched=False, who="the solver"):
     """Solve with `run`; returns (outputs, pullback), the pullback None when not `record`."""
     try:
         outputs = run.solve()
@@ -51,7 +59,7 @@ def forward(run, record, pool=None, *, batched=False):
     if not record:
         retire(run, pool)
         return outputs, None
-    return outputs, Pullback(run, pool, batched=batched)
+    return outputs, Pullback(run, pool, batched=batched, who=who)
 
 
 class RunPool:

@@ -335,6 +335,22 @@ def test_estimate_is_reused_renewed_when_far_and_never_reruns_an_input():
             assert abs(jac[0, 0] - exact) < 1e-6 * abs(exact)
 
 
+def test_output_printed_with_few_digits_is_not_taken_for_smooth_where_it_is_zero():
+    """Outputs rounded to 4 decimals, linear and exactly 0 at x (a symmetric airfoil's CL at
+    alpha 0): the noise table was constant at spacing 1e-6 and an exact staircase at 1e-4,
+    read as smooth with no noise, and steps of 7e-7 gave dCL/dalpha = 0 for 0.12, silently."""
+    def printed(v):
+        return np.round([13.0 * v[0] + 0.12 * v[3], -2.8 * v[0] - 0.0015 * v[3]], 4)
+    f = fd2pytorch(printed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoisyGradientWarning)  # (the zero columns' uncertainty)
+        jac = f.jacobian_at(np.array([0.0, 0.4, 0.12, 0.0]))
+    exact = np.array([[13.0, 0, 0, 0.12], [-2.8, 0, 0, -0.0015]])
+    assert np.all(np.abs(jac - exact) <= 3 * f.jacobian_error)
+    np.testing.assert_allclose(jac[0, [0, 3]], exact[0, [0, 3]], rtol=0.01)  # (CM's 0.0015
+    # moves the printed value by about one digit over the step: within its error estimate)
+
+
 @pytest.mark.parametrize("scheme", ["central", "forward"])
 def test_a_smooth_ripple_is_not_taken_for_noise(scheme):
     """sin(w x)/w + x^2: the noise table's coarser spacings aliased the ripple into "noise"

@@ -509,9 +509,12 @@ def test_glue_bad_arguments_are_named(julia):
     julia2pytorch("f", SETUP)
     with pytest.raises(TypeError, match="setup is only used with a function name"):
         julia2pytorch(julia.modules[0]["f"], SETUP)
-    with pytest.raises(ForeignError, match="f: argument 1 is a tuple holding tensors; pass each "
-                                           "tensor as an argument of its own"):
-        julia2pytorch("f", SETUP)(_randn(2), (_randn(2),))
+    # (nested in tuples or dicts they reached Julia and silently got no gradient)
+    for arg in ((_randn(2),), ((_randn(2),),), {"k": _randn(2)}):
+        with pytest.raises(ForeignError, match=f"f: argument 1 is a {type(arg).__name__} holding "
+                                               f"tensors; pass each tensor as an argument of its "
+                                               f"own"):
+            julia2pytorch("f", SETUP)(_randn(2), arg)
     with pytest.raises(ForeignError, match="f: argument 0: dtype torch.bfloat16"):
         julia2pytorch("f", SETUP)(torch.zeros(2, dtype=torch.bfloat16))
 

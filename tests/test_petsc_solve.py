@@ -628,6 +628,22 @@ def test_a_jacobian_singular_at_the_root_is_named_by_the_failure():
               sparsity=np.ones((2, 2), bool))
 
 
+def test_a_non_finite_cotangent_is_named_before_petsc_meets_it():
+    """A NaN in the gradient reaching solve's or odeint_adjoint's output (from the loss) made
+    the adjoint's Krylov solve fail with advice about singular Jacobians or refinement."""
+    from bridges.petsc import odeint_adjoint
+    F64 = torch.float64
+    p = torch.tensor(2.0, dtype=F64, requires_grad=True)
+    x = solve(lambda x, p: x ** 3 - p, torch.ones(1, dtype=F64), p)
+    ys = odeint_adjoint(lambda t, y: -p * y, torch.ones(1, dtype=F64),
+                        torch.tensor([0.0, 1.0], dtype=F64), adjoint_params=(p,))
+    for who, out in (("solve", x), ("odeint_adjoint", ys)):
+        with pytest.raises(ForeignError, match=rf"{who} \(backward\): the gradient reaching its "
+                                               rf"output holds nan at index \(0,?.*the loss's "
+                                               rf"derivative is not finite"):
+            (out - 5.0).sqrt().sum().backward(retain_graph=True)  # sqrt of a negative: nan
+
+
 def test_forward_mode_ad_is_refused_by_name():
     """solve's own Jacobian products use forward mode, which torch cannot nest: under jvp,
     jacfwd or a dual level it says so instead of torch's "Nested forward mode AD"."""

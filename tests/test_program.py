@@ -107,6 +107,55 @@ def test_timeout_is_reported_and_kills_what_a_wrapper_started(tmp_path):
         open(f"/proc/{child}/stat").read().split()[2] == "Z"  # gone, or a zombie being reaped
 
 
+def test_a_run_ends_with_its_program_and_takes_what_it_left_behind():
+    """A program that exits at once but leaves a background child holding its output pipes:
+    the run waited for the child (a "timeout" though the result was there, or forever without
+    a timeout), and left it running."""
+    import subprocess
+    left = ExternalProgram(["sh", "-c", "sleep 29.3 & echo 1.5 > {output}; exit 0"],
+                           read_output=np.loadtxt, timeout=5, name="leaves")
+    assert left(np.zeros(1)) == 1.5
+    deadline = time.monotonic() + 5
+    while "sleep 29.3" in subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                         text=True).stdout:
+        assert time.monotonic() < deadline, "the background child was left running"
+        time.sleep(0.05)  # (the kill is delivered; the process table may lag)
+
+
+def test_an_interrupt_stops_the_runs_of_a_worker_pool_at_once(tmp_path):
+    """Ctrl-C during a Jacobian with workers=2: the pool waited for the programs under way
+    (their own process groups never saw the signal), 30 s here, without limit for
+    timeout=None. They are killed now (the old wait outlasts the 20 s allowed), and nothing is
+    left behind."""
+    import signal
+    import subprocess
+    script = tmp_path / "interrupted.py"
+    script.write_text(textwrap.dedent(f"""
+        import numpy as np, torch
+        from bridges import ExternalProgram, fd2pytorch
+        program = ExternalProgram(["sh", "-c", 'if [ "{{x[0]}}" = "1.0" ]; then echo 1 > '
+                                   '{{output}}; else sleep 29.7; echo 1 > {{output}}; fi'],
+                                  read_output=np.loadtxt, timeout=None)
+        f = fd2pytorch(program, workers=2, noise=None)
+        y = f(torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True))
+        print("ready", flush=True)
+        y.sum().backward()
+    """))
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                             stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(1.0)  # (the Jacobian's runs are under way)
+    child.send_signal(signal.SIGINT)
+    try:
+        child.wait(timeout=20)
+    finally:
+        child.kill()
+    assert "KeyboardInterrupt" in child.stderr.read()
+    assert not list(tmp_path.glob("bridges-run-*"))
+    assert "sleep 29.7" not in subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                              text=True).stdout
+
+
 def test_complex_input_is_rejected():
     with pytest.raises(TypeError, match="heat1d: an external program takes real numbers"):
         heat1d()(np.ones(2, dtype=complex))
@@ -274,9 +323,18 @@ def test_simulator_set_up_mistakes_are_named():
         # (ngspice's failure was blamed on the first, valid, sample)
         ngspice("V1 in 0 1\nR1 in out {R}k\nC1 out 0 1u", ["R"], analysis="tran 1u 2m",
                 probes=["v(out)"], times=[1e-3, 3e-3])
-    formatted = ngspice("V1 in 0 PULSE(0 1 0 1n)\nR1 in out {R:.4g}k\nC1 out 0 1u", ["R"],
+    formatted = ngspice("V1 in 0 PULSE(0 1 0 1n)\nR1 in out {R:.17g}k\nC1 out 0 1u", ["R"],
                         analysis="tran 1u 2m", probes=["v(out)"], times=[1e-3])
     np.testing.assert_allclose(formatted(np.array([1.5])), 1 - np.exp(-1e-3 / 1.5e-3), rtol=1e-4)
+    # a spec that rounds: the steps finite differences take never reached the circuit ({R:.4g}:
+    # dV/dR 7.8 % off, silently); an analysis other than tran: ngspice crashed (SIGSEGV on 'ac')
+    with pytest.raises(ValueError, match=r"ngspice: the placeholder \{R:.4g\} rounds the value "
+                                         r"\(1.2345678912345678 prints as 1.235\)"):
+        ngspice("V1 in 0 1\nR1 in out {R:.4g}k\nC1 out 0 1u", ["R"], analysis="tran 1u 2m",
+                probes=["v(out)"], times=[1e-3])
+    with pytest.raises(ValueError, match=r"ngspice: analysis 'ac dec 10 1 1k' is not a transient"):
+        ngspice("V1 in 0 1\nR1 in out {R}k\nC1 out 0 1u", ["R"], analysis="ac dec 10 1 1k",
+                probes=["v(out)"], times=[1e-3])
     with pytest.raises(ValueError, match=r"naca4: a cambered airfoil .* 0 < position < 1"):
         naca4(0.02, 0.0, 0.12)
     symmetric = naca4(0.0, 0.0, 0.12)

@@ -23,7 +23,11 @@ class _PetscSolve:
 
     def __init__(self, k, p_left, p_right, options, prefix, stats):
         self.stats, self.dtype, self.ksp = stats, scalar_dtype(), None
-        self.k, self.p_left, self.p_right = k.detach().to(self.dtype), p_left, p_right
+        # p depends on k / max(k) alone (A and b are linear in k), and PETSc's eigenvalue
+        # estimates underflow for k ~ 1e-155: solve with k / max(k), scale the gradient back
+        k = k.detach().to(self.dtype)
+        self.scale = float(k.max())
+        self.k, self.p_left, self.p_right = k / self.scale, p_left, p_right
         A, self.b = assemble(self.k.numpy(), p_left, p_right)
         self.options = SolverOptions(WHO, prefix, options, PETSC_DEFAULTS)
         n = A.shape[0]
@@ -52,7 +56,8 @@ class _PetscSolve:
 
     def pullback(self, grad_p, *, needs_input_grad):
         lam = self._solve(grad_p.detach().to(self.dtype), transpose=True)
-        return grad_k(self.p, lam, self.k, self.p_left, self.p_right), None, None, None, None, None
+        return (grad_k(self.p, lam, self.k, self.p_left, self.p_right) / self.scale, None, None,
+                None, None, None)
 
     def _solve(self, rhs, transpose):
         """A^-1 rhs (for the adjoint A^-T rhs, which is the same solve: A is symmetric. With
@@ -86,7 +91,7 @@ class _PetscSolve:
 
 def _petsc_forward(k, p_left, p_right, options, prefix, stats, needs_input_grad):
     return run_forward(_PetscSolve(k, p_left, p_right, options, prefix, stats),
-                       needs_input_grad[0])
+                       needs_input_grad[0], who=WHO)
 
 
 _PetscOp = foreign_function(_petsc_forward, name="fracture_pressure_petsc",

@@ -10,7 +10,7 @@ from .._core import foreign_function
 from ._grid import assemble, check_boundary_values, check_permeability, grad_k
 
 def _torch_forward(k, p_left, p_right):
-    kn = k.numpy().astype(np.float64, copy=False)
+    kn = k.double().numpy()  # (numpy has no bfloat16)
     A, b = assemble(kn, p_left, p_right)
     lu = splu(A.tocsc(), permc_spec="MMD_AT_PLUS_A")  # symmetric pattern: fill-reducing ordering
     p = torch.from_numpy(lu.solve(b).reshape(k.shape)).to(k.dtype)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 
 from .._core import foreign_function
 from .._errors import ForeignError
@@ -176,7 +177,7 @@ def _to_julia(name: str, i: int, arg):
     """A tensor as a numpy view (juliacall makes it a PyArray); anything else as it is."""
     if isinstance(arg, torch.Tensor):
         return as_numpy(arg, who=f"{name}: argument {i}")
-    if isinstance(arg, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in arg):
+    if any(isinstance(v, torch.Tensor) for v in tree_leaves(arg)):  # (nested, in dicts too)
         raise TypeError(f"{name}: argument {i} is a {type(arg).__name__} holding tensors; pass "
                         f"each tensor as an argument of its own, so that it reaches Julia as an "
                         f"array and gets a gradient")

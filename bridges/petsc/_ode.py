@@ -629,7 +629,8 @@ def _forward(y0, t, problem, *params, needs_input_grad):
             pool.give(run)
             raise
     run.keep_outputs = needs_input_grad[1]
-    out = run_forward(run, record, pool.ref if pool is not None else None, batched=True)
+    out = run_forward(run, record, pool.ref if pool is not None else None, batched=True,
+                      who=WHO)
     if solver is not None:
         solver.stats = run.stats  # (the pullback adds the adjoint's counts to it)
     return out

@@ -605,7 +605,8 @@ def _forward(x0, problem, *params, needs_input_grad):
         except BaseException:
             run.release()
             raise
-    out = run_forward(run, any(needs_input_grad), pool.ref if pool is not None else None)
+    out = run_forward(run, any(needs_input_grad), pool.ref if pool is not None else None,
+                      who=WHO)
     if solver is not None:
         solver.stats = run.stats
     return out

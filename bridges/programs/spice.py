@@ -23,10 +23,10 @@ def ngspice(netlist: str, parameters, *, analysis: str, probes, times, timeout=6
 
     Args:
         netlist: the circuit's element and model lines, with ``{name}`` where a parameter's value
-            goes (``R1 in out {R}``, or with a format spec, ``{R:.6g}``); no analysis, control
-            block or ``.end``.
+            goes (``R1 in out {R}``, or with a format spec that keeps every digit, ``{R:.17g}``);
+            no analysis, control block or ``.end``.
         parameters: the names, in the order of x.
-        analysis: the ngspice analysis command, e.g. ``"tran 10u 2m"``.
+        analysis: the ngspice transient analysis, e.g. ``"tran 10u 2m"``.
         probes: vectors to sample, e.g. ``["v(out)", "i(V1)"]``.
         times: the sample times (seconds).
         options: passed to ExternalProgram (workers-friendly: each run has its own directory).
@@ -34,7 +34,16 @@ def ngspice(netlist: str, parameters, *, analysis: str, probes, times, timeout=6
     The result has ``len(probes) * len(times)`` values, probe-major.
     """
     parameters, probes = tuple(parameters), list(probes)
-    fields = {field for _, field, _, _ in string.Formatter().parse(netlist) if field is not None}
+    parsed = [(field, spec) for _, field, spec, _ in string.Formatter().parse(netlist)
+              if field is not None]
+    fields = {field for field, _ in parsed}
+    for field, spec in parsed:  # finite differences perturb the values by 1e-6 relative or less
+        if spec and any(abs(float(format(v, spec)) - v) > 1e-12 * abs(v) for v in _DIGITS):
+            raise ValueError(f"ngspice: the placeholder {{{field}:{spec}}} rounds the value "
+                             f"(1.2345678912345678 prints as {format(_DIGITS[1], spec)}), so "
+                             f"finite differences would see steps the circuit never gets and "
+                             f"give wrong gradients; write {{{field}}}, or a spec that keeps "
+                             f"every digit such as {{{field}:.17g}}")
     if fields != set(parameters):
         raise ValueError(
             f"ngspice: the netlist's placeholders {sorted(fields)} and parameters "
@@ -43,13 +52,16 @@ def ngspice(netlist: str, parameters, *, analysis: str, probes, times, timeout=6
             f"write {{name}} where each parameter's value goes")
     times = [float(t) for t in np.ravel(times)]
     words = analysis.split()
-    if len(words) >= 3 and words[0].lower() == "tran":
-        stop = _spice_number(words[2])
-        late = [] if stop is None else [t for t in times if not 0 <= t <= stop]
-        if late:
-            raise ValueError(f"ngspice: sample times {late} lie outside the analysis "
-                             f"'{analysis}', which runs from 0 to {stop:g} s; sample inside it, "
-                             f"or lengthen the analysis")
+    if not words or words[0].lower() != "tran":  # (ngspice crashed on 'ac ...')
+        raise ValueError(f"ngspice: analysis {analysis!r} is not a transient analysis; the "
+                         f"probes are sampled at times with 'meas tran', so give one such as "
+                         f"'tran 10u 2m' (step, stop time)")
+    stop = _spice_number(words[2]) if len(words) >= 3 else None  # (else ngspice says why)
+    late = [] if stop is None else [t for t in times if not 0 <= t <= stop]
+    if late:
+        raise ValueError(f"ngspice: sample times {late} lie outside the analysis "
+                         f"'{analysis}', which runs from 0 to {stop:g} s; sample inside it, "
+                         f"or lengthen the analysis")
     names = [f"m{i}" for i in range(len(probes) * len(times))]
     measures = [f"meas tran {n} find {probe} at={t!r}"
                 for n, (probe, t) in zip(names, ((p, t) for p in probes for t in times))]
@@ -59,7 +71,7 @@ def ngspice(netlist: str, parameters, *, analysis: str, probes, times, timeout=6
         if x.shape != (len(parameters),):
             raise ValueError(f"ngspice: expected {len(parameters)} value(s) for {parameters}, got "
                              f"an array of shape {x.shape}")
-        values = {name: float(v) for name, v in zip(parameters, x)}  # ({R:.4g} works too)
+        values = {name: float(v) for name, v in zip(parameters, x)}
         with open(path, "w") as file:
             file.write(f"* written by bridges\n{netlist.format(**values)}\n"
                        f".control\n{control}\n.endc\n.end\n")
@@ -80,6 +92,9 @@ def ngspice(netlist: str, parameters, *, analysis: str, probes, times, timeout=6
 
 _SUFFIXES = {"f": 1e-15, "p": 1e-12, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "meg": 1e6,
              "g": 1e9, "t": 1e12}
+
+
+_DIGITS = (1.2345678912345678e-9, 1.2345678912345678, 1.2345678912345678e9)  # (see ngspice)
 
 
 def _spice_number(text):
