@@ -157,7 +157,7 @@ class ExternalProgram:
 
     def _run(self, x):
         workdir = tempfile.mkdtemp(prefix="bridges-run-")
-        failed = True
+        failed, ran = True, False  # (a failure before the run, in write_input, keeps nothing)
         try:
             if self.template_dir is not None:
                 shutil.copytree(self.template_dir, workdir, dirs_exist_ok=True)
@@ -170,6 +170,7 @@ class ExternalProgram:
                 self.stdin(x) if callable(self.stdin) else self._format(self.stdin, fields, "stdin")
             kept = f"\nIts working directory is kept: {workdir}" if self.keep_failed else ""
             where = f"Command: {' '.join(cmd)}{kept}"
+            ran = True
             try:
                 run = _run_group(cmd, workdir, script, self.timeout, self.env)
             except subprocess.TimeoutExpired as exc:
@@ -208,7 +209,7 @@ class ExternalProgram:
             failed = False
             return result
         finally:
-            if not (failed and self.keep_failed):
+            if not (ran and failed and self.keep_failed):
                 shutil.rmtree(workdir, ignore_errors=True)
 
     def _format(self, template, fields, what):

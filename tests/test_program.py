@@ -2,6 +2,7 @@
 import os
 import shutil
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -249,6 +250,15 @@ def test_failed_run_directory_is_kept_and_named(tmp_path):
         np.testing.assert_allclose(np.loadtxt(f"{kept}/input.txt"), 4.0)
     finally:
         shutil.rmtree(kept)
+    # a failure before the run (in write_input) kept a directory its error never named
+    def refuse(path, x):
+        raise ValueError("wrong input")
+    before = set(os.listdir(tempfile.gettempdir()))
+    with pytest.raises(ValueError, match="wrong input"):
+        ExternalProgram(command, write_input=refuse, read_output=np.loadtxt,
+                        keep_failed=True)(np.ones(1))
+    assert not {d for d in set(os.listdir(tempfile.gettempdir())) - before
+                if d.startswith("bridges-run-")}
 
 
 def test_parse_failure_names_the_file_and_line(tmp_path):
