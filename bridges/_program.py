@@ -18,12 +18,14 @@ TAIL_LINES = 15  # how much of the program's stderr and stdout a failure report 
 
 _UNDER_WAY = set()  # process groups of the runs under way (see stop_runs)
 _UNDER_WAY_LOCK = threading.Lock()
+_STOPS = [0]  # how often stop_runs was called: a run starting meanwhile stops itself
 
 
 def stop_runs() -> None:
     """Kill every program run under way in this process: after an interrupt, the threads that
     wait for them (fd2pytorch's workers) then end at once, not when the runs would."""
     with _UNDER_WAY_LOCK:
+        _STOPS[0] += 1
         groups = list(_UNDER_WAY)
     for group in groups:
         _kill_group(group)
@@ -52,12 +54,16 @@ def _run_group(cmd, workdir, script, timeout, env) -> subprocess.CompletedProces
     timeout (or an interrupt) the whole group is killed, including what a wrapper (sh, mpirun,
     a launcher) started, which killing the wrapper alone would leave running; and when the
     program exits, whatever it left behind."""
+    stops = _STOPS[0]
     with subprocess.Popen(cmd, cwd=workdir, env=env, text=True, errors="replace",
                           stdin=subprocess.DEVNULL if script is None else subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           start_new_session=True) as process:
         with _UNDER_WAY_LOCK:
             _UNDER_WAY.add(process.pid)
+            stopped = _STOPS[0] != stops  # (stop_runs came between the start and here)
+        if stopped:
+            _kill_group(process.pid)
         threading.Thread(target=_end_with_program, args=(process.pid,), daemon=True).start()
         try:
             out, err = process.communicate(script, timeout=timeout)

@@ -132,8 +132,11 @@ def test_an_interrupt_stops_the_runs_of_a_worker_pool_at_once(tmp_path):
     import subprocess
     script = tmp_path / "interrupted.py"
     script.write_text(textwrap.dedent(f"""
+        import signal
         import numpy as np, torch
         from bridges import ExternalProgram, fd2pytorch
+        # (in case this process was started with SIGINT ignored)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         program = ExternalProgram(["sh", "-c", 'if [ "{{x[0]}}" = "1.0" ]; then echo 1 > '
                                    '{{output}}; else sleep 29.7; echo 1 > {{output}}; fi'],
                                   read_output=np.loadtxt, timeout=None)
