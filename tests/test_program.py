@@ -350,6 +350,9 @@ def test_simulator_set_up_mistakes_are_named():
                 probes=["v(out)"], times=[1e-3])
     with pytest.raises(ValueError, match=r"naca4: a cambered airfoil .* 0 < position < 1"):
         naca4(0.02, 0.0, 0.12)
+    for thickness in (-0.12, 0.0):  # (-0.12 gave 0.12's airfoil, surfaces swapped)
+        with pytest.raises(ValueError, match=r"naca4: thickness must be > 0"):
+            naca4(0.02, 0.4, thickness)
     symmetric = naca4(0.0, 0.0, 0.12)
     np.testing.assert_allclose(symmetric[:, 1], -symmetric[::-1, 1], atol=1e-15)
     for panels in (500, 100.0, 2):  # above XFOIL's limit it silently used 364

@@ -29,6 +29,9 @@ NO_FPE = Path(__file__).with_name("xfoil_nofpe.c")
 def naca4(camber, position, thickness, points=100):
     """Coordinates of a NACA 4-digit airfoil (chord 1), from the trailing edge over the upper
     surface to the leading edge and back along the lower one, cosine-spaced: (2*points-1) x 2."""
+    if not thickness > 0:  # (a negative one flips the surfaces: the same airfoil, silently)
+        raise ValueError(f"naca4: thickness must be > 0, a fraction of the chord (0.12 for a "
+                         f"NACA xx12); got {thickness}")
     x = (1 - np.cos(np.linspace(0, np.pi, points))) / 2
     half = 5 * thickness * (0.2969 * np.sqrt(x) - 0.1260 * x - 0.3516 * x ** 2
                             + 0.2843 * x ** 3 - 0.1015 * x ** 4)
