@@ -98,6 +98,9 @@ def test_uniform_aperture_gives_linear_profile(name):
         assert low.dtype == dtype
         assert torch.allclose(low.double(), linear_profile(12, 20), rtol=0,
                               atol=float(torch.finfo(dtype).eps) * 4)
+    # numpy scalars are numbers too
+    numpy_scalars = _solve(name, k, p_left=np.float32(2.0), p_right=np.int64(1))
+    assert torch.allclose(numpy_scalars, p, rtol=0, atol=1e-12)
 
 
 def _discrete_series_flux(k1, k2, n1, n2, ny, dp):
@@ -163,6 +166,10 @@ def test_bad_permeability_is_refused_by_name(name):
         SOLVERS[name](bad)
     with pytest.raises(ValueError, match=r"shape \(ny, nx\)"):
         SOLVERS[name](torch.ones(4, dtype=F64))
+    for value in (True, float("inf"), "2", torch.tensor(2.0)):
+        with pytest.raises(TypeError, match=rf"pressure_{name}: p_left must be a finite real "
+                                            rf"number \(a Python or numpy scalar\), got"):
+            SOLVERS[name](torch.ones(4, 4, dtype=F64), p_left=value)
 
 
 def test_a_grid_too_small_for_a_synthetic_fracture_is_refused_by_name():
@@ -304,7 +311,7 @@ def test_dpfehm_arguments_are_checked_before_julia_is_touched():
     with pytest.raises(ValueError, match=r"pressure_dpfehm: k holds -\S+ at index \(0, 0\); k "
                                          r"must be finite and > 0"):
         pressure_dpfehm(-k)
-    with pytest.raises(TypeError, match="pressure_dpfehm: p_left must be a finite number"):
+    with pytest.raises(TypeError, match="pressure_dpfehm: p_left must be a finite real number"):
         pressure_dpfehm(k, p_left=float("nan"))
     assert "dpfehm" in BACKENDS
 

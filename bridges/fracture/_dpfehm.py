@@ -9,6 +9,7 @@ Install it once with the command DPFEHM_INSTALL.
 from __future__ import annotations
 
 import functools
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +76,11 @@ def pressure_dpfehm(k, p_left=2.0, p_right=1.0, *, reltol=RELTOL, maxiter=MAXITE
     gradient is DPFEHM's rrule, one multigrid solve with the transposed matrix."""
     check_permeability(k, WHO)
     check_boundary_values(p_left, p_right, WHO)
-    if not (isinstance(reltol, float) and 0 < reltol < 1):
+    if not (isinstance(reltol, numbers.Real) and not isinstance(reltol, bool) and 0 < reltol < 1):
         raise ValueError(f"{WHO}: reltol must be a float in (0, 1), got {reltol!r}")
-    if not (isinstance(maxiter, int) and maxiter >= 1):
+    if not (isinstance(maxiter, numbers.Integral) and not isinstance(maxiter, bool)
+            and maxiter >= 1):
         raise ValueError(f"{WHO}: maxiter must be an int >= 1, got {maxiter!r}")
     edges = grid_edges(*k.shape)
-    return _dpfehm_op()(k, edges, float(p_left), float(p_right), reltol, maxiter)
+    return _dpfehm_op()(k, edges, float(p_left), float(p_right), float(reltol),
+                         int(maxiter))

@@ -7,6 +7,8 @@ Residual r(p, k) = A(k) p - b(k) = net outflow of each cell; A is symmetric posi
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -35,8 +37,9 @@ def check_permeability(k, who: str) -> None:
 def check_boundary_values(p_left, p_right, who: str) -> None:
     """Raise a clear error unless both boundary pressures are finite numbers."""
     for name, v in (("p_left", p_left), ("p_right", p_right)):
-        if not isinstance(v, (int, float)) or not np.isfinite(v):
-            raise TypeError(f"{who}: {name} must be a finite number, got {v!r}")
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not np.isfinite(v):
+            raise TypeError(f"{who}: {name} must be a finite real number (a Python or numpy "
+                            f"scalar), got {v!r}")
 
 
 def residual(p, k, p_left=2.0, p_right=1.0):
