@@ -160,6 +160,10 @@ class FDFunction:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self.name}: expected a tensor input, got {type(x).__name__}")
+        if x.is_complex():
+            raise TypeError(f"{self.name}: the input is complex ({x.dtype}); finite differences "
+                            f"here take real inputs (pass the real and imaginary parts as "
+                            f"separate real entries)")
         if x.numel() == 0:
             raise ValueError(f"{self.name}: the input is empty (shape {tuple(x.shape)}); the "
                              f"black box needs at least one number to differentiate by")
@@ -181,7 +185,7 @@ class FDFunction:
         todo = list({key: p for key, p in zip(keys, points) if key not in memo}.items())
         with self._lock:
             setattr(self, counter, getattr(self, counter) + len(todo))
-        fresh = [p for _, p in todo]
+        fresh = [p.copy() for _, p in todo]  # (its own copy: a black box may change it)
         run = functools.partial(_failure_as_value, self.func)
         if self.workers is None or len(fresh) <= 1:
             results = [run(p) for p in fresh]
@@ -566,9 +570,13 @@ class FDFunction:
 def _failure_as_value(func, x):
     """func(x), or the exception it raised (for probes whose failure is not fatal)."""
     try:
-        return func(x)
+        y = func(x)
     except Exception as exc:
         return exc
+    try:
+        return np.array(y)  # a copy, now: a black box may reuse one output buffer for every call
+    except ValueError:  # (ragged nested lists: named by the caller)
+        return y
 
 
 def _column_norms(matrix):

@@ -160,6 +160,37 @@ def test_input_of_any_shape_and_float32():
     torch.testing.assert_close(x.grad, torch.full((2, 3), 2.0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("workers", [None, 2])
+def test_a_black_box_reusing_its_buffers_or_changing_its_input_gets_its_own_copies(workers):
+    """A black box that returns one output buffer for every call (as f2py and ctypes wrappers
+    often do) gave zero derivatives; one that works in place on its argument changed the
+    caller's tensor and differentiated at the changed point."""
+    buffer = np.zeros(3)
+
+    def reused(x):
+        buffer[:] = 2 * np.sin(x)
+        return buffer
+
+    def in_place(x):
+        x *= 2.0
+        return x ** 2
+    x = torch.tensor([0.1, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
+    y = fd2pytorch(reused, workers=workers)(x)
+    value = y.detach().clone()
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * torch.cos(x.detach()), rtol=1e-6, atol=0)
+    assert torch.equal(y.detach(), value)
+    x = torch.tensor([1.0, 3.0], dtype=torch.float64, requires_grad=True)
+    fd2pytorch(in_place, workers=workers)(x).sum().backward()
+    assert torch.equal(x.detach(), torch.tensor([1.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(x.grad, 8 * x.detach(), rtol=1e-6, atol=0)
+
+
+def test_a_complex_input_is_refused_by_name():
+    with pytest.raises(TypeError, match=r"box: the input is complex \(torch.complex128\)"):
+        fd2pytorch(lambda x: x ** 2, name="box")(torch.ones(2, dtype=torch.complex128))
+
+
 def test_nan_from_a_perturbation_names_it():
     def log_sum(x):
         return np.array([np.log(x[0] - 1.0) if x[0] >= 1.0 else np.nan, x[1]])
