@@ -43,6 +43,35 @@ def test_a_python_exception_inside_a_callback_is_reported_as_such():
         destroy(snes, x, f)
 
 
+def test_an_interrupt_inside_a_callback_stays_an_interrupt():
+    """Ctrl-C in func while PETSc runs it (forward or adjoint) came back as a ForeignError, which
+    a training loop's `except Exception` swallows."""
+    import torch
+    from bridges.petsc import odeint_adjoint, solve
+    calls = {"left": None}
+
+    def func(t, y):
+        if calls["left"] is not None:
+            calls["left"] -= 1
+            if calls["left"] < 0:
+                raise KeyboardInterrupt
+        return -y
+    y0 = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    calls["left"] = 20  # (past the checks before PETSc runs)
+    with pytest.raises(KeyboardInterrupt):
+        odeint_adjoint(func, y0, t)
+    calls["left"] = None
+    ys = odeint_adjoint(func, y0, t)
+    calls["left"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        ys.sum().backward()
+    calls["left"] = 2
+    with pytest.raises(KeyboardInterrupt):
+        solve(lambda x, c: func(0.0, x) + x ** 3 + c, torch.zeros(2, dtype=torch.float64),
+              torch.ones(2, dtype=torch.float64))
+
+
 def test_hint_overrides_the_generic_advice_and_none_objects_are_skipped():
     error = PETSc.Error(56)
     error._traceback = ["KSPSolveTranspose() at itfunc.c:1", "no transpose for this PC"]

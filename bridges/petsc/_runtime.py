@@ -102,11 +102,13 @@ _ERRORS = {
 }
 
 
-def translate(exc: PETSc.Error, who: str, what: str, hint: str = "") -> ForeignError:
+def translate(exc: PETSc.Error, who: str, what: str, hint: str = "") -> BaseException:
     """A PETSc error as a ForeignError: who failed doing what, PETSc's code and message, and
-    what to try. A Python exception raised inside a callback PETSc made is reported as such."""
+    what to try. A Python exception raised inside a callback PETSc made is reported as such;
+    an interrupt (KeyboardInterrupt, SystemExit) stays what it was."""
     cause = exc.__cause__
-    if isinstance(cause, SolverFailure):  # complete already: what failed, where, what to try
+    if isinstance(cause, SolverFailure) or (  # complete already: what failed, where, what to try
+            cause is not None and not isinstance(cause, Exception)):
         return cause
     if cause is not None and not isinstance(cause, PETSc.Error):
         error = ForeignError.wrap(f"{who}: a function called by PETSc during {what}", cause)
