@@ -17,7 +17,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ._errors import MissingDerivativeError, check_finite
+from ._errors import ForeignError, MissingDerivativeError, check_finite
 
 
 class Pullback:
@@ -27,16 +27,28 @@ class Pullback:
 
     def __init__(self, run, pool=None, *, batched=False, who="the solver"):
         self.run, self.batched, self.who = run, batched, who
-        weakref.finalize(self, retire, run, pool)
+        self.failure = None  # what ended an adjoint midway: the run is gone with it
+        self._retire = weakref.finalize(self, retire, run, pool)
 
     def __call__(self, *cotangents, needs_input_grad, **kwargs):
+        if self.failure is not None:
+            raise ForeignError(f"{self.who} (backward): an earlier backward through these outputs "
+                               f"failed midway ({self.failure}), and the solver state it needed "
+                               f"went with it; run the forward solve again to differentiate")
         for cotangent in cotangents:
             if isinstance(cotangent, torch.Tensor):
                 check_finite(cotangent, f"{self.who} (backward): the gradient reaching its "
                              f"output", "the loss's derivative is not finite there: check the "
                              "loss (a sqrt, log or division at 0?), or find the op that made it "
                              "with torch.autograd.set_detect_anomaly(True)")
-        return self.run.pullback(*cotangents, needs_input_grad=needs_input_grad, **kwargs)
+        try:
+            return self.run.pullback(*cotangents, needs_input_grad=needs_input_grad, **kwargs)
+        except BaseException as exc:  # foreign objects left in any state: never reused
+            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" \
+                if str(exc) else type(exc).__name__
+            self._retire.detach()
+            release_quietly(self.run)
+            raise
 
 
 def retire(run, pool):
@@ -46,15 +58,21 @@ def retire(run, pool):
         run.release()
 
 
+def release_quietly(run):
+    """Release a run that failed (its foreign objects may be in any state: it is never reused),
+    keeping the failure's own error the one reported."""
+    try:
+        run.release()
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def forward(run, record, pool=None, *, batched=False, who="the solver"):
     """Solve with `run`; returns (outputs, pullback), the pullback None when not `record`."""
     try:
         outputs = run.solve()
     except BaseException:
-        try:  # a failed run is not reused: its foreign objects may be in any state
-            run.release()
-        except Exception:  # noqa: BLE001 - the solve's own error is the one to report
-            pass
+        release_quietly(run)
         raise
     if not record:
         retire(run, pool)

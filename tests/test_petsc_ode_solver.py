@@ -84,6 +84,38 @@ def test_a_call_waiting_for_backward_keeps_its_run_and_the_next_call_makes_anoth
     assert made[0] == 3
 
 
+@pytest.mark.parametrize("settings", [{}, {"checkpoints": 3}, {"method": "dopri5"}])
+def test_a_backward_that_failed_midway_is_not_retried_on_a_broken_run(made, settings):
+    """func raising once in the adjoint (a transient error, or Ctrl-C), then the same graph
+    differentiated again: the retry met PETSc's half-consumed trajectory ("object in the wrong
+    state"). It now says what happened; the run is released, and the solver's next call makes
+    a new one whose gradient is right."""
+    class Flaky(Decay):
+        fail = False
+
+        def forward(self, t, y):
+            if self.fail:
+                raise RuntimeError("transient")
+            return super().forward(t, y)
+    func, solver = Flaky(), ODESolver(**settings)
+    y0, t = torch.tensor([1.0, 1.0], dtype=F64), torch.linspace(0, 1, 3, dtype=F64)
+    loss = solver(func, y0, t)[-1].sum()
+    func.fail = True
+    with pytest.raises(Exception, match="transient"):
+        torch.autograd.grad(loss, func.k, retain_graph=True)
+    func.fail = False
+    with pytest.raises(RuntimeError, match=r"odeint_adjoint \(backward\): an earlier backward "
+                                           r"through these outputs failed midway \(.*transient"
+                                           r"\).*run the forward solve again"):
+        torch.autograd.grad(loss, func.k)
+    assert made[0] == 1
+    reused = _gradients(solver, func, y0, t)
+    assert made[0] == 2
+    fresh = _gradients(lambda *a: odeint_adjoint(*a, **settings), func, y0, t)
+    for a, b in zip(reused, fresh):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_stats_describe_the_last_call_and_its_adjoint():
     func, solver = Decay(), ODESolver("beuler", steps_per_interval=5)
     y0, t = torch.tensor([1.0, 1.0], dtype=F64), torch.linspace(0, 1, 4, dtype=F64)

@@ -654,3 +654,28 @@ def test_forward_mode_ad_is_refused_by_name():
         with pytest.raises(bridges.MissingDerivativeError,
                            match=r"solve cannot run inside forward-mode AD .*Use reverse mode"):
             call()
+
+
+@pytest.mark.parametrize("settings", [{}, {"symmetric": True}])
+def test_a_backward_that_failed_midway_names_itself_on_a_retry(settings):
+    """The residual raising once in backward (matrix-free: inside KSPSolveTranspose, or in the
+    symmetry check, which reported PETSc's bare "error code 101"), then a retry on the same
+    graph: it met a KSP left in a failed state, with advice about transposes."""
+    state = {"fail": False}
+
+    def r(x, c):
+        if state["fail"]:
+            raise RuntimeError("transient")
+        return x ** 3 + x - c
+    c = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    x = solve(r, torch.zeros(3, dtype=torch.float64), c, **settings)
+    state["fail"] = True
+    with pytest.raises(ForeignError, match=r"solve.*raised RuntimeError: transient"):
+        torch.autograd.grad(x.sum(), c, retain_graph=True)
+    state["fail"] = False
+    with pytest.raises(ForeignError, match=r"solve \(backward\): an earlier backward through "
+                                           r"these outputs failed midway"):
+        torch.autograd.grad(x.sum(), c)
+    x = solve(r, torch.zeros(3, dtype=torch.float64), c, **settings)
+    (g,) = torch.autograd.grad(x.sum(), c)
+    torch.testing.assert_close(g, 1 / (3 * x.detach() ** 2 + 1), rtol=1e-10, atol=0)

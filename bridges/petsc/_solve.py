@@ -517,7 +517,8 @@ class _Solve:
         self._linearise(u)  # the operator (and PC) at the solution itself
         self._claim_operator()
         if self.p.symmetric:
-            self._check_symmetric()
+            with petsc_errors(f"{WHO} (backward)", "the check that dF/dx is symmetric"):
+                self._check_symmetric()
         ksp.setOperators(self.A, self.P)
         g, lam = self.layout.global_vec(), self.layout.global_vec()
         try:
