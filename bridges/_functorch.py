@@ -62,7 +62,8 @@ class RuleCall(torch.autograd.Function):
 
 
 def select(args, in_dims, b):
-    return [a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]
+    # (a non-tensor argument's in_dims mirrors its structure: an empty list's is [])
+    return [a.select(d, b) if isinstance(d, int) else a for a, d in zip(args, in_dims)]
 
 
 def per_sample_result(records, per_sample, outs, single, args, in_dims):

@@ -26,6 +26,12 @@ def check_permeability(k, who: str) -> None:
                          f"{tuple(k.shape)}")
     if not k.is_floating_point():
         raise TypeError(f"{who}: k must be floating point, got {k.dtype}; use k.double()")
+    if not torch._C._are_functorch_transforms_active():  # (else per sample, in the forward)
+        check_values(k, who)
+
+
+def check_values(k, who: str) -> None:
+    """Raise a clear error unless every entry of k is finite and > 0."""
     kd = k.detach()
     advice = "k must be finite and > 0 everywhere; keep learned weights positive, e.g. exp(theta)"
     check_finite(kd, f"{who}: k", advice)

@@ -10,7 +10,7 @@ from .._core import foreign_function
 from .._runs import forward as run_forward
 from ..petsc import (PETSc, SolverOptions, as_vec, check_options, check_prefix, check_solution,
                      destroy, diverged, petsc_errors, scalar_dtype)
-from ._grid import assemble, check_boundary_values, check_permeability, grad_k
+from ._grid import assemble, check_boundary_values, check_permeability, check_values, grad_k
 
 WHO = "pressure_petsc"
 PETSC_DEFAULTS = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12, "ksp_atol": 1e-50,
@@ -90,6 +90,7 @@ class _PetscSolve:
 
 
 def _petsc_forward(k, p_left, p_right, options, prefix, stats, needs_input_grad):
+    check_values(k, WHO)  # (again: under torch.func transforms, only here)
     return run_forward(_PetscSolve(k, p_left, p_right, options, prefix, stats),
                        needs_input_grad[0], who=WHO)
 

@@ -7,9 +7,10 @@ import torch
 from scipy.sparse.linalg import splu
 
 from .._core import foreign_function
-from ._grid import assemble, check_boundary_values, check_permeability, grad_k
+from ._grid import assemble, check_boundary_values, check_permeability, check_values, grad_k
 
 def _torch_forward(k, p_left, p_right):
+    check_values(k, "pressure_torch")  # (again: under torch.func transforms, only here)
     kn = k.double().numpy()  # (numpy has no bfloat16)
     A, b = assemble(kn, p_left, p_right)
     lu = splu(A.tocsc(), permc_spec="MMD_AT_PLUS_A")  # symmetric pattern: fill-reducing ordering
