@@ -12,6 +12,7 @@ import functools
 import threading
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from ._errors import ForeignError, MissingDerivativeError
 from ._functorch import (ANY_LEVEL, RuleCall, in_functorch_transform, per_sample_result,
@@ -136,16 +137,22 @@ class _Call:
 
 def _reference(args):
     """dtype and device of the outputs: the promoted dtype of the floating-point (and complex)
-    tensor inputs, as torch.result_type would give, and the device of the first tensor (None
-    for the CPU)."""
-    dtype = device = None
+    tensor inputs, as torch.result_type would give (a 0-d tensor counts only where the others
+    have none, or where it is complex and they are not), and the device of the first tensor
+    (None for the CPU)."""
+    dtype = scalar = device = None
     first = True
     for a in args:
         if isinstance(a, torch.Tensor):
             if first:
                 device, first = (None if a.is_cpu else a.device), False
             if a.is_floating_point() or a.is_complex():
-                dtype = a.dtype if dtype is None else torch.promote_types(dtype, a.dtype)
+                if a.ndim:
+                    dtype = a.dtype if dtype is None else torch.promote_types(dtype, a.dtype)
+                else:
+                    scalar = a.dtype if scalar is None else torch.promote_types(scalar, a.dtype)
+    if scalar is not None and (dtype is None or scalar.is_complex and not dtype.is_complex):
+        dtype = scalar if dtype is None else torch.promote_types(dtype, torch.complex64)
     return dtype, device
 
 
@@ -161,7 +168,8 @@ def _to_output(array, dtype, device, name, k, inputs):
     """Output k as a tensor of the reference dtype and device; a copy where it shares memory
     with an input (`inputs`: their spans), whose in-place changes torch could not track."""
     t = to_tensor(array, lambda: f"{name}: forward's output {k}")
-    if dtype is not None and t.dtype != dtype and t.is_floating_point():
+    if dtype is not None and t.dtype != dtype and (t.is_floating_point() or t.is_complex()
+                                                   and dtype.is_complex):
         t = t.to(dtype)
     if not t.is_cpu if device is None else t.device != device:
         t = t.to("cpu" if device is None else device)
@@ -171,6 +179,17 @@ def _to_output(array, dtype, device, name, k, inputs):
             if start < hi and lo < end:
                 return t.clone()
     return t
+
+
+def _refuse_nested_tensors(name, i, container):
+    """Tensors inside a list, tuple or dict argument are constants to the op (only tensor
+    arguments get gradients): refuse any that requires grad, which would get none silently."""
+    if torch.is_grad_enabled() and any(isinstance(leaf, torch.Tensor) and leaf.requires_grad
+                                       for leaf in tree_leaves(container)):
+        raise TypeError(f"{name}: argument {i} is a {type(container).__name__} holding a tensor "
+                        f"that requires grad, which would get no gradient (only tensor "
+                        f"arguments are differentiated); pass each such tensor as an argument "
+                        f"of its own")
 
 
 class BridgedOp:
@@ -186,7 +205,10 @@ class BridgedOp:
     def __init__(self, name, function, apply):
         self.name, self.function, self.apply = name, function, apply
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
+        if kwargs:
+            raise TypeError(f"bridged op '{self.name}' takes positional arguments only, got "
+                            f"keyword(s) {', '.join(kwargs)}; pass them by position")
         return self.apply(*args)
 
     def __repr__(self):
@@ -257,11 +279,9 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
         outputs = result[0]
         single = not isinstance(outputs, (tuple, list))
         dtype, device = _reference(args)
-        # foreign arrays viewing an input's memory (a numpy reshape) are copied (see _to_output);
-        # a tensor view of one shares its version counter, so torch tracks it already
-        spans = None if (isinstance(outputs, torch.Tensor) if single else all(
-            isinstance(o, torch.Tensor) for o in outputs)) else \
-            [_span(a) for a in args if isinstance(a, torch.Tensor)]
+        # outputs sharing an input's memory (the input itself, a view, a numpy reshape) are
+        # copied (see _to_output): an in-place change of one would change the input silently
+        spans = [_span(a) for a in args if isinstance(a, torch.Tensor)]
         if single:
             outs = _to_output(outputs, dtype, device, name, 0, spans)
         else:
@@ -386,6 +406,9 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
     def apply(*args):
         if _is_compiling():  # (its graph break costs microseconds on every eager call)
             return eager_apply(*args)
+        for i, a in enumerate(args):
+            if type(a) in (list, tuple, dict):
+                _refuse_nested_tensors(name, i, a)
         if _transforms_active():
             _pending.grad = _TRANSFORMED
             return function.apply(*args)

@@ -85,12 +85,14 @@ def spec_of(t):
 
 
 def _from_numpy(array):
+    """An op's output or gradient as a tensor: a view, or a copy of a read-only array (a foreign
+    side's cache or constant, which an in-place change of the tensor would rewrite)."""
+    if not array.flags.writeable:
+        return torch.from_numpy(array.copy())
     try:
-        if array.flags.writeable:
-            return torch.from_numpy(array)
+        return torch.from_numpy(array)
     except ValueError:  # negative strides: from_numpy copies
-        pass
-    return from_numpy(array)
+        return from_numpy(array)
 
 
 def to_tensor(array, what):

@@ -364,6 +364,16 @@ def test_outputs_take_the_promoted_dtype_and_grads_the_input_dtypes(dtypes, expe
     assert x.grad.dtype == dtypes[0] and y.grad.dtype == dtypes[1]
 
 
+@pytest.mark.parametrize("x,y", [((3,), ()), ((), (3,)), ((), ())])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                    (torch.float32, torch.complex128)])
+def test_a_zero_dimensional_input_promotes_as_torch_result_type_says(x, y, dtypes):
+    """A 0-d float64 scale next to a float32 array gave float64; torch keeps float32."""
+    op = foreign_function(lambda a, b: (as_numpy(a) * as_numpy(b), None), name="product")
+    x, y = torch.ones(x, dtype=dtypes[0]), torch.ones(y, dtype=dtypes[1])
+    assert op(x, y).dtype == torch.result_type(x, y) == (x * y).dtype
+
+
 def test_in_place_change_of_an_output_raises_instead_of_a_wrong_gradient():
     op = _scale_op()
     x, y = (torch.rand(3, dtype=torch.float64, requires_grad=True) for _ in range(2))
@@ -392,6 +402,28 @@ def test_an_output_viewing_an_input_is_copied_so_in_place_changes_stay_apart():
     squares.backward()
     torch.testing.assert_close(x.detach(), torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
     torch.testing.assert_close(x.grad, 2 * x.detach())
+
+
+
+@pytest.mark.parametrize("forward", [lambda a: a, lambda a: a.view(2, 2), lambda a: a[1:]])
+def test_an_output_that_is_an_input_tensor_or_its_view_is_copied(forward):
+    """A forward returning its (detached) input tensor, or a view of it: y.mul_(10) rewrote a
+    leaf parameter silently (torch refuses it for its own Functions)."""
+    op = foreign_function(lambda a: (forward(a), lambda g: None), name="same")
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    y = op(w)
+    y.mul_(10)
+    torch.testing.assert_close(w.detach(), torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+
+
+def test_a_read_only_foreign_array_is_copied_into_the_output():
+    """A forward returning a cached array marked read-only: an in-place change of the output
+    rewrote the cache, and every later call returned the changed values."""
+    table = np.array([1.0, 2.0, 3.0])
+    table.flags.writeable = False
+    op = foreign_function(lambda a: (table, lambda g: None), name="cached")
+    op(torch.zeros(3, dtype=torch.float64)).mul_(100)
+    np.testing.assert_array_equal(table, [1.0, 2.0, 3.0])
 
 
 def test_legacy_batched_gradients_get_a_clear_error():
@@ -449,3 +481,19 @@ def test_a_batched_pullback_is_called_once_for_all_cotangents_under_vmap():
     (g,) = torch.autograd.grad(y, x, torch.tensor([1.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(g, a[0])
     assert calls[-1] == (2,)  # plain backward: one cotangent, no batch
+
+
+def test_tensors_requiring_grad_inside_containers_and_keywords_are_refused_by_name():
+    """A tensor requiring grad in a list argument got no gradient, silently; keywords failed
+    with a TypeError that did not name the op."""
+    op = foreign_function(lambda xs: (sum(as_numpy(x) for x in xs), lambda g: None),
+                          name="sum_list")
+    a = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(TypeError, match=r"sum_list: argument 0 is a list holding a tensor that "
+                                        r"requires grad.*argument of its own"):
+        op([a, torch.ones(2, dtype=torch.float64)])
+    with torch.no_grad():  # (no gradient is wanted: nothing is lost)
+        torch.testing.assert_close(op([a, a]), torch.full((2,), 2.0, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"bridged op 'sum_list' takes positional arguments only, "
+                                        r"got keyword\(s\) xs"):
+        op(xs=[a])

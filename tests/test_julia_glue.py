@@ -509,8 +509,14 @@ def test_glue_bad_arguments_are_named(julia):
     julia2pytorch("f", SETUP)
     with pytest.raises(TypeError, match="setup is only used with a function name"):
         julia2pytorch(julia.modules[0]["f"], SETUP)
-    # (nested in tuples or dicts they reached Julia and silently got no gradient)
-    for arg in ((_randn(2),), ((_randn(2),),), {"k": _randn(2)}):
+    # (nested in tuples or dicts they reached Julia and silently got no gradient; the core
+    # refuses those that require grad, the glue any, which Julia could not take as arrays)
+    for nested in (lambda v: (v,), lambda v: ((v,),), lambda v: {"k": v}):
+        arg = nested(_randn(2))
+        with pytest.raises(TypeError, match=f"f: argument 1 is a {type(arg).__name__} holding a "
+                                            f"tensor that requires grad"):
+            julia2pytorch("f", SETUP)(_randn(2), arg)
+        arg = nested(_randn(2, requires_grad=False))
         with pytest.raises(ForeignError, match=f"f: argument 1 is a {type(arg).__name__} holding "
                                                f"tensors; pass each tensor as an argument of its "
                                                f"own"):
