@@ -764,7 +764,8 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
         func: ``func(t, y) -> dy/dt`` on torch tensors (t is a 0-d tensor); usually an nn.Module.
             A leading batch dimension of ``y0`` is handed to func as is. Bridged ops (Julia,
             finite differences, programs) may appear in it. On a grid, func receives this
-            rank's ghosted block and returns dy/dt on its owned block.
+            rank's ghosted block and returns dy/dt on its owned block. y views PETSc's work
+            vector, valid for the call only (PETSc overwrites it after): clone it to keep it.
         y0: initial state, any shape, PETSc's scalar dtype (float64), on the CPU; on a grid this
             rank's owned block (``grid.owned_shape``).
         t: strictly increasing output times (1-D); t[0] is the initial time.

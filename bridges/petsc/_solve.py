@@ -655,7 +655,8 @@ def solve(residual, x0, *params, options=None, sparsity=None, grid=None, prefix=
 
     Args:
         residual: ``residual(x, *params) -> F`` in torch, F with one entry per entry of x. On a
-            grid it receives this rank's ghosted block and returns F on its owned block.
+            grid it receives this rank's ghosted block and returns F on its owned block. x
+            views PETSc's work vector, valid for the call only: clone it to keep it.
         x0: initial guess (float64, CPU): any shape, or on a grid this rank's owned block
             (``grid.owned_shape``). The solution does not depend on it, so it gets no gradient.
         params: tensors (gradients flow to them) or other values, passed to residual as is.
