@@ -3,6 +3,7 @@ report of options PETSc never read."""
 import warnings
 
 import pytest
+import torch
 
 from bridges.petsc import PETSc, UnusedOptionsWarning, set_unused_options
 from bridges.petsc._options import SolverOptions, check_options, check_prefix
@@ -52,6 +53,12 @@ def test_flag_and_viewer_values():
     options = SolverOptions("t", None, {"ts_monitor": False})
     assert options["ts_monitor"] is None  # a viewer switched off is absent, not "false"
     options.close()
+    # 0-d tensors and numpy scalars are their numbers (str() gave "tensor(1.0000e-12)")
+    import numpy as np
+    assert check_options("t", {"snes_rtol": torch.tensor(1e-12, dtype=torch.float64),
+                               "ksp_max_it": np.int64(7),
+                               "ksp_view": np.bool_(True)}) == \
+        {"snes_rtol": "1e-12", "ksp_max_it": "7", "ksp_view": ""}
 
 
 def test_a_viewer_given_as_true_runs(capfd):
@@ -112,6 +119,12 @@ def test_bad_options_and_prefixes_are_named():
         check_options("solve", [("ksp_type", "cg")])
     with pytest.raises(TypeError, match="option names must be non-empty strings"):
         check_options("solve", {"ksp type": "cg"})
+    with pytest.raises(TypeError, match=r"solve: option 'snes_rtol' must be a string, a number, "
+                                        r"a bool, None or a list of them, got Tensor of shape "
+                                        r"\(2,\)"):
+        check_options("solve", {"snes_rtol": torch.ones(2)})
+    with pytest.raises(TypeError, match=r"option 'ksp_type' must be .* got dict"):
+        check_options("solve", {"ksp_type": {"cg": 1}})
     with pytest.raises(ValueError, match="solve: prefix must be .* such as 'heat_', got '1x_'"):
         check_prefix("solve", "1x_")
     assert check_prefix("solve", None) == "" and check_prefix("solve", "heat_") == "heat_"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import numbers
 import os
 import re
 import threading
@@ -70,6 +71,8 @@ def _is_viewer(key: str) -> bool:
 def _value(key: str, value):
     """The database string for a Python value: True/None switch a flag or viewer on (PETSc
     reads an empty value so), False switches a flag off and leaves a viewer off."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # a 0-d tensor or numpy scalar (str() would print "tensor(...)")
     if value is None or value is True:
         return ""
     if value is False:
@@ -94,6 +97,12 @@ def check_options(who: str, options) -> dict:
             raise TypeError(f"{who}: option names must be non-empty strings without spaces, "
                             f"got {key!r}")
         key = key.lstrip("-")
+        if not isinstance(value, (str, numbers.Number, list, tuple, type(None))) and \
+                getattr(value, "ndim", None) != 0:
+            raise TypeError(f"{who}: option {key!r} must be a string, a number, a bool, None or "
+                            f"a list of them, got {type(value).__name__}"
+                            + (f" of shape {tuple(value.shape)}" if hasattr(value, "shape")
+                               else ""))
         checked[key] = _value(key, value)
     return checked
 
