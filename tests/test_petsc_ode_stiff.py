@@ -210,6 +210,9 @@ def test_wrong_shaped_func_and_non_finite_inputs_are_named():
     with pytest.raises(ForeignError, match=r"func\(t, y\) returned shape \(2,\) at t = 0, but "
                                          r"dy/dt must have the shape of y0, \(3,\)"):
         odeint_adjoint(lambda t, y: y[:2], torch.ones(3, dtype=F64), t)
+    with pytest.raises(ForeignError, match=r"func\(t, y\) returned torch.complex128 at t = 0; "
+                                           r"dy/dt must be real floating point"):
+        odeint_adjoint(lambda t, y: y * 1j, torch.ones(3, dtype=F64), t)
     y0 = torch.tensor([1.0, float("nan"), 0.0], dtype=F64)
     with pytest.raises(ValueError, match=r"y0 holds nan at index \(1,\) \(1 non-finite value "
                                          r"in all\); the initial state must be finite"):

@@ -275,6 +275,9 @@ class _ODESolve:
             raise ValueError(f"{WHO}: func(t, y) returned shape {tuple(value.shape)} at "
                              f"t = {t0:g}, but dy/dt must have the shape of {where}, "
                              f"{tuple(self.shape)}")
+        if value.is_complex() or not value.is_floating_point():
+            raise TypeError(f"{WHO}: func(t, y) returned {value.dtype} at t = {t0:g}; dy/dt must "
+                            f"be real floating point, as y is ({self.y0.dtype})")
         warn_if_rounded(WHO, "func(t, y)", value, self.y0.dtype)
         check_finite(value, f"{WHO}: func(t, y) at t = {t0:g} (y = y0)",
                      "check func for a division by zero, a log or sqrt of a negative number, "
