@@ -1,6 +1,8 @@
 """odeint_adjoint on hard stiff problems with default settings: the IVP test-set problems of
 bridges.problems against their independent references (scipy Radau at tight tolerances, the test
 set's published values), and gradients against central differences of tight scipy solutions."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -203,6 +205,17 @@ def test_a_func_that_fails_everywhere_ahead_stops_instead_of_retrying_forever():
     with pytest.raises(SolverFailure, match=r"step size collapsed to \S+ at t = 0\.4999999\d*.*"
                                             r"near t = 0\.5\. What to try"):
         odeint_adjoint(wall, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64))
+
+
+def test_a_failure_inside_the_forward_solve_says_how_far_it_got():
+    def table(t, y):
+        if float(t) > 0.5:
+            raise KeyError("no rate past t = 0.5")
+        return -y
+    with pytest.raises(ForeignError, match="raised KeyError") as info:
+        odeint_adjoint(table, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64))
+    assert any(re.fullmatch(r"odeint_adjoint: the forward solve had reached t = 0\.[45]\d* "
+                            r"\(output times 0 to 1\)", note) for note in info.value.__notes__)
 
 
 def test_wrong_shaped_func_and_non_finite_inputs_are_named():

@@ -79,6 +79,14 @@ def test_hint_overrides_the_generic_advice_and_none_objects_are_skipped():
     assert str(translated) == ("solve: PETSc error 56 (operation not supported) during the "
                                "adjoint: no transpose for this PC. What to try: pass "
                                "symmetric=True")
+    # a hint is about what the solver chosen lacks: an inf or nan keeps its own advice (E5 at
+    # atol 1e-8 was told to choose another method)
+    error = PETSc.Error(72)
+    error._traceback = ["VecNorm() at rvector.c:1", "Infinite or not-a-number generated in norma"]
+    translated = translate(error, "odeint_adjoint", "the forward solve", "choose another method")
+    assert str(translated).endswith("What to try: a value became inf or nan: check the function "
+                                    "there, and that atol suits the solution's scale (below its "
+                                    "smallest component that matters)")
     destroy(None, None)
 
 

@@ -359,11 +359,17 @@ class _ODESolve:
         self.restart_step()  # as TSSolve does at step 0
         if self.log:
             self.log.start(float(times[0]))
-        with petsc_errors(WHO, f"the forward solve (PETSc TS '{ts.getType()}')",
-                          "PETSc's message says what the method or solver chosen lacks; "
-                          "choose another through options, or fixed steps (step_size= or "
-                          "steps_per_interval=) for a tableau without an error estimate"):
-            ts.solve(self.u)
+        try:
+            with petsc_errors(WHO, f"the forward solve (PETSc TS '{ts.getType()}')",
+                              "PETSc's message says what the method or solver chosen lacks; "
+                              "choose another through options, or fixed steps (step_size= or "
+                              "steps_per_interval=) for a tableau without an error estimate"):
+                ts.solve(self.u)
+        except ForeignError as exc:
+            if not isinstance(exc, SolverFailure):  # (those say where already)
+                exc.add_note(f"{WHO}: the forward solve had reached t = {ts.getTime():.6g} "
+                             f"(output times {times[0]:.6g} to {times[-1]:.6g})")
+            raise
         self._check(ts.getConvergedReason(), "the forward solve")
         recorded, values = self.outputs.steps, self.outputs.values
         self.outputs.values = []

@@ -86,7 +86,9 @@ _ERRORS = {
     63: ("argument out of range", "check the option values"),
     71: ("zero pivot in LU factorisation", "the Jacobian is singular: check the function, or use "
                                            "options {'pc_factor_shift_type': 'nonzero'}"),
-    72: ("floating-point exception", "the function produced inf/nan"),
+    72: ("floating-point exception", "a value became inf or nan: check the function there, "
+                                     "and that atol suits the solution's scale (below its "
+                                     "smallest component that matters)"),
     73: ("object in the wrong state", None),
     75: ("incompatible arguments", None),
     76: ("error in a library PETSc called", None),
@@ -100,6 +102,9 @@ _ERRORS = {
     92: ("no factorisation package for this matrix", "choose another pc_factor_mat_solver_type "
                                                      "or pc_type"),
 }
+
+
+_NUMERIC = (71, 72)  # errors of the numbers, not of the solver chosen: their own advice wins
 
 
 def translate(exc: PETSc.Error, who: str, what: str, hint: str = "") -> BaseException:
@@ -121,7 +126,7 @@ def translate(exc: PETSc.Error, who: str, what: str, hint: str = "") -> BaseExce
     text = f"{who}: {code} during {what}"
     if messages:
         text += ": " + "; ".join(messages)
-    advice = hint or advice
+    advice = advice if exc.ierr in _NUMERIC else hint or advice  # (hints: for what is missing)
     if advice:
         text += f". What to try: {advice}"
     return ForeignError(text, original=exc, foreign_traceback=str(exc))
