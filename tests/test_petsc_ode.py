@@ -585,8 +585,17 @@ def test_exception_in_func_is_wrapped():
 
 
 def test_forward_only_method_refuses_gradients_clearly():
+    """At the call (it failed at backward, after a whole forward solve, blaming options), and
+    when options choose it, at backward."""
     y0 = torch.tensor([1.0, 0.0], dtype=F64, requires_grad=True)
-    ys = odeint_adjoint(Oscillator(), y0, torch.linspace(0, 1, 3, dtype=F64), method="bdf")
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    with pytest.raises(ForeignError, match=r"method='bdf' gives no gradient .* choose another "
+                                           r"method \(beuler, .*torch.no_grad\(\)"):
+        odeint_adjoint(Oscillator(), y0, t, method="bdf")
+    with torch.no_grad():
+        odeint_adjoint(Oscillator(), y0, t, method="bdf")
+    ys = odeint_adjoint(Oscillator(), y0, t, method="beuler", steps_per_interval=4,
+                        options={"ts_type": "bdf"})
     with pytest.raises(ForeignError, match="TS 'bdf' .* has no discrete adjoint"):
         ys.sum().backward()
 

@@ -622,6 +622,11 @@ class _Outputs:
 def _forward(y0, t, problem, *params, needs_input_grad):
     refuse_forward_mode(WHO)  # (here, so that a probe sees a bridged op)
     record = any(needs_input_grad)
+    if record and problem.method == "bdf":  # (before a whole forward solve, not at backward)
+        raise ValueError(f"{WHO}: method='bdf' gives no gradient (PETSc has no discrete "
+                         f"adjoint for BDF), but y0, t or the parameters require grad; choose "
+                         f"another method ({', '.join(m for m in METHODS if m != 'bdf')}), or "
+                         f"call under torch.no_grad() for the solution alone")
     times = t.detach().cpu().numpy().astype(np.float64)
     if problem.transformed:  # (vmap over t left them unchecked: each sample's, here)
         _check_times(torch.from_numpy(times))
