@@ -1,6 +1,7 @@
 """An ODE solve's Jacobians: compile_jacobian=True forms dfunc/dy and dfunc/dparams of a small
 system, or of each sample of a batch, in one compiled call and gives the eager path's gradients,
 or refuses with the reason; a coupled system without a sparsity gets one dense block."""
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -242,6 +243,26 @@ def test_a_func_slicing_its_first_axis_gets_its_parameter_gradient():
         with torch.no_grad():
             central = (loss(1 + 1e-6) - loss(1 - 1e-6)) / 2e-6
         np.testing.assert_allclose(heat.D.grad.item(), central.item(), rtol=1e-6)
+
+
+def test_a_coupled_system_too_large_for_one_dense_block_warns_of_matrix_free_steps():
+    """Past DENSE_LIMIT states without sparsity= or grid=, implicit steps fall to unpreconditioned
+    matrix-free GMRES: 40x slower on a 1-D Brusselator of 1026 states than of 1024, silently."""
+    from bridges.petsc._ode_jacobians import DENSE_LIMIT
+
+    def coupled(t, y):
+        return -y + y.mean()
+    t = torch.tensor([0.0, 0.01], dtype=F64)
+    with pytest.warns(UserWarning, match=rf"odeint_adjoint: func couples all {DENSE_LIMIT + 1} "
+                                         rf"states .* matrix-free GMRES and no preconditioner"):
+        odeint_adjoint(coupled, torch.ones(DENSE_LIMIT + 1, dtype=F64), t, method="cn",
+                       steps_per_interval=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        odeint_adjoint(coupled, torch.ones(DENSE_LIMIT, dtype=F64), t, method="cn",
+                       steps_per_interval=1)
+        odeint_adjoint(coupled, torch.ones(DENSE_LIMIT + 1, dtype=F64), t, method="cn",
+                       steps_per_interval=1, options={"pc_type": "jacobi"})
 
 
 def test_a_batch_of_independent_samples_gets_per_sample_blocks_not_one_dense_block():

@@ -10,6 +10,8 @@ no faster in all, and a checkpointed forward could no longer be recomputed exact
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -139,6 +141,15 @@ class ODEJacobians:
             block_lu = self.blocks is not None
             defaults = {"ksp_type": "gmres"} if block_lu else \
                 {"ksp_type": "gmres", "pc_type": "none"}
+            if not block_lu and n > DENSE_LIMIT and p.jacobian == "auto" and \
+                    options["pc_type"] is None:
+                warnings.warn(
+                    f"{self.who}: func couples all {n} states (more than {DENSE_LIMIT}, the "
+                    f"largest taken as one dense Jacobian) and no sparsity= or grid= says how, "
+                    f"so implicit steps solve with matrix-free GMRES and no preconditioner, "
+                    f"which can be many times slower on stiff problems. Pass the pattern of "
+                    f"dfunc/dy (sparsity=, e.g. stencil_sparsity(shape)), or grid=, or a "
+                    f"pc_type through options", stacklevel=2)
         for key, value in defaults.items():  # below the user's options and the command line
             if options[key] is None:
                 PETSc.Options()[options.prefix + key] = value
