@@ -800,11 +800,13 @@ def odeint_adjoint(func, y0, t, *, method="arkimex", step_size=None, steps_per_i
             Gradients w.r.t. y0 and the parameters are the exact derivatives of the discrete
             solution with the forward's steps held fixed; those w.r.t. t use the continuous
             formula (func at the outputs), which the discrete solution approaches as steps
-            shrink (with 3 backward-Euler steps per interval, about 12 % apart). Step control bounds the error of y, not of dy/dθ, which through
-            fast transitions converges more slowly: on VDPOL (μ = 1e3, relaxation jumps)
-            dy(2)/dμ is 9e-2 off at rtol 1e-8 and 2e-3 at 1e-10, while y is within 2e-8
-            (benchmarks/bench_frozen_steps.py). Tighten rtol for gradients through such
-            jumps, and check one against a tighter solve.
+            shrink (with 3 backward-Euler steps per interval, about 12 % apart). Step
+            control bounds the error of y, not of dy/dθ, which through fast transitions
+            converges more slowly: on VDPOL (μ = 1e3, relaxation jumps) dy(2)/dμ is 9e-2 off
+            at rtol 1e-8 and 2e-3 at 1e-10, while y is within 2e-8
+            (benchmarks/bench_frozen_steps.py); at μ = 1e5, 1e9 times too large at rtol 1e-6
+            and 1e-8. Check a gradient through layers this thin against central differences
+            of the forward solve before trusting it.
         options: PETSc options for this solve, keyed without the leading dash, e.g.
             ``{"ts_adapt_type": "none", "ts_time_step": 1e-3, "ksp_type": "gmres"}``; ``True``
             switches a flag or viewer on (``{"ts_monitor": True}``). They override the command
