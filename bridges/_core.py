@@ -164,21 +164,38 @@ def _span(t):
     return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
 
 
-def _to_output(array, dtype, device, name, k, inputs):
+def _to_output(array, dtype, device, name, k, args):
     """Output k as a tensor of the reference dtype and device; a copy where it shares memory
-    with an input (`inputs`: their spans), whose in-place changes torch could not track."""
+    with a tensor among `args` (an in-place change of one would change the other silently)."""
+    foreign = not isinstance(array, torch.Tensor)
     t = to_tensor(array, lambda: f"{name}: forward's output {k}")
     if dtype is not None and t.dtype != dtype and (t.is_floating_point() or t.is_complex()
                                                    and dtype.is_complex):
         t = t.to(dtype)
     if not t.is_cpu if device is None else t.device != device:
         t = t.to("cpu" if device is None else device)
-    elif inputs:
-        lo, hi = _span(t)
-        for start, end in inputs:
-            if start < hi and lo < end:
-                return t.clone()
+    elif _shares_memory(t, args, foreign):
+        return t.clone()
     return t
+
+
+def _shares_memory(t, args, foreign):
+    """Whether t shares memory with a tensor in args: its storage (a tensor the forward
+    returned: an input, or a view of one), or for a foreign array viewed as t (a numpy
+    reshape of an input), overlapping bytes."""
+    if foreign:
+        lo, hi = _span(t)
+    else:
+        ptr = t.untyped_storage().data_ptr()
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if foreign:
+                start, end = _span(a)
+                if start < hi and lo < end:
+                    return True
+            elif a.untyped_storage().data_ptr() == ptr:
+                return True
+    return False
 
 
 def _refuse_nested_tensors(name, i, container):
@@ -279,13 +296,10 @@ def foreign_function(forward, *, name: str, pass_needs_input_grad: bool = False,
         outputs = result[0]
         single = not isinstance(outputs, (tuple, list))
         dtype, device = _reference(args)
-        # outputs sharing an input's memory (the input itself, a view, a numpy reshape) are
-        # copied (see _to_output): an in-place change of one would change the input silently
-        spans = [_span(a) for a in args if isinstance(a, torch.Tensor)]
         if single:
-            outs = _to_output(outputs, dtype, device, name, 0, spans)
+            outs = _to_output(outputs, dtype, device, name, 0, args)
         else:
-            outs = tuple(_to_output(o, dtype, device, name, k, spans)
+            outs = tuple(_to_output(o, dtype, device, name, k, args)
                          for k, o in enumerate(outputs))
         return outs, result, single, grad
 
