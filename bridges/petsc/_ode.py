@@ -407,9 +407,11 @@ class _ODESolve:
         cost gradient for each (PETSc's several cost functions)."""
         ts = self.ts
         if ts.getType() not in ADJOINT_TS_TYPES:
-            raise ForeignError(f"{WHO}: PETSc TS '{ts.getType()}' (chosen by options or the "
-                               f"command line) has no discrete adjoint, so no gradient; use one "
-                               f"of the methods {', '.join(m for m in METHODS if m != 'bdf')}")
+            chosen = "method='bdf'" if self.p.method == "bdf" else \
+                f"PETSc TS '{ts.getType()}' (chosen by options or the command line)"
+            raise ForeignError(f"{WHO}: {chosen} has no discrete adjoint, so no gradient; use one "
+                               f"of the methods {', '.join(m for m in METHODS if m != 'bdf')}, "
+                               f"or call under torch.no_grad() for the solution alone")
         if self.steps is None:  # the trajectory went with an earlier adjoint: solve again
             self.solve()
         cotangents = grad_ys if batched else grad_ys.unsqueeze(0)
@@ -622,11 +624,6 @@ class _Outputs:
 def _forward(y0, t, problem, *params, needs_input_grad):
     refuse_forward_mode(WHO)  # (here, so that a probe sees a bridged op)
     record = any(needs_input_grad)
-    if record and problem.method == "bdf":  # (before a whole forward solve, not at backward)
-        raise ValueError(f"{WHO}: method='bdf' gives no gradient (PETSc has no discrete "
-                         f"adjoint for BDF), but y0, t or the parameters require grad; choose "
-                         f"another method ({', '.join(m for m in METHODS if m != 'bdf')}), or "
-                         f"call under torch.no_grad() for the solution alone")
     times = t.detach().cpu().numpy().astype(np.float64)
     if problem.transformed:  # (vmap over t left them unchecked: each sample's, here)
         _check_times(torch.from_numpy(times))
